@@ -1,0 +1,7 @@
+"""``python -m slimforge`` is ``slimforge``."""
+
+import sys
+
+from slimforge.cli import main
+
+sys.exit(main())

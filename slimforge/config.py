@@ -1,0 +1,289 @@
+"""Typed schemas for recipes, and the validation that runs before any model loads.
+
+A recipe is a Hydra config whose top level follows :class:`RecipeConfig`. The
+teacher, data and eval sections are typed dataclasses, so Hydra rejects unknown
+keys and wrong types while composing. Each stage under ``stages:`` names a
+``kind`` and a ``method``; its schema comes from that kind's registry and is
+checked by :func:`validate_recipe`. Range checks live in each schema's
+``check()`` method and raise :class:`FieldError`, which the validator turns into
+a one-line error naming the full config path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from slimforge.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class FieldError(ConfigError):
+    """A value outside its allowed range; ``field`` is relative to its schema."""
+
+    def __init__(self, name: str, value: Any, requirement: str) -> None:
+        self.field = name
+        self.value = value
+        self.requirement = requirement
+        super().__init__(f"{name}={value!r} is invalid: {requirement}")
+
+    def at(self, prefix: str) -> ConfigError:
+        """The same error with the full dotted path of the offending key."""
+        path = f"{prefix}.{self.field}" if prefix else self.field
+        return ConfigError(f"invalid value {path}={self.value!r}: {self.requirement}")
+
+
+# --- small checks used by every schema -------------------------------------------------
+
+
+def check_int(name: str, value: int | None, low: int | None = None, high: int | None = None) -> None:
+    """``value`` must lie in [low, high] (either bound optional); None passes."""
+    if value is None:
+        return
+    if (low is not None and value < low) or (high is not None and value > high):
+        if high is None:
+            raise FieldError(name, value, f"must be >= {low}")
+        if low is None:
+            raise FieldError(name, value, f"must be <= {high}")
+        raise FieldError(name, value, f"must be between {low} and {high}")
+
+
+def check_fraction(
+    name: str, value: float | None, low_open: bool = True, high_open: bool = True
+) -> None:
+    """``value`` must lie in the unit interval, with the given ends open or closed."""
+    if value is None:
+        return
+    ok = not math.isnan(value)
+    ok = ok and (value > 0 if low_open else value >= 0)
+    ok = ok and (value < 1 if high_open else value <= 1)
+    if not ok:
+        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
+        raise FieldError(name, value, f"must be in {interval}")
+
+
+def check_choice(name: str, value: str | None, choices: tuple[str, ...]) -> None:
+    if value is not None and value not in choices:
+        raise FieldError(name, value, f"must be one of {', '.join(choices)}")
+
+
+# --- top-level sections ------------------------------------------------------------------
+
+
+@dataclass
+class TeacherConfig:
+    """Where the teacher comes from.
+
+    ``path`` is a Hugging Face hub id, a local model folder or a ``.gguf`` file,
+    and wins over ``asset``, the name of a pinned embedded model
+    (``slimforge fetch --list``).
+    """
+
+    path: str | None = None
+    asset: str | None = None
+    gguf_file: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    def check(self) -> None:
+        if not self.path and not self.asset:
+            raise FieldError("path", self.path, "set teacher.path (hub id, folder or .gguf) or teacher.asset")
+
+
+DATA_FORMATS = ("auto", "text", "chat")
+
+
+@dataclass
+class DataConfig:
+    """A text source, tokenized with the teacher's tokenizer and packed into blocks.
+
+    The file type comes from the path (.txt/.md, .jsonl/.json, .parquet, a
+    ``save_to_disk`` folder, or a hub dataset name). ``format`` says whether to
+    read plain text (``text_field``) or conversations (``messages_field``);
+    ``auto`` picks chat when only the messages field exists.
+    """
+
+    path: str | None = None
+    asset: str | None = None
+    format: str = "auto"
+    text_field: str = "text"
+    messages_field: str = "messages"
+    hf_config: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    block_size: int = 256
+    heldout_fraction: float = 0.05
+    max_documents: int | None = None
+    add_eos: bool = True
+    seed: int = 0
+
+    def check(self) -> None:
+        if not self.path and not self.asset:
+            raise FieldError("path", self.path, "set data.path (file, folder or dataset) or data.asset")
+        check_choice("format", self.format, DATA_FORMATS)
+        check_int("block_size", self.block_size, low=2)
+        check_fraction("heldout_fraction", self.heldout_fraction)
+        check_int("max_documents", self.max_documents, low=1)
+
+
+@dataclass
+class EvalConfig:
+    """Which models to evaluate, and with which tasks (a registry of task types)."""
+
+    models: list[str] = field(default_factory=lambda: ["teacher", "all"])
+    batch_size: int = 8
+    tasks: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        check_int("batch_size", self.batch_size, low=1)
+
+
+@dataclass
+class RecipeConfig:
+    """The top level of every recipe."""
+
+    name: str = "recipe"
+    description: str = ""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: dict[str, Any] = field(default_factory=dict)
+    pipeline: list[str] = field(default_factory=list)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    out_dir: str = "runs"
+    run_name: str | None = None
+    run_dir: str | None = None
+    overwrite: bool = False
+
+    def check(self) -> None:
+        check_choice("device", self.device, DEVICES)
+        check_choice("dtype", self.dtype, DTYPES)
+
+
+# --- stage and task schemas --------------------------------------------------------------
+
+
+@dataclass
+class StageConfig:
+    """Fields every stage has; each method's schema extends this."""
+
+    kind: str = ""
+    method: str = ""
+
+
+@dataclass
+class TaskConfig:
+    """Fields every eval task has; each task type's schema extends this."""
+
+    type: str = ""
+
+
+def register_schemas() -> None:
+    """Put the recipe schema in Hydra's ConfigStore, as ``slimforge_recipe``."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="slimforge_recipe", node=RecipeConfig)
+
+
+# --- validation --------------------------------------------------------------------------
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: typed top level, and a typed config per pipeline stage."""
+
+    config: RecipeConfig
+    stages: dict[str, StageConfig]
+    tasks: dict[str, TaskConfig]
+    raw: Any  # the resolved DictConfig, saved beside every artifact
+
+    @property
+    def pipeline(self) -> list[str]:
+        return list(self.config.pipeline)
+
+
+def _check_tree(obj: Any, prefix: str) -> None:
+    """Run ``check()`` on a dataclass and every dataclass nested in it."""
+    import dataclasses
+
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_tree(value, f"{prefix}.{f.name}" if prefix else f.name)
+    if hasattr(obj, "check"):
+        try:
+            obj.check()
+        except FieldError as err:
+            raise err.at(prefix) from None
+
+
+def _to_object(schema: type, node: Any, prefix: str) -> Any:
+    """Merge ``node`` into ``schema``, build the dataclass and check its values."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "") or ""
+        where = f"{prefix}.{key}" if key and prefix else (key or prefix)
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"invalid config at {where}: {first}") from None
+    _check_tree(obj, prefix)
+    return obj
+
+
+def _typed_entries(raw: Any, section: str, key_field: str, kind_of: Any) -> dict[str, Any]:
+    """Validate each named entry of ``raw`` against its registered schema."""
+    from omegaconf import DictConfig
+
+    from slimforge.registry import registry
+
+    out = {}
+    for name, node in raw.items():
+        prefix = f"{section}.{name}"
+        if not isinstance(node, DictConfig):
+            raise ConfigError(f"{prefix} must be a mapping with a '{key_field}' key")
+        kind = kind_of(node)
+        method = node.get(key_field)
+        if not kind or not method:
+            raise ConfigError(f"{prefix} needs both 'kind' and '{key_field}'")
+        entry = registry(kind).get(str(method))
+        out[str(name)] = _to_object(entry.load_schema(), node, prefix)
+    return out
+
+
+def validate_recipe(cfg: Any) -> Recipe:
+    """Check a composed recipe completely, before anything heavy happens.
+
+    Raises:
+        ConfigError: one line naming the key, the bad value and what is allowed.
+    """
+    from omegaconf import OmegaConf
+
+    OmegaConf.resolve(cfg)
+    top = _to_object(RecipeConfig, cfg, "")
+    unknown = [name for name in top.pipeline if name not in top.stages]
+    if unknown:
+        raise ConfigError(
+            f"pipeline names stage(s) {unknown} that are not defined under stages: "
+            f"defined stages are {sorted(top.stages)}"
+        )
+    if len(set(top.pipeline)) != len(top.pipeline):
+        raise ConfigError(f"pipeline lists a stage twice: {top.pipeline}")
+    chosen = OmegaConf.create({name: cfg.stages[name] for name in top.pipeline})
+    stages = _typed_entries(chosen, "stages", "method", lambda node: node.get("kind"))
+    tasks = _typed_entries(cfg.eval.tasks, "eval.tasks", "type", lambda node: "eval")
+    for name, stage in stages.items():
+        if stage.kind == "student" and name != top.pipeline[0]:
+            raise ConfigError(
+                f"stage {name!r} initialises a student, so it must come first in the pipeline"
+            )
+    return Recipe(config=top, stages=stages, tasks=tasks, raw=cfg)

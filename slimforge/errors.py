@@ -1,0 +1,38 @@
+"""The project's error types.
+
+A :class:`SlimforgeError` is a user mistake or an unmet precondition: the CLI
+prints its message as one line and exits with status 2, with no stack trace.
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class SlimforgeError(Exception):
+    """A problem the user can fix; its message says what was wrong and what to do."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        # One line, always: multi-line library messages are folded.
+        super().__init__(" ".join(str(message).split()))
+
+
+class ConfigError(SlimforgeError):
+    """An invalid recipe, override or value, caught before any model loads."""
+
+
+class AssetError(SlimforgeError):
+    """A pinned asset could not be fetched, verified or unpacked."""
+
+
+class ModelLoadError(SlimforgeError):
+    """A model could not be found or loaded safely."""
+
+
+class DataError(SlimforgeError):
+    """A data source is missing, empty or malformed."""
+
+
+class RunDirError(SlimforgeError):
+    """The run directory holds results this run would overwrite."""

@@ -1,0 +1,453 @@
+"""Runs a recipe: run directory, manifest, stage order, skip-if-done, resume, eval.
+
+One run directory per run::
+
+    runs/<recipe>/<run_name>/
+      config.yaml        the resolved recipe of the latest invocation
+      manifest.json      per stage: status, config hash, fingerprint, inputs, times, metrics
+      run.log            the log of every invocation
+      stages/<name>/     one HF model folder per stage (slimforge.json + recipe.yaml inside)
+      work/<name>/       scratch kept across interrupted attempts (checkpoints)
+      eval/<model>.json  evaluation results, keyed by what they depend on
+      report.json, report.md
+
+A stage's *fingerprint* hashes its kind, method and config with its parent's
+fingerprint (and the data's, where it uses data). Re-running into the same
+directory skips every stage whose fingerprint and artifact are unchanged, redoes
+an interrupted one (its artifact only appears, by rename, once complete), and
+refuses to replace a finished artifact made from a different config unless
+``overwrite=true``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import logging
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slimforge import __version__
+from slimforge.config import Recipe, validate_recipe
+from slimforge.errors import ConfigError, RunDirError
+from slimforge.fsutil import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    stable_hash,
+)
+from slimforge.models import META_FILE, RECIPE_FILE, ModelRef
+from slimforge.recipes import compose_recipe, expand_sweep
+from slimforge.stage import StageContext, StageOutput, TeacherInfo
+
+log = logging.getLogger("slimforge")
+
+DATA_KINDS = ("prune", "distill", "quantize")
+MANIFEST = "manifest.json"
+
+
+def _now() -> str:
+    return _dt.datetime.now().isoformat(timespec="seconds")
+
+
+def config_hash(obj: Any) -> str:
+    """Hash of a dataclass or mapping, independent of key order."""
+    return stable_hash(asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj)
+
+
+# --- shared, lazily loaded state ----------------------------------------------------------
+
+
+class RunSession:
+    """Loads the teacher, its tokenizer and the data once per run, on first use."""
+
+    def __init__(self, recipe: Recipe, teacher_ref: ModelRef) -> None:
+        from slimforge.models import resolve_device, resolve_dtype
+
+        self.recipe = recipe
+        self.teacher_ref = teacher_ref
+        self.device = resolve_device(recipe.config.device)
+        self.dtype = resolve_dtype(recipe.config.dtype, self.device)
+        self._teacher: tuple[Any, Any] | None = None
+        self._tokenizer: Any = None
+        self._data: Any = None
+
+    def teacher(self) -> tuple[Any, Any]:
+        if self._teacher is None:
+            log.info("loading teacher %s (%s, %s)", self.teacher_ref.path, self.device, self.dtype)
+            model, tokenizer = self.teacher_ref.load(device=self.device, dtype=self.dtype)
+            model.requires_grad_(False)
+            self._teacher = (model, tokenizer)
+            self._tokenizer = tokenizer
+        return self._teacher
+
+    def teacher_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = self.teacher_ref.load_tokenizer()
+        return self._tokenizer
+
+    def teacher_info(self) -> TeacherInfo:
+        from transformers import AutoConfig
+
+        ref = self.teacher_ref
+        if ref.gguf_file or ref.path.endswith(".gguf"):
+            config = self.teacher()[0].config
+        else:
+            config = AutoConfig.from_pretrained(ref.path, revision=ref.revision,
+                                                trust_remote_code=ref.trust_remote_code)
+        return TeacherInfo(config=config, tokenizer=self.teacher_tokenizer())
+
+    def data(self) -> Any:
+        if self._data is None:
+            from slimforge.data import build_data
+
+            self._data = build_data(self.recipe.config.data, self.teacher_tokenizer())
+        return self._data
+
+    def release_teacher(self) -> None:
+        self._teacher = None
+
+
+def resolve_teacher(recipe: Recipe) -> ModelRef:
+    """The teacher as a :class:`ModelRef`: a user path, or the embedded asset (fetched once)."""
+    cfg = recipe.config.teacher
+    if cfg.path:
+        return ModelRef.from_source(cfg.path, "teacher", gguf_file=cfg.gguf_file, revision=cfg.revision,
+                                    trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+    from slimforge.models import asset_model_folder
+
+    return ModelRef.from_artifact(asset_model_folder(cfg.asset), "teacher")
+
+
+# --- the manifest ------------------------------------------------------------------------
+
+
+@dataclass
+class StageRecord:
+    name: str
+    kind: str
+    method: str
+    status: str = "pending"  # pending | running | done | skipped | failed | interrupted
+    config_hash: str = ""
+    fingerprint: str = ""
+    parent: dict[str, str] = field(default_factory=dict)
+    artifact: str = ""
+    started: str | None = None
+    ended: str | None = None
+    seconds: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+class Manifest:
+    """``manifest.json``: what each stage is, where it came from, and how it went."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = read_json(path) if path.is_file() else {}
+
+    def stage(self, name: str) -> dict[str, Any] | None:
+        return self.data.get("stages", {}).get(name)
+
+    def set_stage(self, record: StageRecord) -> None:
+        self.data.setdefault("stages", {})[record.name] = asdict(record)
+        self.save()
+
+    def save(self) -> None:
+        self.data["updated"] = _now()
+        atomic_write_json(self.path, self.data)
+
+
+# --- the run -----------------------------------------------------------------------------
+
+
+@dataclass
+class PlannedStage:
+    index: int
+    name: str
+    config: Any
+    entry: Any
+    fingerprint: str
+    config_hash: str
+    parent: ModelRef | None  # None until the previous stage has an artifact
+    parent_fingerprint: str
+
+
+@dataclass
+class RunResult:
+    """What a finished run hands back (also what ``slimforge.run`` returns)."""
+
+    run_dir: Path
+    manifest: dict[str, Any]
+    report: dict[str, Any]
+
+    @property
+    def artifacts(self) -> dict[str, Path]:
+        return {name: Path(rec["artifact"]) for name, rec in self.manifest.get("stages", {}).items()
+                if rec.get("artifact")}
+
+
+def resolve_run_dir(cfg: Any, job: int | None = None, sweep_name: str | None = None) -> Path:
+    """``run_dir`` if given, else ``out_dir/<recipe name>/<run_name or timestamp>``."""
+    if cfg.run_dir:
+        base = Path(cfg.run_dir).expanduser()
+    else:
+        name = cfg.run_name or sweep_name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path(cfg.out_dir).expanduser() / cfg.name / name
+    return base / f"job{job:02d}" if job is not None else base
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Refuse a second concurrent run in the same directory."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    handle = open(run_dir / ".lock", "w")  # noqa: SIM115
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunDirError(f"another slimforge process is running in {run_dir}; wait for it or pick another run_dir") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+@contextlib.contextmanager
+def run_logging(run_dir: Path):
+    """Also log to ``run.log`` in the run directory while the run lasts."""
+    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(), logging.getLogger("slimforge")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        handler.close()
+
+
+class Run:
+    """One invocation of one recipe into one run directory."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path) -> None:
+        from omegaconf import OmegaConf
+
+        self.recipe = recipe
+        self.cfg = recipe.config
+        self.run_dir = run_dir
+        self.recipe_yaml = OmegaConf.to_yaml(recipe.raw)
+        self.manifest = Manifest(run_dir / MANIFEST)
+
+    # -- planning (cheap, before any model loads) --
+
+    def plan(self, session: RunSession) -> list[PlannedStage]:
+        """Fingerprint every stage and run each method's preflight checks."""
+        info = None
+        data_fp = None
+        planned: list[PlannedStage] = []
+        if self.recipe.tasks or any(self.recipe.stages[n].kind in DATA_KINDS for n in self.recipe.pipeline):
+            session.data()  # empty or broken data fails here, before any stage runs
+        parent_fp = session.teacher_ref.fingerprint
+        for index, name in enumerate(self.recipe.pipeline):
+            stage_cfg = self.recipe.stages[name]
+            from slimforge.registry import registry
+
+            entry = registry(stage_cfg.kind).get(stage_cfg.method)
+            if index == 0 and hasattr(stage_cfg, "preflight"):
+                info = info or session.teacher_info()
+                try:
+                    stage_cfg.preflight(info)
+                except ConfigError as err:
+                    from slimforge.config import FieldError
+
+                    raise (err.at(f"stages.{name}") if isinstance(err, FieldError) else err) from None
+            chash = config_hash(stage_cfg)
+            parts = [stage_cfg.kind, stage_cfg.method, chash, parent_fp, self.cfg.seed]
+            if stage_cfg.kind in DATA_KINDS:
+                data_fp = data_fp or session.data().fingerprint
+                parts.append(data_fp)
+            fingerprint = stable_hash(parts)
+            planned.append(PlannedStage(index, name, stage_cfg, entry, fingerprint, chash,
+                                        session.teacher_ref if index == 0 else None, parent_fp))
+            parent_fp = fingerprint
+        return planned
+
+    def check_conflicts(self, planned: list[PlannedStage]) -> None:
+        """Refuse, before doing anything, to replace finished work made differently."""
+        if self.cfg.overwrite:
+            return
+        for stage in planned:
+            folder = self.stage_dir(stage.name)
+            if not (folder / META_FILE).is_file():
+                continue
+            existing = read_json(folder / META_FILE).get("fingerprint")
+            if existing != stage.fingerprint:
+                raise RunDirError(
+                    f"{folder} holds stage {stage.name!r} made from a different config or input; "
+                    "re-run with overwrite=true to replace it, or use a new run_name"
+                )
+
+    def stage_dir(self, name: str) -> Path:
+        return self.run_dir / "stages" / name
+
+    # -- executing --
+
+    def execute(self, session: RunSession, planned: list[PlannedStage]) -> RunResult:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with run_lock(self.run_dir), run_logging(self.run_dir):
+            atomic_write_text(self.run_dir / "config.yaml", self.recipe_yaml)
+            self.manifest.data.update({
+                "recipe": self.cfg.name, "slimforge_version": __version__,
+                "config_hash": stable_hash(self.recipe_yaml),
+                "teacher": {"path": session.teacher_ref.path, "fingerprint": session.teacher_ref.fingerprint},
+                "pipeline": self.recipe.pipeline,
+            })
+            self.manifest.data.setdefault("created", _now())
+            self.manifest.data.setdefault("invocations", []).append({"started": _now(), "argv": sys.argv[1:]})
+            self.manifest.save()
+            log.info("run directory: %s", self.run_dir)
+            artifacts: dict[str, ModelRef] = {}
+            parent = session.teacher_ref
+            for stage in planned:
+                stage.parent = parent
+                parent = self.run_stage(session, stage, len(planned))
+                artifacts[stage.name] = parent
+            from slimforge.eval.runner import evaluate_run
+
+            report = evaluate_run(self, session, artifacts)
+            self.manifest.data["invocations"][-1]["ended"] = _now()
+            self.manifest.save()
+        return RunResult(self.run_dir, self.manifest.data, report)
+
+    def run_stage(self, session: RunSession, stage: PlannedStage, total: int) -> ModelRef:
+        """Run one stage (or reuse its finished artifact); returns the artifact's reference."""
+        folder = self.stage_dir(stage.name)
+        label = f"[{stage.index + 1}/{total}] {stage.name} ({stage.config.kind}: {stage.config.method})"
+        record = StageRecord(stage.name, stage.config.kind, stage.config.method, config_hash=stage.config_hash,
+                             fingerprint=stage.fingerprint, artifact=str(folder),
+                             parent={"label": stage.parent.label, "path": stage.parent.path,
+                                     "fingerprint": stage.parent.fingerprint})
+        if (folder / META_FILE).is_file() and read_json(folder / META_FILE).get("fingerprint") == stage.fingerprint:
+            previous = self.manifest.stage(stage.name) or {}
+            record.status, record.metrics = "skipped", previous.get("metrics", {})
+            record.started, record.ended, record.seconds = (previous.get(k) for k in ("started", "ended", "seconds"))
+            self.manifest.set_stage(record)
+            log.info("%s: unchanged, reusing %s", label, folder)
+            return ModelRef.from_artifact(folder, stage.name)
+        log.info("%s: running", label)
+        record.status, record.started = "running", _now()
+        self.manifest.set_stage(record)
+        start = time.perf_counter()
+        work = self.run_dir / "work" / stage.name
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            from transformers import set_seed
+
+            set_seed(self.cfg.seed)
+            with atomic_dir(folder, replace=True) as tmp:
+                ctx = StageContext(stage.name, stage.config, stage.parent, session.teacher_ref, session,
+                                   tmp, work, self.cfg.seed)
+                output: StageOutput = stage.entry.load()(ctx)
+                meta = self.artifact_meta(stage, output)
+                self.write_artifact(tmp, output, meta)
+        except BaseException as err:
+            record.status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            record.error = f"{type(err).__name__}: {err}".splitlines()[0]
+            record.ended, record.seconds = _now(), round(time.perf_counter() - start, 3)
+            self.manifest.set_stage(record)
+            raise
+        record.status, record.ended = "done", _now()
+        record.seconds = round(time.perf_counter() - start, 3)
+        record.metrics = output.metrics
+        self.manifest.set_stage(record)
+        shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            work.parent.rmdir()  # only when no other stage keeps scratch there
+        log.info("%s: done in %.1f s -> %s", label, record.seconds, folder)
+        return ModelRef.from_artifact(folder, stage.name)
+
+    def artifact_meta(self, stage: PlannedStage, output: StageOutput) -> dict[str, Any]:
+        return {
+            "stage": stage.name, "kind": stage.config.kind, "method": stage.config.method,
+            "parent": {"label": stage.parent.label, "path": stage.parent.path,
+                       "fingerprint": stage.parent.fingerprint},
+            "teacher": {"path": self.manifest.data["teacher"]["path"],
+                        "fingerprint": self.manifest.data["teacher"]["fingerprint"]},
+            "config": asdict(stage.config), "config_hash": stage.config_hash,
+            "fingerprint": stage.fingerprint, "seed": self.cfg.seed,
+            **output.meta, "metrics": output.metrics,
+        }
+
+    def write_artifact(self, folder: Path, output: StageOutput, meta: dict[str, Any]) -> None:
+        from slimforge.models import write_model_files
+
+        if output.model is not None:
+            write_model_files(output.model, output.tokenizer, folder, meta, self.recipe_yaml)
+            return
+        if not (folder / "config.json").is_file():
+            raise RuntimeError(f"stage {meta['stage']} returned no model and wrote no config.json")
+        existing = read_json(folder / META_FILE) if (folder / META_FILE).is_file() else {}
+        atomic_write_json(folder / META_FILE, {"slimforge_version": __version__, "created": _now(),
+                                               **existing, **meta})
+        (folder / RECIPE_FILE).write_text(self.recipe_yaml, encoding="utf-8")
+
+
+# --- entry points ------------------------------------------------------------------------
+
+
+def prepare(recipe_name: str, overrides: list[str]) -> Recipe:
+    """Compose and validate a recipe; raises ConfigError before anything loads."""
+    return validate_recipe(compose_recipe(recipe_name, overrides))
+
+
+def run_one(recipe: Recipe, run_dir: Path) -> RunResult:
+    run = Run(recipe, run_dir)
+    session = RunSession(recipe, resolve_teacher(recipe))
+    planned = run.plan(session)
+    run.check_conflicts(planned)
+    return run.execute(session, planned)
+
+
+def run_recipe(recipe_name: str = "default", overrides: list[str] | None = None,
+               multirun: bool = False) -> RunResult | list[RunResult]:
+    """Compose, validate and run a recipe (or a sweep of it).
+
+    Args:
+        recipe_name: shipped recipe name or path to a recipe YAML.
+        overrides: Hydra overrides.
+        multirun: expand sweep overrides (``key=a,b``) and the recipe's
+            ``hydra.sweeper.params`` into one run per combination.
+
+    Returns:
+        A :class:`RunResult`, or a list of them for a sweep.
+    """
+    overrides = list(overrides or [])
+    if not multirun:
+        recipe = prepare(recipe_name, overrides)
+        return run_one(recipe, resolve_run_dir(recipe.config))
+    jobs = expand_sweep(recipe_name, overrides)
+    recipes = [prepare(recipe_name, job) for job in jobs]  # validate every job before running any
+    sweep_name = _dt.datetime.now().strftime("%Y%m%d-%H%M%S") + "-sweep"
+    results = []
+    for index, (job, recipe) in enumerate(zip(jobs, recipes)):
+        run_dir = resolve_run_dir(recipe.config, job=index, sweep_name=sweep_name)
+        log.info("sweep job %d/%d: %s", index + 1, len(jobs), " ".join(job))
+        results.append(run_one(recipe, run_dir))
+    sweep_dir = results[0].run_dir.parent
+    atomic_write_json(sweep_dir / "sweep.json", {
+        "recipe": recipe_name, "jobs": [{"overrides": job, "run_dir": str(r.run_dir)} for job, r in zip(jobs, results)],
+    })
+    return results

@@ -1,0 +1,4 @@
+"""Quantization: bitsandbytes, GPTQ, GGUF export.
+
+This module only declares registry entries; implementations load on first use.
+"""

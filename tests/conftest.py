@@ -1,0 +1,169 @@
+"""Shared fixtures: a tiny tokenizer, tiny random models of each family, tiny corpora.
+
+Nothing here touches the network or the user's cache: ``SLIMFORGE_CACHE`` points
+at a per-session temporary folder for every test except the ``slow`` ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Before anything imports huggingface_hub, which reads these once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The user's own cache, remembered before the tests isolate it: slow tests reuse downloads.
+USER_CACHE = os.environ.get("SLIMFORGE_CACHE")
+
+ASSETS = Path(__file__).parent / "assets"
+REPO = Path(__file__).resolve().parent.parent
+
+# Families the foundation must handle; each builds in well under a second.
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def corpus_text() -> str:
+    return "".join(p.read_text() for p in sorted((ASSETS / "corpus").iterdir()))
+
+
+def build_tokenizer(vocab_size: int = 384, extra_text: str = ""):
+    """A byte-level BPE trained on the test corpus, wrapped as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([corpus_text() + extra_text], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(arch: str, vocab_size: int, layers: int = 4):
+    """A random-init config of ``arch``: hidden 32, 4 heads over 2 KV heads, ``layers`` blocks."""
+    from transformers import AutoConfig
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=arch.startswith("gemma"),
+    )
+    if arch in ("gemma", "gemma2", "gemma3_text", "qwen3"):
+        common["head_dim"] = 8
+    if arch in ("gemma2", "gemma3_text", "mistral", "qwen2"):
+        common["sliding_window"] = 16
+    if arch == "gemma3_text":
+        common["sliding_window_pattern"] = 2
+    return AutoConfig.for_model(arch, **common)
+
+
+def build_model(arch: str, tokenizer, layers: int = 4, seed: int = 0):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch, len(tokenizer), layers)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory, request):
+    """Keep tests out of the user's cache (slow tests opt back in to reuse downloads)."""
+    cache = tmp_path_factory.mktemp("slimforge-cache")
+    previous = os.environ.get("SLIMFORGE_CACHE")
+    os.environ["SLIMFORGE_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("SLIMFORGE_CACHE", None)
+    else:
+        os.environ["SLIMFORGE_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer):
+    """arch -> folder holding a saved tiny model of that family plus the tokenizer."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    out = {}
+    for arch in ARCHS:
+        folder = root / arch
+        build_model(arch, tokenizer).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        out[arch] = folder
+    return out
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(model_dirs):
+    """The default tiny teacher: a 4-layer Llama."""
+    return model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def corpus_dir():
+    return ASSETS / "corpus"
+
+
+@pytest.fixture()
+def chat_file(tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": "Who wrote the sonnets?"},
+                      {"role": "assistant", "content": "William Shakespeare wrote them."}]},
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Name a king."},
+                      {"role": "assistant", "content": "Lear."},
+                      {"role": "user", "content": "And his daughters?"},
+                      {"role": "assistant", "content": "Goneril, Regan and Cordelia."}]},
+    ] * 40
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@contextlib.contextmanager
+def user_cache():
+    """Point SLIMFORGE_CACHE back at the user's cache, so tests of the real assets reuse downloads."""
+    mp = pytest.MonkeyPatch()
+    if USER_CACHE:
+        mp.setenv("SLIMFORGE_CACHE", USER_CACHE)
+    else:
+        mp.delenv("SLIMFORGE_CACHE", raising=False)
+    try:
+        yield
+    finally:
+        mp.undo()
+
+
+def cli_env() -> dict[str, str]:
+    """Environment for a ``slimforge`` subprocess: same cache, offline hub, repo importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600):
+    """Run the real ``slimforge`` entry point in a subprocess."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "slimforge", *args], capture_output=True, text=True,
+                          env=cli_env(), cwd=cwd, timeout=timeout)

