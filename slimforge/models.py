@@ -154,7 +154,8 @@ class ModelRef:
     def from_artifact(cls, folder: str | Path, label: str) -> ModelRef:
         """A reference to a folder written by :func:`save_model`."""
         meta = read_json(Path(folder) / META_FILE)
-        return cls(path=str(folder), fingerprint=meta["fingerprint"], label=label, meta=meta)
+        return cls(path=str(folder), fingerprint=meta["fingerprint"], label=label,
+                   gguf_file=meta.get("gguf_file"), meta=meta)
 
     def load(self, device: Any = "cpu", dtype: Any = None) -> tuple[Any, Any]:
         return load_model(self.path, device=device, dtype=dtype, gguf_file=self.gguf_file,
@@ -248,7 +249,9 @@ def load_model(path: str, device: Any = "cpu", dtype: Any = None, gguf_file: str
     if getattr(model, "hf_quantizer", None) is not None and kind == "gguf":
         # GGUF weights arrive dequantized; drop the marker so the model saves and trains.
         model.hf_quantizer.remove_quantization_config(model)
-    model = model.to(device=device, dtype=dtype) if kind == "gguf" or device.type != "cuda" else model
+    if getattr(model, "hf_quantizer", None) is None and (kind == "gguf" or device.type != "cuda"):
+        # Quantized weights (bitsandbytes, compressed-tensors) keep their storage dtype.
+        model = model.to(device=device, dtype=dtype)
     model.eval()
     if not with_tokenizer:
         return model
