@@ -1,0 +1,221 @@
+"""Distillation losses: definitions, temperature, masking, and the chunked path's parity (values and grads)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimforge.distill.chunked import chunked_head_loss, softcap_transform
+from slimforge.distill.losses import (
+    DIVERGENCES,
+    divergence,
+    kd_loss,
+    mixed_loss,
+    topk_bucket_logprobs,
+)
+from slimforge.distill.objective import (
+    LossSpec,
+    cached_chunk_loss,
+    naive_loss,
+    online_chunk_loss,
+    teacher_buckets,
+)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Tight tolerances for the reference comparisons."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def _dists(n=5, v=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, v, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(n, v, generator=g, dtype=torch.float64) * 2
+    return s, t
+
+
+def _explicit(name, p, q, beta=0.5, alpha=0.1):
+    """Textbook formulas on probabilities (P = teacher, Q = student), one row at a time."""
+    def kl(a, b):
+        return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
+    if name == "forward_kl":
+        return kl(p, q)
+    if name == "reverse_kl":
+        return kl(q, p)
+    if name == "jsd":
+        m = [beta * x + (1 - beta) * y for x, y in zip(p, q)]
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    if name == "tvd":
+        return 0.5 * sum(abs(x - y) for x, y in zip(p, q))
+    if name == "skew_forward_kl":
+        return kl(p, [alpha * x + (1 - alpha) * y for x, y in zip(p, q)])
+    if name == "skew_reverse_kl":
+        return kl(q, [alpha * y + (1 - alpha) * x for x, y in zip(p, q)])
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_divergences_match_textbook_formulas(name):
+    s, t = _dists()
+    got = divergence(name, F.log_softmax(s, -1), F.log_softmax(t, -1), beta=0.3, alpha=0.2)
+    p, q = F.softmax(t, -1), F.softmax(s, -1)
+    want = torch.tensor([_explicit(name, p[i].tolist(), q[i].tolist(), beta=0.3, alpha=0.2) for i in range(len(s))])
+    torch.testing.assert_close(got, want)
+    assert (got >= -1e-12).all()
+    same = divergence(name, F.log_softmax(s, -1), F.log_softmax(s, -1), beta=0.3, alpha=0.2)
+    torch.testing.assert_close(same, torch.zeros_like(same))
+
+
+def test_divergence_special_cases():
+    s, t = _dists()
+    sl, tl = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    torch.testing.assert_close(divergence("jsd", sl, tl, beta=0.5), divergence("jsd", tl, sl, beta=0.5))
+    torch.testing.assert_close(divergence("skew_forward_kl", sl, tl, alpha=0.0), divergence("forward_kl", sl, tl))
+    torch.testing.assert_close(divergence("skew_reverse_kl", sl, tl, alpha=0.0), divergence("reverse_kl", sl, tl))
+    assert (divergence("tvd", sl, tl) <= 1).all()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_temperature_scales_by_t_squared(temperature):
+    s, t = _dists()
+    got = kd_loss(s, t, loss="forward_kl", temperature=temperature)
+    p, q = F.softmax(t / temperature, -1), F.softmax(s / temperature, -1)
+    want = (p * (p.log() - q.log())).sum(-1).mean() * temperature**2
+    torch.testing.assert_close(got, want)
+
+
+def test_t_squared_keeps_high_temperature_gradients_comparable():
+    """Hinton's correction: d(T^2 KL)/ds = T (q - p) tends to a T-independent limit as T grows.
+
+    Without the T^2 factor the gradient would shrink like 1/T^2.
+    """
+    s, t = _dists(n=50, v=11)
+    norms = []
+    for temperature in (4.0, 16.0, 64.0):
+        s_req = s.clone().requires_grad_(True)
+        kd_loss(s_req, t, temperature=temperature).backward()
+        norms.append(s_req.grad.norm().item())
+    assert max(norms) / min(norms) < 1.2
+    assert norms[0] > 1e-3
+
+
+def test_masked_tokens_change_neither_value_nor_gradient():
+    s, t = _dists(n=6)
+    mask = torch.tensor([1, 0, 1, 1, 0, 1.0])
+    s_req = s.clone().requires_grad_(True)
+    loss = kd_loss(s_req, t, mask, loss="jsd")
+    loss.backward()
+    kept = mask.bool()
+    torch.testing.assert_close(loss, kd_loss(s[kept], t[kept], loss="jsd"))
+    assert torch.all(s_req.grad[~kept] == 0) and torch.any(s_req.grad[kept] != 0)
+
+
+def test_ce_mixing():
+    s, t = _dists()
+    targets = torch.tensor([0, 3, 6, 1, 2])
+    got = mixed_loss(s, t, targets, ce_weight=0.25, loss="reverse_kl", temperature=2.0)
+    want = 0.75 * kd_loss(s, t, loss="reverse_kl", temperature=2.0) + 0.25 * F.cross_entropy(s, targets)
+    torch.testing.assert_close(got, want)
+
+
+def test_bucket_logprobs_are_a_distribution_and_exact_at_full_k():
+    s, t = _dists(n=4, v=9)
+    ids, t_buckets = teacher_buckets(t, k=3, temperature=2.0)
+    s_buckets = topk_bucket_logprobs(s, ids, temperature=2.0)
+    torch.testing.assert_close(torch.logsumexp(s_buckets, -1), torch.zeros(4))
+    torch.testing.assert_close(torch.logsumexp(t_buckets, -1), torch.zeros(4))
+    # With every id kept, the tail is empty and the bucket KL is the full KL.
+    ids_all, t_all = teacher_buckets(t, k=9)
+    s_all = topk_bucket_logprobs(s, ids_all)
+    assert torch.all(torch.isinf(t_all[:, -1])) and torch.all(torch.isinf(s_all[:, -1]))
+    full = divergence("forward_kl", F.log_softmax(s, -1), F.log_softmax(t, -1))
+    torch.testing.assert_close(divergence("forward_kl", s_all, t_all), full)
+
+
+def _problem(n=37, d=6, v=23, seed=1, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g)
+    head = torch.nn.Linear(d, v, bias=bias)
+    t_head = torch.nn.Linear(d + 2, v, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(v, d, generator=g))
+        if bias:
+            head.bias.copy_(torch.randn(v, generator=g))
+        t_head.weight.copy_(torch.randn(v, d + 2, generator=g))
+    t_hidden = torch.randn(n, d + 2, generator=g)
+    targets = torch.randint(0, v, (n,), generator=g)
+    mask = (torch.rand(n, generator=g) > 0.3).double()
+    return hidden, head, t_hidden, t_head, targets, mask
+
+
+def _grads(hidden, head, loss_fn):
+    hidden = hidden.clone().requires_grad_(True)
+    head.zero_grad()
+    loss = loss_fn(hidden)
+    loss.backward()
+    return loss.detach(), hidden.grad.clone(), head.weight.grad.clone(), None if head.bias is None else head.bias.grad.clone()
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_chunked_online_matches_naive_values_and_grads(name, temperature):
+    hidden, head, t_hidden, t_head, targets, mask = _problem()
+    spec = LossSpec(loss=name, temperature=temperature, beta=0.3, alpha=0.2, ce_weight=0.3)
+    t_logp = F.log_softmax(t_head(t_hidden).detach() / temperature, -1)
+
+    def naive(h):
+        return naive_loss(spec, head(h), t_logp, targets, mask)
+
+    def chunked(h):
+        fn = online_chunk_loss(spec, t_hidden, t_head, targets, mask, scale=1 / mask.sum().item())
+        return chunked_head_loss(h, head, fn, chunk_size=8)
+
+    ref, got = _grads(hidden, head, naive), _grads(hidden, head, chunked)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_chunked_cached_matches_naive_values_and_grads(name):
+    hidden, head, t_hidden, t_head, targets, mask = _problem(bias=False)
+    spec = LossSpec(loss=name, temperature=1.5, beta=0.6, alpha=0.3, ce_weight=0.1)
+    ids, buckets = teacher_buckets(t_head(t_hidden).detach(), k=5, temperature=1.5)
+
+    def naive(h):
+        return naive_loss(spec, head(h), buckets, targets, mask, topk_ids=ids)
+
+    def chunked(h):
+        fn = cached_chunk_loss(spec, ids, buckets, targets, mask, scale=1 / mask.sum().item())
+        return chunked_head_loss(h, head, fn, chunk_size=10)
+
+    for a, b in zip(_grads(hidden, head, chunked), _grads(hidden, head, naive)):
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
+def test_chunked_with_softcap_and_upstream_scale():
+    hidden, head, t_hidden, t_head, targets, mask = _problem()
+
+    class Cfg:
+        final_logit_softcapping = 5.0
+
+    cap = softcap_transform(Cfg())
+    assert softcap_transform(object()) is None
+    spec = LossSpec(loss="forward_kl")
+    t_logp = F.log_softmax(cap(t_head(t_hidden).detach()), -1)
+
+    def naive(h):
+        return 3.0 * naive_loss(spec, cap(head(h)), t_logp, targets, mask)
+
+    def chunked(h):
+        fn = online_chunk_loss(spec, t_hidden, t_head, targets, mask, scale=1 / mask.sum().item(), teacher_transform=cap)
+        return 3.0 * chunked_head_loss(h, head, fn, chunk_size=4, transform=cap)
+
+    for a, b in zip(_grads(hidden, head, chunked), _grads(hidden, head, naive)):
+        torch.testing.assert_close(a, b)
