@@ -8,6 +8,7 @@ hard-coding attribute paths per model.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from slimforge.errors import ConfigError
@@ -62,3 +63,102 @@ def keep_layers(model: Any, keep: list[int]) -> Any:
             setattr(config, key, [value[i] for i in keep])
     config.num_hidden_layers = len(keep)
     return model
+
+
+# --- what pruning needs to know about each family ----------------------------------------
+
+# Gemma's RMSNorm scales by (1 + weight) and its embeddings are multiplied by sqrt(hidden_size).
+_GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
+
+
+def require_supported(config: Any) -> None:
+    """Refuse, in one line naming the supported ones, a model type the adapter does not know."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"model type {model_type!r} is not supported for pruning; supported model types: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def head_dim(config: Any) -> int:
+    """Per-head width: the config's ``head_dim`` if set, else hidden / heads (as the models do)."""
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def num_kv_heads(config: Any) -> int:
+    return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+
+
+def linear_input_sizes(config: Any) -> list[int]:
+    """Input widths of the decoder blocks' linear layers (hidden, attention output, MLP)."""
+    return [int(config.hidden_size), config.num_attention_heads * head_dim(config), int(config.intermediate_size)]
+
+
+def norm_weight_offset(config: Any) -> float:
+    """RMSNorm multiplies by ``offset + weight``: 1 for Gemma, 0 for the others."""
+    return 1.0 if getattr(config, "model_type", None) in _GEMMA_TYPES else 0.0
+
+
+def embedding_multiplier(config: Any) -> float | None:
+    """The factor the model applies to embeddings (Gemma: sqrt(hidden_size)), else None."""
+    return float(config.hidden_size) ** 0.5 if getattr(config, "model_type", None) in _GEMMA_TYPES else None
+
+
+# Width pruning: for each parameter, which dimension runs along which prunable axis.
+# Axes: hidden (residual channels), q / kv (query / key-value head channels), qkv (fused
+# q|k|v rows, Phi-3), mlp (intermediate channels), mlp2 (fused gate|up rows, Phi-3).
+_LAYER_PARAM_AXES: list[tuple[str, dict[int, str]]] = [
+    (r"(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm|post_feedforward_layernorm)\.weight",
+     {0: "hidden"}),
+    (r"self_attn\.q_proj\.weight", {0: "q", 1: "hidden"}),
+    (r"self_attn\.q_proj\.bias", {0: "q"}),
+    (r"self_attn\.[kv]_proj\.weight", {0: "kv", 1: "hidden"}),
+    (r"self_attn\.[kv]_proj\.bias", {0: "kv"}),
+    (r"self_attn\.qkv_proj\.weight", {0: "qkv", 1: "hidden"}),
+    (r"self_attn\.qkv_proj\.bias", {0: "qkv"}),
+    (r"self_attn\.o_proj\.weight", {0: "hidden", 1: "q"}),
+    (r"self_attn\.o_proj\.bias", {0: "hidden"}),
+    (r"self_attn\.[qk]_norm\.weight", {}),  # per head_dim, shared by all heads (Qwen3, Gemma3)
+    (r"mlp\.(gate|up)_proj\.weight", {0: "mlp", 1: "hidden"}),
+    (r"mlp\.(gate|up)_proj\.bias", {0: "mlp"}),
+    (r"mlp\.gate_up_proj\.weight", {0: "mlp2", 1: "hidden"}),
+    (r"mlp\.down_proj\.weight", {0: "hidden", 1: "mlp"}),
+    (r"mlp\.down_proj\.bias", {0: "hidden"}),
+]
+_TOP_PARAM_AXES = {
+    "model.embed_tokens.weight": {1: "hidden"},
+    "model.norm.weight": {0: "hidden"},
+    "lm_head.weight": {1: "hidden"},
+    "lm_head.bias": {},
+}
+_LAYER_PARAM = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def param_axes(name: str, model_type: str | None = None) -> tuple[int | None, dict[int, str]]:
+    """``(layer index or None, {dim: axis})`` for a state-dict entry of a supported model.
+
+    Raises:
+        ConfigError: a parameter the adapter does not know (an unsupported variant).
+    """
+    if name in _TOP_PARAM_AXES:
+        return None, _TOP_PARAM_AXES[name]
+    match = _LAYER_PARAM.fullmatch(name)
+    if match:
+        for pattern, axes in _LAYER_PARAM_AXES:
+            if re.fullmatch(pattern, match.group(2)):
+                return int(match.group(1)), axes
+    raise ConfigError(
+        f"width pruning does not know the parameter {name!r} of this {model_type or 'model'}; "
+        f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+    )
+
+
+def hidden_norm_names(param_names: list[str]) -> list[str]:
+    """Module names of the RMSNorms over the hidden size (per block, and the final one)."""
+    out = []
+    for name in param_names:
+        layer, axes = param_axes(name)
+        if axes == {0: "hidden"} and name.endswith("norm.weight"):
+            out.append(name[: -len(".weight")])
+    return out

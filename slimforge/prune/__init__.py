@@ -2,3 +2,31 @@
 
 This module only declares registry entries; implementations load on first use.
 """
+
+from slimforge.registry import register
+
+register(
+    "prune", "magnitude",
+    "slimforge.prune.stages:magnitude_stage", "slimforge.prune.config:MagnitudeConfig",
+    "zero the smallest weights (unstructured or N:M), no calibration",
+)
+register(
+    "prune", "wanda",
+    "slimforge.prune.stages:wanda_stage", "slimforge.prune.config:WandaConfig",
+    "Wanda: |W| x input-activation norm, per output row (unstructured or N:M)",
+)
+register(
+    "prune", "sparsegpt",
+    "slimforge.prune.stages:sparsegpt_stage", "slimforge.prune.config:SparseGPTConfig",
+    "SparseGPT: OBS pruning with error correction (unstructured or N:M)",
+)
+register(
+    "prune", "depth",
+    "slimforge.prune.stages:depth_stage", "slimforge.prune.config:DepthConfig",
+    "remove decoder layers by Block Influence, angular distance, or a list",
+)
+register(
+    "prune", "width",
+    "slimforge.prune.stages:width_stage", "slimforge.prune.config:WidthConfig",
+    "Minitron-style width pruning of MLP channels, heads and hidden channels",
+)
