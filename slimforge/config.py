@@ -130,16 +130,64 @@ class DataConfig:
         check_int("max_documents", self.max_documents, low=1)
 
 
+def check_threshold(name: str, value: float | None, low: float, high: float, low_open: bool = True) -> None:
+    """``value`` must lie in (low, high] (or [low, high]); None passes."""
+    if value is None:
+        return
+    ok = not math.isnan(value) and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        raise FieldError(name, value, f"must be in {'(' if low_open else '['}{low:g}, {high:g}]")
+
+
+@dataclass
+class GateConfig:
+    """Thresholds a student must meet; a miss makes ``slimforge eval``/``run`` exit 1.
+
+    ``min_retained`` applies to every task's gating metric (student / teacher,
+    teacher / student for lower-is-better ones); ``min_retained_tasks`` sets it
+    per task (``arc_easy``) or per metric (``arc_easy.acc``) and wins over it.
+    ``max_kl`` bounds the mean per-token KL(teacher || student) and
+    ``min_top1_agreement`` the top-1 agreement, both from perplexity tasks.
+    """
+
+    min_retained: float | None = None
+    min_retained_tasks: dict[str, float] = field(default_factory=dict)
+    max_kl: float | None = None
+    min_top1_agreement: float | None = None
+
+    def check(self) -> None:
+        check_threshold("min_retained", self.min_retained, 0.0, 2.0)
+        for key, value in self.min_retained_tasks.items():
+            check_threshold(f"min_retained_tasks.{key}", value, 0.0, 2.0)
+        check_threshold("max_kl", self.max_kl, 0.0, 100.0, low_open=False)
+        check_threshold("min_top1_agreement", self.min_top1_agreement, 0.0, 1.0, low_open=False)
+
+
 @dataclass
 class EvalConfig:
-    """Which models to evaluate, and with which tasks (a registry of task types)."""
+    """Which models to evaluate, with which tasks (a registry of task types), and how.
+
+    Every model gets identical settings: ``batch_size``, ``seed`` (item subsets
+    and few-shot sampling, kept apart from the training seed so that a sweep
+    over seeds is scored on the same items), ``limit`` and ``num_fewshot`` (the
+    defaults of benchmark tasks). ``include_path`` adds folders of lm-eval task
+    YAMLs. ``cache`` reuses results keyed by model content and settings.
+    """
 
     models: list[str] = field(default_factory=lambda: ["teacher", "all"])
     batch_size: int = 8
     tasks: dict[str, Any] = field(default_factory=dict)
+    seed: int = 1234
+    limit: int | None = None
+    num_fewshot: int | None = None
+    include_path: list[str] = field(default_factory=list)
+    cache: bool = True
+    gate: GateConfig = field(default_factory=GateConfig)
 
     def check(self) -> None:
         check_int("batch_size", self.batch_size, low=1)
+        check_int("limit", self.limit, low=1)
+        check_int("num_fewshot", self.num_fewshot, low=0)
 
 
 @dataclass

@@ -1,8 +1,15 @@
-"""Token-level perplexity over fixed-length blocks (the GPTQ / Wanda convention).
+"""Perplexity: token-level over fixed-length blocks, and lm-eval's word and byte perplexity.
 
-Each block is scored independently: every token after the first is predicted
-from the tokens before it in the same block; perplexity is exp of the mean
-negative log-likelihood over all predicted tokens.
+Token perplexity follows the GPTQ / Wanda convention: each block is scored
+independently, every token after the first predicted from the tokens before it
+in the same block; perplexity is exp of the mean NLL over all predicted tokens.
+For a student, the same batches also go through the teacher, and the fidelity
+metrics (per-token KL(teacher || student), top-1 agreement) come from those
+very forward passes.
+
+Word and byte perplexity use lm-eval's rolling log-likelihood (the wikitext
+convention), on the held-out blocks decoded back to text, so that models with
+different tokenizers are compared on the same characters.
 """
 
 from __future__ import annotations
@@ -14,8 +21,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from slimforge.eval.config import PerplexityTaskConfig
-from slimforge.stage import EvalContext
+from slimforge.eval.config import PerplexityTaskConfig, WordPerplexityTaskConfig
+from slimforge.eval.fidelity import kl_summary, token_kl, top1_agreement
+from slimforge.eval.stats import ItemScores
+
+
+def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[B, L-1] NLL of each next token, in fp32."""
+    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
 
 
 @torch.no_grad()
@@ -36,9 +49,34 @@ def block_nll(model: Any, blocks: torch.Tensor, batch_size: int, device: torch.d
     batches = range(0, len(blocks), batch_size)
     for start in tqdm(batches, desc="perplexity", leave=False, disable=not progress):
         ids = blocks[start: start + batch_size].to(device)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        out[start: start + len(ids)] = nll.sum(dim=1).double().cpu()
+        out[start: start + len(ids)] = _next_token_nll(model(input_ids=ids).logits, ids).sum(dim=1).double().cpu()
+    return out
+
+
+@torch.no_grad()
+def paired_block_scores(student: Any, teacher: Any, blocks: torch.Tensor, batch_size: int,
+                        device: torch.device | str, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Student NLL and fidelity to the teacher from one pass of both models over each batch.
+
+    Returns:
+        ``nll`` float64 [n] summed per block (student), ``teacher_nll`` likewise,
+        ``kl`` float32 [n, L-1] per-token KL(teacher || student) and ``top1``
+        bool [n, L-1] per-token top-1 agreement.
+    """
+    n, length = blocks.shape
+    out = {"nll": torch.empty(n, dtype=torch.float64), "teacher_nll": torch.empty(n, dtype=torch.float64),
+           "kl": torch.empty(n, length - 1), "top1": torch.empty(n, length - 1, dtype=torch.bool)}
+    for start in tqdm(range(0, n, batch_size), desc="perplexity+fidelity", leave=False, disable=not progress):
+        ids = blocks[start: start + batch_size].to(device)
+        s_logits = student(input_ids=ids).logits
+        t_logits = teacher(input_ids=ids).logits
+        stop = start + len(ids)
+        out["nll"][start:stop] = _next_token_nll(s_logits, ids).sum(dim=1).double().cpu()
+        out["teacher_nll"][start:stop] = _next_token_nll(t_logits, ids).sum(dim=1).double().cpu()
+        for row in range(len(ids)):  # one sequence at a time bounds the [L, V] fp32 temporaries
+            t_row, s_row = t_logits[row, :-1], s_logits[row, :-1]
+            out["kl"][start + row] = token_kl(t_row, s_row).cpu()
+            out["top1"][start + row] = top1_agreement(t_row, s_row).cpu()
     return out
 
 
@@ -46,20 +84,78 @@ def perplexity_from_nll(nll_sum: float, tokens: int) -> float:
     return math.exp(nll_sum / tokens)
 
 
-def perplexity_task(model: Any, tokenizer: Any, cfg: PerplexityTaskConfig, ctx: EvalContext) -> dict[str, Any]:
-    """Perplexity of ``model`` on the first ``cfg.max_blocks`` blocks of the chosen split."""
+def _split(ctx: Any, name: str) -> Any:
+    bundle = ctx.data()
+    return bundle.heldout if name == "heldout" else bundle.train
+
+
+def perplexity_task(model: Any, tokenizer: Any, cfg: PerplexityTaskConfig, ctx: Any) -> dict[str, Any]:
+    """Perplexity on the first ``cfg.max_blocks`` blocks, with fidelity to the teacher for a student."""
     from slimforge.data import blocks_tensor
 
-    bundle = ctx.data()
-    split = bundle.heldout if cfg.split == "heldout" else bundle.train
-    blocks = blocks_tensor(split, cfg.max_blocks)
-    per_block = block_nll(model, blocks, ctx.batch_size, ctx.device)
-    tokens = blocks.shape[0] * (blocks.shape[1] - 1)
+    blocks = blocks_tensor(_split(ctx, cfg.split), cfg.max_blocks)
+    predicted = blocks.shape[1] - 1
+    tokens = blocks.shape[0] * predicted
+    teacher = ctx.teacher() if cfg.fidelity else None
+    result: dict[str, Any] = {}
+    if teacher is None:
+        per_block = block_nll(model, blocks, ctx.batch_size, ctx.device)
+    else:
+        scores = paired_block_scores(model, teacher[0], blocks, ctx.batch_size, ctx.device)
+        per_block = scores["nll"]
+        result["fidelity"] = {
+            **kl_summary(scores["kl"]),
+            "top1_agreement": float(scores["top1"].float().mean()),
+            "teacher_perplexity": perplexity_from_nll(float(scores["teacher_nll"].sum()), tokens),
+            "tokens": tokens,
+        }
+        result["fidelity_per_item"] = {
+            "kl": scores["kl"].double().mean(dim=1).tolist(),
+            "top1_agreement": scores["top1"].double().mean(dim=1).tolist(),
+        }
     total = float(per_block.sum())
-    return {
+    result.update({
         "perplexity": perplexity_from_nll(total, tokens),
         "nll": total / tokens,
         "tokens": tokens,
         "blocks": int(blocks.shape[0]),
-        "per_item": {"nll": [round(float(x) / (blocks.shape[1] - 1), 6) for x in per_block]},
+        "per_item": {"perplexity": ItemScores((per_block / predicted).tolist(), None, "exp").to_json()},
+        "item_ids": [f"block/{i}" for i in range(blocks.shape[0])],
+        "higher_is_better": {"perplexity": False},
+        "metric": "perplexity",
+    })
+    return result
+
+
+def heldout_documents(ctx: Any, split: str, max_documents: int | None) -> list[str]:
+    """The first held-out blocks as text, decoded with the tokenizer that packed them."""
+    from slimforge.data import blocks_tensor
+
+    blocks = blocks_tensor(_split(ctx, split), max_documents)
+    tokenizer = ctx.session.teacher_tokenizer()
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in blocks.tolist()]
+
+
+def word_perplexity_task(model: Any, tokenizer: Any, cfg: WordPerplexityTaskConfig, ctx: Any) -> dict[str, Any]:
+    """lm-eval's word_perplexity, byte_perplexity and bits_per_byte on held-out text."""
+    import datasets
+
+    from slimforge.eval.harness import _task_manager, harness_result, load_tasks, run_loaded
+
+    docs = heldout_documents(ctx, cfg.split, cfg.max_documents)
+
+    def held_out(**_: Any) -> datasets.DatasetDict:
+        return datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": docs})})
+
+    spec = {
+        "task": "slimforge_heldout_text", "custom_dataset": held_out, "dataset_path": "slimforge/heldout",
+        "output_type": "loglikelihood_rolling", "test_split": "test", "doc_to_text": "", "doc_to_target": "{{text}}",
+        "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
     }
+    loaded = load_tasks(_task_manager((), False), [spec], 0, ctx.seed)
+    out = run_loaded(model, tokenizer, loaded, ctx.batch_size, None, ctx.seed)
+    result = harness_result("slimforge_heldout_text", loaded, out)
+    result["item_ids"] = [f"document/{i}" for i in range(len(docs))]
+    result["documents"] = len(docs)
+    result["metric"] = "word_perplexity"
+    return result

@@ -1,75 +1,312 @@
-"""report.json and report.md: every metric of every model, and what each student retained."""
+"""The report: every metric of every model, what each student retained, and how faithfully.
+
+``report.json`` holds, per model, the headline metrics of each task, size and
+speed; per student, the retained share of each teacher metric (student /
+teacher, or teacher / student when lower is better) with a paired bootstrap
+confidence interval, the fidelity metrics (KL, top-1 agreement, answer flips,
+choice agreement, agreement with the teacher's generations) and the gate's
+verdict. ``report.md`` and the self-contained ``report.html`` show the same.
+"""
 
 from __future__ import annotations
 
+import datetime as _dt
+import math
 from pathlib import Path
 from typing import Any
 
+from slimforge.eval.stats import ItemScores, bootstrap_mean_ci, paired_bootstrap_ratio, ratio
 from slimforge.fsutil import atomic_write_json, atomic_write_text
 
-# Metrics whose retention is teacher / student rather than student / teacher.
-LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "kl", "bits_per_byte"}
-HIGHER_IS_BETTER = {"accuracy", "acc", "acc_norm", "top1_agreement"}
-HEADLINE = LOWER_IS_BETTER | HIGHER_IS_BETTER
+TEACHER = "teacher"
+# Numbers a task reports that are counts or bookkeeping, not quality.
+NOT_HEADLINE = {"tokens", "blocks", "items", "documents", "seconds", "nll"}
+EFFICIENCY = "efficiency"
+N_BOOT = 1000
 
 
 def scalar_metrics(task_result: dict[str, Any]) -> dict[str, float]:
-    """The headline numbers of a task result (per-item lists and counts left out)."""
+    """The headline numbers of a task result (per-item lists, counts and bookkeeping left out)."""
     return {k: float(v) for k, v in task_result.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("tokens", "blocks")}
+            if isinstance(v, int | float) and not isinstance(v, bool) and k not in NOT_HEADLINE}
 
 
-def retained(metric: str, teacher: float, student: float) -> float | None:
-    """Student's share of the teacher's quality: 1.0 = no loss; > 1 = better than the teacher."""
-    if metric in LOWER_IS_BETTER:
-        return teacher / student if student else None
-    return student / teacher if teacher else None
+def _is_binary(scores: ItemScores) -> bool:
+    return scores.weights is None and all(v in (0.0, 1.0) for v in scores.values)
 
 
-def build_report(recipe: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    models = {
-        label: {"num_parameters": rec["num_parameters"], "path": rec["path"],
-                "tasks": {task: scalar_metrics(res) for task, res in rec["tasks"].items()}}
-        for label, rec in results.items()
+def _paired(teacher: dict[str, Any], student: dict[str, Any]) -> bool:
+    return bool(teacher.get("item_ids")) and teacher.get("item_ids") == student.get("item_ids")
+
+
+def retention(teacher: dict[str, Any], student: dict[str, Any], seed: int) -> tuple[dict[str, float | None], dict[str, list[float]]]:
+    """Retained ratio (and its bootstrap interval) of every metric the teacher reports for one task."""
+    ratios: dict[str, float | None] = {}
+    intervals: dict[str, list[float]] = {}
+    t_metrics, s_metrics = scalar_metrics(teacher), scalar_metrics(student)
+    for metric, higher in teacher.get("higher_is_better", {}).items():
+        if metric not in t_metrics or metric not in s_metrics:
+            continue
+        ratios[metric] = ratio(t_metrics[metric], s_metrics[metric], higher)
+        t_items, s_items = teacher.get("per_item", {}).get(metric), student.get("per_item", {}).get(metric)
+        if t_items and s_items and _paired(teacher, student):
+            ci = paired_bootstrap_ratio(ItemScores.from_json(t_items), ItemScores.from_json(s_items), higher,
+                                        n_boot=N_BOOT, seed=seed)
+            if ci is not None:
+                intervals[metric] = [ci[0], ci[1]]
+    return ratios, intervals
+
+
+def task_fidelity(teacher: dict[str, Any], student: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Fidelity of one task: the task's own (KL, generation agreement) plus flips and choice agreement."""
+    from slimforge.eval.fidelity import answer_flips, choice_agreement
+
+    out: dict[str, Any] = dict(student.get("fidelity", {}))
+    kl_items = student.get("fidelity_per_item", {}).get("kl")
+    if kl_items:
+        ci = bootstrap_mean_ci(kl_items, n_boot=N_BOOT, seed=seed)
+        if ci is not None:
+            out["kl_mean_ci"] = list(ci)
+    metric = teacher.get("metric")
+    t_items = teacher.get("per_item", {}).get(metric)
+    s_items = student.get("per_item", {}).get(metric)
+    if teacher.get("type") == "lm_eval" and t_items and s_items and _paired(teacher, student):
+        t_scores, s_scores = ItemScores.from_json(t_items), ItemScores.from_json(s_items)
+        if _is_binary(t_scores) and _is_binary(s_scores):
+            out["flips"] = {"metric": metric, **answer_flips(t_scores.values, s_scores.values)}
+    if teacher.get("choices") and student.get("choices") and _paired(teacher, student):
+        out["choice_agreement"] = choice_agreement(teacher["choices"], student["choices"])
+    return out
+
+
+def _efficiency(record: dict[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for result in record["tasks"].values():
+        if result.get("type") == EFFICIENCY:
+            merged.update({k: v for k, v in result.items() if k not in ("type", "seconds", "higher_is_better")})
+    return merged
+
+
+def _model_entry(record: dict[str, Any]) -> dict[str, Any]:
+    tasks = {name: scalar_metrics(res) for name, res in record["tasks"].items()
+             if res.get("type") != EFFICIENCY and "skipped" not in res}
+    skipped = {name: res["skipped"] for name, res in record["tasks"].items() if "skipped" in res}
+    entry = {"path": record["path"], "kind": record.get("kind"), "content_fingerprint": record.get("content_fingerprint"),
+             "num_parameters": record["num_parameters"], "disk_bytes": record.get("disk_bytes"),
+             "memory_bytes": record.get("memory_bytes"), "tasks": tasks, "efficiency": _efficiency(record)}
+    if skipped:
+        entry["skipped"] = skipped
+    return entry
+
+
+def size_of(model: dict[str, Any]) -> float:
+    """The size used for quality-vs-size plots: bytes on disk, else in memory, else parameters."""
+    return float(model.get("disk_bytes") or model.get("memory_bytes") or model["num_parameters"])
+
+
+def efficiency_ratios(teacher: dict[str, Any], student: dict[str, Any]) -> dict[str, float]:
+    """Student against teacher: speedups (>1 is faster) and size/memory fractions (<1 is smaller)."""
+    out = {}
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+        if teacher.get(key) and student.get(key):
+            out[key.replace("_tokens_per_s", "_speedup")] = student[key] / teacher[key]
+    if teacher.get("latency_s") and student.get("latency_s"):
+        out["latency_speedup"] = teacher["latency_s"] / student["latency_s"]
+    for key in ("disk_bytes", "memory_bytes", "peak_memory_bytes"):
+        if teacher.get(key) and student.get(key):
+            out[key.replace("_bytes", "_fraction")] = student[key] / teacher[key]
+    return out
+
+
+def build_report(title: str, records: dict[str, dict[str, Any]], settings: Any = None,
+                 warnings: list[str] | None = None) -> dict[str, Any]:
+    """The report from each model's eval record (the teacher's under ``teacher``)."""
+    seed = getattr(settings, "seed", 0)
+    models = {label: _model_entry(rec) for label, rec in records.items()}
+    report: dict[str, Any] = {
+        "title": title, "recipe": title,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {} if settings is None else {
+            "device": settings.device.type, "dtype": str(settings.dtype).replace("torch.", ""),
+            "batch_size": settings.batch_size, "seed": settings.seed, "limit": settings.limit,
+            "num_fewshot": settings.num_fewshot},
+        "teacher": TEACHER, "models": models, "primary": {}, "higher_is_better": {},
+        "retained": {}, "retained_ci": {}, "fidelity": {}, "efficiency": {}, "summary": {},
+        "warnings": list(warnings or []),
     }
-    report: dict[str, Any] = {"recipe": recipe, "models": models, "retained": {}}
-    teacher = models.get("teacher")
+    teacher = records.get(TEACHER)
     if teacher is None:
         return report
-    for label, model in models.items():
-        if label == "teacher":
+    for task, res in teacher["tasks"].items():
+        if res.get("type") != EFFICIENCY and res.get("metric"):
+            report["primary"][task] = res["metric"]
+            report["higher_is_better"][task] = res.get("higher_is_better", {})
+    for label, record in records.items():
+        if label == TEACHER:
             continue
-        ratios = {}
-        for task, metrics in model["tasks"].items():
-            for metric, value in metrics.items():
-                base = teacher["tasks"].get(task, {}).get(metric)
-                if base is not None and metric in HEADLINE:
-                    ratios[f"{task}.{metric}"] = retained(metric, base, value)
-        ratios["size"] = model["num_parameters"] / teacher["num_parameters"]
+        ratios: dict[str, Any] = {}
+        intervals: dict[str, Any] = {}
+        fidelity: dict[str, Any] = {}
+        for task, t_res in teacher["tasks"].items():
+            s_res = record["tasks"].get(task)
+            if s_res is None or t_res.get("type") == EFFICIENCY or "skipped" in s_res:
+                continue
+            r, ci = retention(t_res, s_res, seed)
+            ratios.update({f"{task}.{m}": v for m, v in r.items()})
+            intervals.update({f"{task}.{m}": v for m, v in ci.items()})
+            fid = task_fidelity(t_res, s_res, seed)
+            if fid:
+                fidelity[task] = fid
+        ratios["size"] = models[label]["num_parameters"] / models[TEACHER]["num_parameters"]
         report["retained"][label] = ratios
+        report["retained_ci"][label] = intervals
+        report["fidelity"][label] = fidelity
+        report["efficiency"][label] = efficiency_ratios(models[TEACHER]["efficiency"], models[label]["efficiency"])
+        gated = [ratios.get(f"{t}.{m}") for t, m in report["primary"].items()]
+        valid = [v for v in gated if v is not None]
+        report["summary"][label] = {
+            "mean_retained": sum(valid) / len(valid) if valid else None,
+            "size": size_of(models[label]), "size_fraction": size_of(models[label]) / size_of(models[TEACHER]),
+        }
+    report["summary"][TEACHER] = {"mean_retained": 1.0, "size": size_of(models[TEACHER]), "size_fraction": 1.0}
     return report
 
 
-def markdown_report(report: dict[str, Any]) -> str:
-    headline = sorted({f"{t}.{m}" for model in report["models"].values()
-                       for t, ms in model["tasks"].items() for m in ms if m in HEADLINE})
-    lines = [f"# slimforge report: {report['recipe']}", "",
-             "| model | parameters | " + " | ".join(headline) + " | retained |",
-             "|---|---:|" + "---:|" * len(headline) + "---|"]
+# --- markdown ----------------------------------------------------------------------------
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A compact number: fixed decimals for ordinary values, scientific for tiny or huge ones."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if value != 0 and (abs(value) < 10 ** -digits or abs(value) >= 1e6) and math.isfinite(value):
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}f}"
+
+
+def fmt_bytes(value: Any) -> str:
+    return "–" if not value else f"{value / 2**20:.1f} MiB"
+
+
+def _table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
+    align = align or "l" + "r" * (len(header) - 1)
+    marks = ["---:" if a == "r" else "---" for a in align]
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(marks) + "|",
+            *["| " + " | ".join(row) + " |" for row in rows]]
+
+
+def scores_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    keys = [f"{t}.{m}" for t, metrics in report["higher_is_better"].items() for m in metrics]
+    header = ["model", "kind", "parameters", "size", *keys]
+    rows = []
     for label, model in report["models"].items():
-        values = []
-        for key in headline:
-            task, metric = key.split(".", 1)
-            value = model["tasks"].get(task, {}).get(metric)
-            values.append(f"{value:.3f}" if value is not None else "")
-        ratios = report["retained"].get(label, {})
-        kept = ", ".join(f"{k} {v:.3f}" for k, v in ratios.items() if k != "size" and v is not None)
-        lines.append(f"| {label} | {model['num_parameters'] / 1e6:.1f}M | " + " | ".join(values) + f" | {kept} |")
-    lines.append("")
-    lines.append("retained = student / teacher (teacher / student for perplexity): 1.0 means nothing was lost.")
-    return "\n".join(lines) + "\n"
+        values = [fmt(model["tasks"].get(k.split(".", 1)[0], {}).get(k.split(".", 1)[1])) for k in keys]
+        rows.append([label, str(model.get("kind") or ""), f"{model['num_parameters'] / 1e6:.1f}M",
+                     fmt_bytes(model.get("disk_bytes")), *values])
+    return header, rows
 
 
-def write_report(run_dir: Path, report: dict[str, Any]) -> None:
-    atomic_write_json(run_dir / "report.json", report)
-    atomic_write_text(run_dir / "report.md", markdown_report(report))
+def retained_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    keys = [f"{t}.{m}" for t, m in report["primary"].items()]
+    header = ["student", *keys, "mean", "size fraction"]
+    rows = []
+    for label, ratios in report["retained"].items():
+        cells = []
+        for key in keys:
+            ci = report["retained_ci"].get(label, {}).get(key)
+            cells.append(fmt(ratios.get(key)) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else ""))
+        summary = report["summary"].get(label, {})
+        rows.append([label, *cells, fmt(summary.get("mean_retained")), fmt(summary.get("size_fraction"))])
+    return header, rows
+
+
+def fidelity_rows(report: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """Three tables: token-level (KL, top-1), multiple choice (flips), generation (agreement)."""
+    token, choice, gen = [], [], []
+    for label, tasks in report["fidelity"].items():
+        for task, fid in tasks.items():
+            if "kl_mean" in fid:
+                ci = fid.get("kl_mean_ci")
+                token.append([label, task, fmt(fid["kl_mean"], 4) + (f" [{fmt(ci[0], 4)}, {fmt(ci[1], 4)}]" if ci else ""),
+                              fmt(fid.get("kl_p50"), 4), fmt(fid.get("kl_p90"), 4), fmt(fid.get("kl_p99"), 4),
+                              fmt(fid.get("kl_max"), 3), fmt(fid.get("top1_agreement"))])
+            if "flips" in fid or "choice_agreement" in fid:
+                flips = fid.get("flips", {})
+                choice.append([label, task, str(flips.get("items", "–")), str(flips.get("lost", "–")),
+                               str(flips.get("gained", "–")), fmt(flips.get("flip_rate")), fmt(fid.get("choice_agreement"))])
+            if "teacher_rougeL" in fid:
+                gen.append([label, task, fmt(fid["teacher_rougeL"]), fmt(fid.get("teacher_chrf"), 1),
+                            fmt(fid.get("teacher_exact_match"))])
+    return {
+        "token": (["student", "task", "KL mean [95% CI]", "KL p50", "KL p90", "KL p99", "KL max", "top-1 agreement"], token),
+        "choice": (["student", "task", "items", "lost (right→wrong)", "gained (wrong→right)", "flip rate",
+                    "same answer as teacher"], choice),
+        "generation": (["student", "task", "ROUGE-L vs teacher", "chrF vs teacher", "identical outputs"], gen),
+    }
+
+
+def efficiency_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["model", "parameters", "on disk", "in memory", "peak memory", "prefill tok/s", "decode tok/s",
+              "latency (s)", "decode speedup"]
+    rows = []
+    for label, model in report["models"].items():
+        eff = model["efficiency"]
+        if not eff:
+            continue
+        speedup = report["efficiency"].get(label, {}).get("decode_speedup", 1.0 if label == TEACHER else None)
+        rows.append([label, f"{model['num_parameters'] / 1e6:.1f}M", fmt_bytes(model.get("disk_bytes")),
+                     fmt_bytes(model.get("memory_bytes")), fmt_bytes(eff.get("peak_memory_bytes")),
+                     fmt(eff.get("prefill_tokens_per_s"), 1), fmt(eff.get("decode_tokens_per_s"), 1),
+                     fmt(eff.get("latency_s"), 3), fmt(speedup, 2)])
+    return header, rows
+
+
+def gate_lines(report: dict[str, Any]) -> list[str]:
+    gate = report.get("gate") or {}
+    if not gate or gate.get("status") == "none":
+        return ["No thresholds set."]
+    lines = [f"**{gate['status'].upper()}**: {gate.get('checked', 0)} check(s)"]
+    lines += [f"- {line}" for line in gate.get("failures", [])]
+    return lines
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    s = report.get("settings", {})
+    lines = [f"# slimforge report: {report['title']}", ""]
+    if s:
+        lines += [f"Settings (identical for every model): device {s['device']}, dtype {s['dtype']}, "
+                  f"batch size {s['batch_size']}, seed {s['seed']}, item limit {s['limit'] or 'none'}, "
+                  f"few-shot {s['num_fewshot'] if s['num_fewshot'] is not None else 'task default'}.", ""]
+    lines += ["## Scores", "", *_table(*scores_table(report)), ""]
+    if report["retained"]:
+        lines += ["## Retained", "",
+                  "retained = student / teacher (teacher / student where lower is better); 1.0 = nothing lost. "
+                  "Brackets: 95% paired bootstrap interval over items.", "",
+                  *_table(*retained_table(report)), ""]
+    tables = fidelity_rows(report)
+    if any(rows for _, rows in tables.values()):
+        lines += ["## Fidelity to the teacher", ""]
+        for header, rows in tables.values():
+            if rows:
+                lines += [*_table(header, rows), ""]
+    header, rows = efficiency_table(report)
+    if rows:
+        info = next((m["efficiency"].get("info", {}) for m in report["models"].values() if m["efficiency"]), {})
+        lines += ["## Efficiency", "", f"On {info.get('device', 'this device')}: batch 1, {info.get('prompt_tokens')} "
+                  f"prompt tokens, {info.get('new_tokens')} new tokens, median of {info.get('repeats')} runs; peak "
+                  f"memory = {info.get('peak_memory_method')}.", "", *_table(header, rows), ""]
+    lines += ["## Gate", "", *gate_lines(report), ""]
+    if report.get("warnings"):
+        lines += ["## Warnings", "", *[f"- {w}" for w in report["warnings"]], ""]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: Path, report: dict[str, Any]) -> None:
+    """``report.json``, ``report.md`` and ``report.html`` in ``out_dir``."""
+    from slimforge.eval.html import html_report
+
+    atomic_write_json(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "report.md", markdown_report(report))
+    atomic_write_text(out_dir / "report.html", html_report(report))

@@ -1,0 +1,100 @@
+"""What a model *is*, for the eval cache: a hash of its files' bytes, and its kind.
+
+A run's stage fingerprint says how a model was made; the eval cache needs what
+it contains, so that the same weights reached by two routes (a sweep's shared
+teacher, a copied folder) are evaluated once. Hashing gigabytes on every
+invocation would cost seconds to minutes, so each file's sha256 is remembered
+under the slimforge cache, keyed by its path, size and modification time.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from slimforge.fsutil import atomic_write_json, read_json, sha256_file, stable_hash
+
+if TYPE_CHECKING:  # pragma: no cover
+    from slimforge.models import ModelRef
+
+# Files that describe provenance, not the model: timestamps differ between identical copies.
+_NOT_CONTENT = {"slimforge.json", "recipe.yaml", "README.md", ".lock"}
+_MEMO_LOCK = threading.Lock()
+
+
+def _memo_path() -> Path:
+    from slimforge.assets import cache_root
+
+    return cache_root() / "eval" / "file-hashes.json"
+
+
+def file_digest(path: Path, memo: dict[str, Any]) -> str:
+    """sha256 of a file, reusing ``memo`` while its size and mtime are unchanged."""
+    stat = path.stat()
+    key = str(path.resolve())
+    known = memo.get(key)
+    if known and known[0] == stat.st_size and known[1] == stat.st_mtime_ns:
+        return known[2]
+    digest = sha256_file(path)
+    memo[key] = [stat.st_size, stat.st_mtime_ns, digest]
+    return digest
+
+
+def _content_files(location: Path, gguf_file: str | None) -> list[Path]:
+    if location.is_file():
+        return [location]
+    if gguf_file:
+        return [location / gguf_file]
+    return sorted(p for p in location.rglob("*")
+                  if p.is_file() and p.name not in _NOT_CONTENT and not p.name.startswith("."))
+
+
+def _adapter_base(location: Path) -> str | None:
+    adapter = location / "adapter_config.json"
+    if location.is_dir() and adapter.is_file():
+        return json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    return None
+
+
+def content_fingerprint(path: str, gguf_file: str | None = None, revision: str | None = None) -> str:
+    """A hash of everything a model loads from: weights, config, tokenizer (and a LoRA base).
+
+    A hub id that is not a local path hashes its name and revision instead.
+    """
+    location = Path(path).expanduser()
+    if not location.exists():
+        return stable_hash(["hub", path, revision])
+    memo_file = _memo_path()
+    with _MEMO_LOCK:
+        memo = read_json(memo_file) if memo_file.is_file() else {}
+        before = dict(memo)
+        root = location if location.is_dir() else location.parent
+        digests = [(str(p.relative_to(root)), file_digest(p, memo)) for p in _content_files(location, gguf_file)]
+        if memo != before:
+            atomic_write_json(memo_file, memo)
+    base = _adapter_base(location)
+    base_fp = content_fingerprint(base) if base else None
+    return stable_hash(["content", digests, base_fp])
+
+
+def ref_fingerprint(ref: ModelRef) -> str:
+    return content_fingerprint(ref.path, ref.gguf_file, ref.revision)
+
+
+def model_kind(path: str, gguf_file: str | None = None) -> str:
+    """``gguf``, ``lora``, ``bitsandbytes``, ``quantized`` (another method), ``hf`` or ``hub``."""
+    location = Path(path).expanduser()
+    if gguf_file or location.suffix == ".gguf":
+        return "gguf"
+    if not location.exists():
+        return "hub"
+    if _adapter_base(location):
+        return "lora"
+    config = location / "config.json"
+    if config.is_file():
+        quant = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
+        if quant:
+            return "bitsandbytes" if quant.get("quant_method") == "bitsandbytes" else "quantized"
+    return "hf"

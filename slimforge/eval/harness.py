@@ -1,0 +1,274 @@
+"""lm-evaluation-harness integration: task lookup, in-memory models, per-item results.
+
+A model already in memory (plain, pruned, bitsandbytes, LoRA, dequantized
+GGUF) is wrapped in lm-eval's ``HFLM`` with the run's batch size; tasks come
+from a ``TaskManager`` over the shipped offline YAMLs (``recipes/tasks/``) and
+the user's include paths. lm-eval's own index of ~14k built-in tasks takes ~11 s
+to build, so it is consulted only when a name is not found in those folders.
+
+Limits are deterministic: instead of lm-eval's "first N documents" (which on
+HellaSwag or MMLU is a handful of topics), a fixed random subset of N documents
+per task is drawn with the eval seed and passed as lm-eval's ``samples``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import functools
+import logging
+import math
+import random
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimforge.errors import ConfigError
+from slimforge.eval.stats import ItemScores
+
+log = logging.getLogger(__name__)
+
+# lm-eval's result keys that are not metrics.
+_NOT_METRICS = {"name", "alias", "sample_len", "samples"}
+# Aggregations whose per-item values slimforge can rebuild (and so bootstrap).
+_LN2 = math.log(2)
+
+
+def shipped_tasks_dir() -> Path:
+    """The offline task YAMLs that ship with slimforge."""
+    from slimforge.recipes import recipes_dir
+
+    return recipes_dir() / "tasks"
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence lm-eval's and datasets' chatter (per-task warnings, progress bars) for a call."""
+    import datasets
+
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "datasets")]
+    levels = [lg.level for lg in loggers]
+    bars = datasets.is_progress_bar_enabled()
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(include_paths: tuple[str, ...], include_defaults: bool) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    with quiet_libraries():
+        return TaskManager(include_path=list(include_paths), include_defaults=include_defaults)
+
+
+def task_manager(names: list[str], include_path: list[str] | tuple[str, ...] = ()) -> Any:
+    """A TaskManager that knows every name in ``names``.
+
+    Raises:
+        ConfigError: a name is unknown even to lm-eval's built-in index (with near matches).
+    """
+    paths = [str(shipped_tasks_dir())]
+    for folder in include_path:
+        if not Path(folder).expanduser().is_dir():
+            raise ConfigError(f"eval include path {folder} is not a folder; give a folder of lm-eval task YAMLs")
+        paths.append(str(Path(folder).expanduser().resolve()))
+    manager = _task_manager(tuple(paths), False)
+    if all(name in manager.all_tasks for name in names):
+        return manager
+    log.info("indexing lm-eval's built-in tasks for %s (~10 s)", ", ".join(n for n in names if n not in manager.all_tasks))
+    manager = _task_manager(tuple(paths), True)
+    unknown = [name for name in names if name not in manager.all_tasks]
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, manager.all_tasks, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; list them with `lm-eval ls tasks`"
+        raise ConfigError(f"unknown lm-eval task {name!r}{hint}")
+    return manager
+
+
+def uses_offline_data(manager: Any, name: str) -> bool:
+    """True when ``name`` (a task, group or tag) is one of the shipped offline tasks."""
+    entry = manager.task_index.get(name)
+    shipped = shipped_tasks_dir().resolve()
+    if entry is None:
+        return False
+    if entry.yaml_path is not None:
+        return shipped in Path(entry.yaml_path).resolve().parents
+    return any(uses_offline_data(manager, member) for member in entry.tags)
+
+
+def check_task_data(names: list[str], include_path: list[str] | tuple[str, ...] = ()) -> None:
+    """Fail early, in one line, when a name is unknown or its offline data is not fetched."""
+    from slimforge.eval.offline import data_root
+
+    manager = task_manager(names, include_path)
+    if any(uses_offline_data(manager, name) for name in names):
+        data_root()
+
+
+def subset_indices(num_docs: int, limit: int | None, seed: int, task_name: str) -> list[int] | None:
+    """A fixed random subset of ``limit`` document indices (sorted), or None for all.
+
+    The stream depends on the seed and the task's name only, so the subset of a
+    task does not change with the other tasks evaluated beside it.
+    """
+    if limit is None or limit >= num_docs:
+        return None
+    rng = np.random.default_rng([seed, zlib.crc32(task_name.encode())])
+    return sorted(int(i) for i in rng.choice(num_docs, size=limit, replace=False))
+
+
+def load_tasks(manager: Any, specs: list[Any], num_fewshot: int | None, seed: int) -> dict[str, Any]:
+    """Build lm-eval tasks, with lm-eval's own few-shot rules and the eval seed."""
+    with quiet_libraries():
+        loaded = manager.load(specs)
+    for task in loaded["tasks"].values():
+        # As lm_eval.simple_evaluate does: an explicit 0 in the YAML is kept, None means 0.
+        if num_fewshot is not None and task.get_config("num_fewshot") != 0:
+            task.set_config(key="num_fewshot", value=num_fewshot)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=seed)
+    return loaded
+
+
+def run_loaded(model: Any, tokenizer: Any, loaded: dict[str, Any], batch_size: int, limit: int | None,
+               seed: int) -> dict[str, Any]:
+    """Evaluate built tasks on an in-memory model; returns lm-eval's results with samples."""
+    import torch
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    samples = {}
+    for name, task in loaded["tasks"].items():
+        indices = subset_indices(len(task.eval_docs), limit, seed, name)
+        if indices is not None:
+            samples[name] = indices
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    with quiet_libraries():
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        return evaluate(lm, loaded, samples=samples or None, bootstrap_iters=0, log_samples=True)
+
+
+# --- lm-eval results -> slimforge results ------------------------------------------------
+
+
+def _metric_values(results: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in results.items():
+        metric, _, filt = key.partition(",")
+        if metric in _NOT_METRICS or metric.endswith("_stderr") or not isinstance(value, int | float):
+            continue
+        out[metric if filt in ("", "none") else f"{metric}_{filt}"] = float(value)
+    return out
+
+
+def _item_scores(values: list[Any], aggregation: str) -> ItemScores | None:
+    """Per-item values in slimforge's form for one lm-eval aggregation, or None if unsupported."""
+    if aggregation == "mean":
+        return ItemScores([float(v) for v in values])
+    if aggregation == "perplexity":  # per-item log-likelihoods; exp(-mean)
+        return ItemScores([-float(v) for v in values], None, "exp")
+    if aggregation in ("weighted_perplexity", "bits_per_byte"):  # (log-likelihood, units) pairs
+        units = [float(w) for _, w in values]
+        per_unit = [-float(ll) / w for (ll, _), w in zip(values, units)]
+        if aggregation == "bits_per_byte":
+            return ItemScores([v / _LN2 for v in per_unit], units)
+        return ItemScores(per_unit, units, "exp")
+    return None
+
+
+def _choice(sample: dict[str, Any]) -> int | None:
+    """The answer index the model ranks first by raw log-likelihood (multiple choice only)."""
+    resps = sample.get("filtered_resps")
+    if not resps or not all(isinstance(r, list | tuple) and r and isinstance(r[0], float) for r in resps):
+        return None
+    lls = [r[0] for r in resps]
+    return int(max(range(len(lls)), key=lls.__getitem__))
+
+
+def harness_result(name: str, loaded: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """One slimforge task result from lm-eval's output for ``name`` (a task, group or tag).
+
+    Returns:
+        Headline metrics (floats); ``per_item`` (metric -> ItemScores JSON);
+        ``item_ids`` (``<task>/<doc_id>``); ``choices`` (answer ranked first,
+        multiple choice only); ``higher_is_better``; ``items``; ``subtasks``.
+    """
+    leaves = sorted(loaded["tasks"])
+    higher: dict[str, bool] = {}
+    aggregations: dict[str, str] = {}
+    for leaf in leaves:
+        task = loaded["tasks"][leaf]
+        higher.update(task.higher_is_better())
+        aggregations.update({m: getattr(fn, "__name__", str(fn)) for m, fn in task.aggregation().items()})
+    ids: list[str] = []
+    raw: dict[str, list[Any]] = {m: [] for m in aggregations}
+    choices: list[int | None] = []
+    for leaf in leaves:
+        for sample in sorted(out["samples"].get(leaf, []), key=lambda s: s["doc_id"]):
+            ids.append(f"{leaf}/{sample['doc_id']}")
+            choices.append(_choice(sample))
+            for metric in raw:
+                raw[metric].append(sample.get(metric))
+    per_item = {}
+    for metric, values in raw.items():
+        if values and all(v is not None for v in values):
+            scores = _item_scores(values, aggregations[metric])
+            if scores is not None:
+                per_item[metric] = scores
+    headline = _metric_values(out["results"].get(name, {}))
+    if not headline:  # a tag, or a group without aggregate metrics: the mean over all items
+        from slimforge.eval.stats import aggregate
+
+        headline = {m: float(aggregate(np.asarray(s.values), None if s.weights is None else np.asarray(s.weights),
+                                       s.transform)) for m, s in per_item.items()}
+    result: dict[str, Any] = dict(headline)
+    result.update({
+        "items": len(ids),
+        "per_item": {m: s.to_json() for m, s in per_item.items()},
+        "item_ids": ids,
+        "higher_is_better": {m: bool(higher.get(m, True)) for m in headline},
+        "subtasks": leaves,
+    })
+    if choices and all(c is not None for c in choices):
+        result["choices"] = choices
+    return result
+
+
+def default_metric(result: dict[str, Any]) -> str | None:
+    """The metric that gates and plots: ``acc_norm`` where present, else the first headline metric."""
+    metrics = [m for m in result.get("higher_is_better", {})]
+    if "acc_norm" in metrics:
+        return "acc_norm"
+    return metrics[0] if metrics else None
+
+
+# --- the task type -----------------------------------------------------------------------
+
+
+def harness_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str, Any]:
+    """Registered as ``lm_eval``: one lm-eval task, group or tag on an in-memory model."""
+    manager = task_manager([cfg.task], getattr(ctx, "include_path", ()))
+    loaded = load_tasks(manager, [cfg.task], cfg.num_fewshot, ctx.seed)
+    reported = sorted({m for task in loaded["tasks"].values() for m in task.higher_is_better()})
+    if cfg.metric is not None and cfg.metric not in reported:
+        raise ConfigError(f"lm-eval task {cfg.task!r} has no metric {cfg.metric!r}; it reports {', '.join(reported)}")
+    out = run_loaded(model, tokenizer, loaded, ctx.batch_size, cfg.limit, ctx.seed)
+    result = harness_result(cfg.task, loaded, out)
+    result["metric"] = cfg.metric or default_metric(result)
+    result["num_fewshot"] = {leaf: loaded["tasks"][leaf].get_config("num_fewshot") for leaf in result["subtasks"]}
+    return result
