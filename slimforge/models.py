@@ -208,7 +208,8 @@ def load_tokenizer(path: str, gguf_file: str | None = None, revision: str | None
 
 def load_model(path: str, device: Any = "cpu", dtype: Any = None, gguf_file: str | None = None,
                revision: str | None = None, trust_remote_code: bool = False,
-               allow_pickle: bool = False, with_tokenizer: bool = True) -> Any:
+               allow_pickle: bool = False, with_tokenizer: bool = True,
+               quantization_config: Any = None) -> Any:
     """Load a causal LM (and its tokenizer) from a hub id, HF folder or GGUF file.
 
     Args:
@@ -218,6 +219,8 @@ def load_model(path: str, device: Any = "cpu", dtype: Any = None, gguf_file: str
         trust_remote_code: run model code shipped with the checkpoint (off by default).
         allow_pickle: accept pickle weights (off by default).
         with_tokenizer: also load and return the tokenizer.
+        quantization_config: a transformers quantization config (e.g. ``BitsAndBytesConfig``)
+            to quantize the weights while loading.
 
     Returns:
         ``(model, tokenizer)``, or the model alone when ``with_tokenizer`` is False.
@@ -230,6 +233,8 @@ def load_model(path: str, device: Any = "cpu", dtype: Any = None, gguf_file: str
     device = torch.device(device)
     dtype = dtype or resolve_dtype("auto", device)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision, "dtype": dtype}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     location = path
     if kind == "folder":
         location = str(Path(path).expanduser())
@@ -252,11 +257,26 @@ def load_model(path: str, device: Any = "cpu", dtype: Any = None, gguf_file: str
     if getattr(model, "hf_quantizer", None) is None and (kind == "gguf" or device.type != "cuda"):
         # Quantized weights (bitsandbytes, compressed-tensors) keep their storage dtype.
         model = model.to(device=device, dtype=dtype)
+    elif getattr(model, "hf_quantizer", None) is not None:
+        _cast_unquantized(model, dtype)
     model.eval()
     if not with_tokenizer:
         return model
     tokenizer = load_tokenizer(path, gguf_file=gguf_file, revision=revision, trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+def _cast_unquantized(model: Any, dtype: Any) -> None:
+    """Bring a quantized model's floating tensors (embeddings, norms, scales) to ``dtype``.
+
+    transformers leaves them in their stored dtype whatever ``dtype`` asks for, and a bf16
+    matmul on a CPU without native bf16 is ~150x slower than fp32. Integer storage (packed
+    codes) is left alone, and so are bitsandbytes' own parameter types.
+    """
+    for module in model.modules():
+        for param in list(module.parameters(recurse=False)):
+            if param.dtype.is_floating_point and param.dtype != dtype and type(param).__module__.startswith("torch"):
+                param.data = param.data.to(dtype)
 
 
 # --- saving ------------------------------------------------------------------------------

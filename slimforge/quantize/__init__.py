@@ -1,4 +1,37 @@
-"""Quantization: bitsandbytes, GPTQ, GGUF export.
+"""Quantization: bitsandbytes, GPTQ and RTN (compressed-tensors), GGUF export.
 
 This module only declares registry entries; implementations load on first use.
 """
+
+from slimforge.registry import register
+
+register(
+    "quantize", "bnb_int8",
+    "slimforge.quantize.bnb:bnb_stage", "slimforge.quantize.config:BnbInt8Config",
+    "bitsandbytes LLM.int8: int8 weights, 16-bit outlier columns (reloads with plain transformers)",
+)
+register(
+    "quantize", "bnb_nf4",
+    "slimforge.quantize.bnb:bnb_stage", "slimforge.quantize.config:Bnb4bitConfig",
+    "bitsandbytes NF4 (optional double quantization); the base a QLoRA distillation loads",
+)
+register(
+    "quantize", "bnb_fp4",
+    "slimforge.quantize.bnb:bnb_stage", "slimforge.quantize.config:Bnb4bitConfig",
+    "bitsandbytes FP4 (optional double quantization)",
+)
+register(
+    "quantize", "rtn",
+    "slimforge.quantize.compressed:rtn_stage", "slimforge.quantize.config:RtnConfig",
+    "round-to-nearest int3/4/8 weights, per group or channel, as compressed-tensors (the GPTQ baseline)",
+)
+register(
+    "quantize", "gptq",
+    "slimforge.quantize.compressed:gptq_stage", "slimforge.quantize.config:GptqConfig",
+    "GPTQ int3/4/8 weights on calibration data (shared OBS solver), as compressed-tensors",
+)
+register(
+    "quantize", "gguf",
+    "slimforge.quantize.gguf_export:gguf_stage", "slimforge.quantize.config:GgufConfig",
+    "GGUF file (F16, Q8_0, Q4_0) with tokenizer and chat template, for llama.cpp-family runtimes",
+)
