@@ -119,3 +119,14 @@ def test_sparsegpt_dead_inputs_are_zeroed():
     x[:, 5] = 0
     result = sparsegpt_prune(torch.randn(4, 16), x.t() @ x / len(x), sparsity=0.25, block_size=8)
     assert (result.weight[:, 5] == 0).all()
+
+
+def test_lowest_mask_matches_a_stable_sort_with_ties():
+    from slimforge.prune.unstructured import lowest_mask
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (50, 37), generator=g).float()  # many ties
+    for count in (0, 1, 10, 36):
+        reference = torch.zeros_like(scores, dtype=torch.bool)
+        reference.scatter_(1, torch.sort(scores, dim=-1, stable=True).indices[:, :count], True)
+        assert torch.equal(lowest_mask(scores, count), reference)

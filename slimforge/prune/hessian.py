@@ -146,15 +146,13 @@ def obs_sweep(weight: torch.Tensor, hinv_upper: torch.Tensor, column_update: Col
         hinv_block = hinv[start:end, start:end]
         hinv_diag = torch.diagonal(hinv_block)
         for col in range(end - start):
-            current = block[:, col]
             new = column_update(start, col, block, hinv_diag).to(block.dtype)
-            d = hinv_diag[col]
-            err = (current - new) / d
-            loss += (err.double() ** 2).sum() / 2
+            err = (block[:, col] - new).div_(hinv_diag[col])
             # Columns after ``col`` in this block absorb the error now ...
-            block[:, col:].sub_(err.unsqueeze(1) * hinv_block[col, col:].unsqueeze(0))
-            block[:, col] = new
+            block[:, col:].addr_(err, hinv_block[col, col:], alpha=-1)
+            block[:, col] = new  # exactly: pruned weights must be exact zeros
             errors[:, col] = err
+        loss += errors.double().pow(2).sum() / 2
         w[:, start:end] = block
         # ... and the columns after the block, all at once.
         if end < cols:

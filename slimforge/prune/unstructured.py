@@ -26,9 +26,18 @@ def wanda_scores(weight: torch.Tensor, act_norm: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs().float() * act_norm.float().unsqueeze(0)
 
 
-def _lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the ``count`` lowest scores along the last dim (ties broken by position)."""
-    return torch.sort(scores, dim=-1, stable=True).indices[..., :count]
+def lowest_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """True at the ``count`` lowest scores along the last dim (ties: lower position first).
+
+    A k-th-value threshold plus a tie fix-up: exact counts at a fraction of a full sort's cost.
+    """
+    if count <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    kth = torch.kthvalue(scores, count, dim=-1, keepdim=True).values
+    below = scores < kth
+    ties = scores == kth
+    need = count - below.sum(-1, keepdim=True)
+    return below | (ties & (torch.cumsum(ties, dim=-1) <= need))
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per: str = "row") -> torch.Tensor:
@@ -44,12 +53,9 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per: str = "row") -
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if per not in PER_CHOICES:
         raise ValueError(f"per must be one of {PER_CHOICES}, got {per!r}")
-    keep = torch.ones_like(scores, dtype=torch.bool)
     if per == "row":
-        keep.scatter_(1, _lowest(scores, int(scores.shape[1] * sparsity)), False)
-    else:
-        keep.view(-1)[_lowest(scores.reshape(-1), int(scores.numel() * sparsity))] = False
-    return keep
+        return ~lowest_mask(scores, int(scores.shape[1] * sparsity))
+    return ~lowest_mask(scores.reshape(-1), int(scores.numel() * sparsity)).reshape(scores.shape)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -60,10 +66,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """
     check_nm(n, m, scores.shape[1])
     rows, cols = scores.shape
-    groups = scores.reshape(rows, cols // m, m)
-    keep = torch.ones_like(groups, dtype=torch.bool)
-    keep.scatter_(2, _lowest(groups, n), False)
-    return keep.reshape(rows, cols)
+    return ~lowest_mask(scores.reshape(rows, cols // m, m), n).reshape(rows, cols)
 
 
 def check_nm(n: int, m: int, cols: int | None = None) -> None:
