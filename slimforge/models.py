@@ -190,13 +190,20 @@ def _gguf_location(path: str, gguf_file: str | None) -> tuple[str, str]:
 
 def load_tokenizer(path: str, gguf_file: str | None = None, revision: str | None = None,
                    trust_remote_code: bool = False) -> Any:
-    """Load a tokenizer from the same kinds of location as :func:`load_model`."""
+    """Load a tokenizer from the same kinds of location as :func:`load_model`.
+
+    A GGUF file whose folder also holds tokenizer files (a slimforge GGUF artifact) takes its
+    tokenizer from those: the exact one the model was made with, where transformers' rebuild
+    from the GGUF vocabulary can differ (it appends ``<|endoftext|>`` when the vocabulary lacks it).
+    """
     from transformers import AutoTokenizer
 
     kind = classify_source(path, gguf_file)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
     if kind == "gguf":
         path, kwargs["gguf_file"] = _gguf_location(path, gguf_file)
+        if (Path(path).expanduser() / "tokenizer_config.json").is_file():
+            del kwargs["gguf_file"]
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(Path(path).expanduser()) if kind != "hub" else path, **kwargs)
     except (OSError, ValueError) as err:

@@ -10,7 +10,9 @@ llama.cpp's conventions that a converter must follow:
 * Llama and Mistral apply rotary embeddings to adjacent pairs of a head's dimensions, where
   transformers rotates the two halves; their Q and K projection rows are reordered per head
   (:func:`rope_interleave`). Qwen2 runs llama.cpp's "NEOX" rotary, on halves: no reorder.
-* Mistral is the ``llama`` architecture in GGUF (llama.cpp has no separate Mistral graph).
+* Mistral is the ``llama`` architecture in GGUF (llama.cpp has no separate Mistral graph),
+  which has no sliding-window attention: a model whose window is shorter than its context
+  declares the window as its context length (:func:`exact_context_length`).
 * Norms stay F32; a weight whose rows do not split into the type's 32-value blocks falls
   back to F16; with tied embeddings there is no ``output.weight``: the runtime reuses
   ``token_embd``, which then takes ``output_type`` (Q8_0 under Q4_0, like llama.cpp keeps
@@ -253,6 +255,18 @@ def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, pre: str) -> Non
 # --- the file ------------------------------------------------------------------------------
 
 
+def exact_context_length(config: Any) -> int:
+    """The context the file declares: the model's, or its attention window if it slides.
+
+    llama.cpp's llama graph has no sliding-window attention; within the window, full
+    attention computes the same thing, so the file is exact up to that length.
+    """
+    context = int(config.max_position_embeddings)
+    window = getattr(config, "sliding_window", None)
+    slides = config.model_type == "mistral" or bool(getattr(config, "use_sliding_window", False))
+    return int(window) if slides and window and window < context else context
+
+
 def add_hyperparameters(writer: Any, config: Any, name: str, file_type: Any) -> None:
     import gguf
 
@@ -261,7 +275,7 @@ def add_hyperparameters(writer: Any, config: Any, name: str, file_type: Any) -> 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
-    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_context_length(exact_context_length(config))
     writer.add_embedding_length(int(config.hidden_size))
     writer.add_block_count(int(config.num_hidden_layers))
     writer.add_feed_forward_length(int(config.intermediate_size))
@@ -287,7 +301,7 @@ class Export:
 
     path: Path
     tensor_bytes: dict[str, int]  # HF name -> bytes in the file
-    expected: dict[str, torch.Tensor]  # HF name -> the values the file holds, in transformers' layout
+    hf_types: dict[str, str]  # HF name -> the type its tensor is stored in
     types: dict[str, str]  # GGUF name -> type
     fallback_f16: list[str]
     pre_tokenizer: str
@@ -308,8 +322,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, main: str, output: str, n
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf_arch(config.model_type)])
     add_hyperparameters(writer, config, name, gguf.LlamaFileType[FILE_TYPES[main]])
     add_tokenizer(writer, tokenizer, int(config.vocab_size), pre)
-    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
-    sizes, expected, types = {}, {}, {}
+    sizes, hf_types, types = {}, {}, {}
     for item in plan.tensors:
         stored = quantize_array(item.data, item.qtype)
         if item.qtype in ("F32", "F16"):
@@ -317,18 +330,12 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, main: str, output: str, n
         else:
             writer.add_tensor(item.name, stored, raw_dtype=ggml_type(item.qtype))
         sizes[item.hf_name] = int(stored.nbytes)
-        types[item.name] = item.qtype
-        values = torch.from_numpy(dequantize_array(stored, item.qtype).reshape(item.data.shape))
-        if config.model_type in INTERLEAVED_ROPE and ".attn_q." in item.name:
-            values = rope_deinterleave(values, n_head)
-        elif config.model_type in INTERLEAVED_ROPE and ".attn_k." in item.name:
-            values = rope_deinterleave(values, n_kv)
-        expected[item.hf_name] = values
+        hf_types[item.hf_name] = types[item.name] = item.qtype
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return Export(path, sizes, expected, types, plan.fallback_f16, pre)
+    return Export(path, sizes, hf_types, types, plan.fallback_f16, pre)
 
 
 # --- verification --------------------------------------------------------------------------
@@ -337,12 +344,12 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, main: str, output: str, n
 @torch.no_grad()
 def compare_logits(reference: Any, candidate: Any, blocks: torch.Tensor) -> dict[str, float]:
     """Max |logit difference|, mean KL(reference || candidate) per token and top-1 agreement."""
+    from slimforge.eval.fidelity import token_kl, top1_agreement
+
     ref = reference(input_ids=blocks).logits.float()
     cand = candidate(input_ids=blocks).logits.float()
-    logp, logq = torch.log_softmax(ref, -1), torch.log_softmax(cand, -1)
-    kl = (logp.exp() * (logp - logq)).sum(-1)
     return {"max_abs_diff": float((ref - cand).abs().max()), "logit_scale": float(ref.abs().max()),
-            "kl": float(kl.mean()), "top1_agreement": float((ref.argmax(-1) == cand.argmax(-1)).float().mean())}
+            "kl": float(token_kl(ref, cand).mean()), "top1_agreement": float(top1_agreement(ref, cand).float().mean())}
 
 
 def verify_gguf(folder: Path, file_name: str, source: Any, tokenizer: Any, export: Export,
@@ -352,11 +359,19 @@ def verify_gguf(folder: Path, file_name: str, source: Any, tokenizer: Any, expor
     Raises:
         RuntimeError: the reloaded logits differ from the expected weights' beyond tolerance.
     """
+    blocks = blocks[:, : exact_context_length(source.config)]
     intended = copy.deepcopy(source)
     state = intended.state_dict()
-    for hf_name, values in export.expected.items():
-        state[hf_name].copy_(values.to(state[hf_name].dtype))
-    loaded, gguf_tokenizer = load_model(str(folder), dtype=torch.float32, gguf_file=file_name)
+    for hf_name, qtype in export.hf_types.items():
+        # Quantized in transformers' own row order, independently of the reorder the file got:
+        # blocks run along rows, so a correct reorder commutes with the quantizer.
+        values = state[hf_name].detach().float().cpu().numpy()
+        rounded = dequantize_array(quantize_array(values, qtype), qtype).reshape(values.shape)
+        state[hf_name].copy_(torch.from_numpy(rounded).to(state[hf_name].dtype))
+    from transformers import AutoTokenizer
+
+    loaded = load_model(str(folder), dtype=torch.float32, gguf_file=file_name, with_tokenizer=False)
+    gguf_tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=file_name)
     exact = compare_logits(intended, loaded, blocks)
     drift = compare_logits(source, loaded, blocks)
     limit = VERIFY_TOLERANCE * max(1.0, exact["logit_scale"])
@@ -392,17 +407,20 @@ def gguf_stage(ctx: StageContext) -> StageOutput:
     file_name = cfg.file_name or f"model-{main}.gguf"
     start = time.perf_counter()
     export = write_gguf(model, tokenizer, ctx.out_dir / file_name, main, output,
-                        cfg.model_name or config.model_type)
+                        cfg.model_name or f"slimforge-{config.model_type}")
     seconds = time.perf_counter() - start
     numel = linear_numel(model, list(quantizable_linears(model)))
     params = count_parameters(model)
     info = {"type": main, "output_type": output, "pre_tokenizer": export.pre_tokenizer,
+            "context_length": exact_context_length(config),
             "tensor_types": _count(export.types.values()), "fallback_f16": export.fallback_f16}
     if cfg.verify:
         blocks = blocks_tensor(ctx.data().heldout, cfg.verify_blocks)
         info["verify"] = verify_gguf(ctx.out_dir, file_name, model, tokenizer, export, blocks)
         log.info("gguf: reloaded %s: KL to source %.4g, top-1 agreement %.3f", file_name,
                  info["verify"]["kl_to_source"], info["verify"]["top1_agreement_to_source"])
+    # The exact tokenizer beside the file: slimforge's loader prefers it to transformers' rebuild.
+    tokenizer.save_pretrained(ctx.out_dir)
     footprint = sum(export.tensor_bytes.values())
     meta = artifact_report(ctx.out_dir, numel, params, footprint, seconds, tensor_bytes=export.tensor_bytes,
                            quantization={"format": "gguf", **info})

@@ -1,0 +1,103 @@
+"""GGUF export round trips: Llama, Mistral, Qwen2 at F16, Q8_0, Q4_0, reloaded with transformers' GGUF loader."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CHAT_TEMPLATE, build_model, corpus_text
+from gguf import GGUFReader
+from transformers import AutoTokenizer
+
+from slimforge.errors import ConfigError
+from slimforge.quantize.gguf_export import detect_pre_tokenizer, verify_gguf, write_gguf
+
+TYPES = ("F16", "Q8_0", "Q4_0")
+
+
+@pytest.fixture(scope="module")
+def blocks(tokenizer):
+    return torch.tensor(tokenizer(corpus_text())["input_ids"][:96]).reshape(3, 32)
+
+
+def export(model, tokenizer, folder, qtype, output=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"model-{qtype}.gguf"
+    return name, write_gguf(model, tokenizer, folder / name, qtype, output or qtype, f"slimforge-{model.config.model_type}")
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_each_type_reloads_as_the_weights_it_should_hold(arch, tokenizer, blocks, tmp_path):
+    model = build_model(arch, tokenizer, layers=2)
+    drift = {}
+    for qtype in TYPES:
+        name, result = export(model, tokenizer, tmp_path / qtype, qtype)
+        checked = verify_gguf(tmp_path / qtype, name, model, tokenizer, result, blocks)
+        assert checked["max_abs_diff_to_expected"] < 1e-4, (arch, qtype)
+        assert checked["tokenizer_roundtrip"], (arch, qtype)
+        drift[qtype] = checked["kl_to_source"]
+    # More bits, less drift from the source model.
+    assert drift["F16"] < drift["Q8_0"] < drift["Q4_0"]
+    assert drift["F16"] < 1e-6 and drift["Q4_0"] < 1e-2
+
+
+def test_a_wrong_row_order_would_be_caught(tokenizer, blocks, tmp_path, monkeypatch):
+    """Verification is not vacuous: exporting Q/K without llama.cpp's reorder fails it."""
+    from slimforge.quantize import gguf_export
+
+    model = build_model("llama", tokenizer, layers=2)
+    monkeypatch.setattr(gguf_export, "rope_interleave", lambda weight, n_head: weight)
+    name, result = export(model, tokenizer, tmp_path, "F16")
+    with pytest.raises(RuntimeError, match="GGUF verification failed"):
+        verify_gguf(tmp_path, name, model, tokenizer, result, blocks)
+
+
+def test_file_holds_tokenizer_chat_template_and_llama_cpp_types(tokenizer, tmp_path):
+    model = build_model("llama", tokenizer, layers=2)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    name, result = export(model, tokenizer, tmp_path, "Q4_0", output="Q8_0")
+    reader = GGUFReader(tmp_path / name)
+    fields = {key: field.contents() for key, field in reader.fields.items()}
+    assert fields["general.architecture"] == "llama"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert fields["tokenizer.chat_template"] == CHAT_TEMPLATE
+    assert len(fields["tokenizer.ggml.tokens"]) == len(tokenizer) == fields["llama.vocab_size"]
+    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    specials = [i for i, t in enumerate(fields["tokenizer.ggml.token_type"]) if t == 3]
+    assert specials == sorted(tokenizer.all_special_ids + [tokenizer.convert_tokens_to_ids("<|user|>"),
+                                                            tokenizer.convert_tokens_to_ids("<|assistant|>"),
+                                                            tokenizer.convert_tokens_to_ids("<|system|>")])
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert "output.weight" not in types  # tied: the runtime reuses token_embd
+    assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q4_0"
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    reloaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file=name)
+    messages = [{"role": "user", "content": "Who is Lear?"}]
+    assert reloaded.apply_chat_template(messages, tokenize=False) == tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def test_rows_that_do_not_fill_a_block_fall_back_to_f16(tokenizer, tmp_path):
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama", len(tokenizer), layers=1)
+    config.intermediate_size = 48  # down_proj rows of 48 do not split into 32-value blocks
+    model = AutoModelForCausalLM.from_config(config)
+    _, result = export(model, tokenizer, tmp_path, "Q8_0")
+    assert result.fallback_f16 == ["blk.0.ffn_down.weight"]
+    assert result.types["blk.0.ffn_down.weight"] == "F16" and result.types["blk.0.ffn_up.weight"] == "Q8_0"
+
+
+def test_unsupported_architecture_and_tokenizer_are_refused_before_writing(tokenizer, model_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    phi3 = AutoModelForCausalLM.from_pretrained(model_dirs["phi3"])
+    with pytest.raises(ConfigError, match="supported: llama, mistral, qwen2"):
+        write_gguf(phi3, tokenizer, tmp_path / "x.gguf", "Q8_0", "Q8_0", "phi3")
+    assert not (tmp_path / "x.gguf").exists()
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    wordlevel = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
+    with pytest.raises(ConfigError, match="byte-level BPE"):
+        detect_pre_tokenizer(wordlevel)
