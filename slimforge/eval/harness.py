@@ -84,17 +84,38 @@ def task_manager(names: list[str], include_path: list[str] | tuple[str, ...] = (
             raise ConfigError(f"eval include path {folder} is not a folder; give a folder of lm-eval task YAMLs")
         paths.append(str(Path(folder).expanduser().resolve()))
     manager = _task_manager(tuple(paths), False)
-    if all(name in manager.all_tasks for name in names):
+    local = set(manager.all_tasks)
+    missing = [name for name in names if name not in local]
+    if not missing:
         return manager
-    log.info("indexing lm-eval's built-in tasks for %s (~10 s)", ", ".join(n for n in names if n not in manager.all_tasks))
-    manager = _task_manager(tuple(paths), True)
-    unknown = [name for name in names if name not in manager.all_tasks]
+    builtin = builtin_task_names()
+    unknown = [name for name in missing if name not in builtin]
     if unknown:
-        name = unknown[0]
-        close = difflib.get_close_matches(name, manager.all_tasks, n=3, cutoff=0.6)
+        close = difflib.get_close_matches(unknown[0], sorted(local | builtin), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; list them with `lm-eval ls tasks`"
-        raise ConfigError(f"unknown lm-eval task {name!r}{hint}")
-    return manager
+        raise ConfigError(f"unknown lm-eval task {unknown[0]!r}{hint}")
+    log.info("indexing lm-eval's built-in tasks for %s (~10 s)", ", ".join(missing))
+    return _task_manager(tuple(paths), True)
+
+
+def builtin_task_names() -> set[str]:
+    """Names of lm-eval's built-in tasks, groups and tags, indexed once per lm-eval version.
+
+    Building lm-eval's index takes ~10 s; keeping its names in the slimforge
+    cache makes a mistyped task name fail at once on later runs.
+    """
+    from importlib.metadata import version
+
+    from slimforge.assets import cache_root
+    from slimforge.fsutil import atomic_write_json, read_json
+
+    path = cache_root() / "eval" / f"lm-eval-{version('lm_eval')}-tasks.json"
+    if path.is_file():
+        return set(read_json(path))
+    log.info("indexing lm-eval's built-in tasks once (~10 s)")
+    names = sorted(_task_manager((), True).all_tasks)
+    atomic_write_json(path, names)
+    return set(names)
 
 
 def uses_offline_data(manager: Any, name: str) -> bool:

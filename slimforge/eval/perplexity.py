@@ -98,6 +98,10 @@ def perplexity_task(model: Any, tokenizer: Any, cfg: PerplexityTaskConfig, ctx: 
     tokens = blocks.shape[0] * predicted
     teacher = ctx.teacher() if cfg.fidelity else None
     result: dict[str, Any] = {}
+    if teacher is not None and teacher[0].config.vocab_size != model.config.vocab_size:
+        result["fidelity_skipped"] = (f"output vocabularies differ ({teacher[0].config.vocab_size} vs "
+                                      f"{model.config.vocab_size} logits)")
+        teacher = None
     if teacher is None:
         per_block = block_nll(model, blocks, ctx.batch_size, ctx.device)
     else:

