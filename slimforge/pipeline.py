@@ -450,4 +450,7 @@ def run_recipe(recipe_name: str = "default", overrides: list[str] | None = None,
     atomic_write_json(sweep_dir / "sweep.json", {
         "recipe": recipe_name, "jobs": [{"overrides": job, "run_dir": str(r.run_dir)} for job, r in zip(jobs, results)],
     })
+    from slimforge.eval.report import write_sweep_report
+
+    write_sweep_report(sweep_dir, [(r.run_dir.name, r.report) for r in results])
     return results

@@ -304,3 +304,21 @@ def test_shipped_eval_presets_validate(tmp_path):
         "arc_easy", "arc_challenge", "hellaswag", "piqa", "openbookqa", "lambada_openai", "mmlu"}
     assert recipe.config.eval.limit == 200 and tasks["mmlu"].limit == 5
     assert (REPO / "docs" / "evaluation.md").is_file()
+
+
+def test_sweep_report_puts_every_student_on_one_pareto_plot(teacher_dir, corpus_dir, tmp_path):
+    from test_pipeline import tiny_args
+
+    args = [a for a in tiny_args(teacher_dir, corpus_dir, tmp_path / "x")
+            if not a.startswith(("run_dir=", "stages.student.num_layers"))]
+    assert cli.main(["run", "default", "-m", *args, f"out_dir={tmp_path}", "run_name=sw",
+                     "stages.student.num_layers=1,3", "eval.tasks.perplexity.max_blocks=4"]) == 0
+    sweep = tmp_path / "default" / "sw"
+    report = json.loads((sweep / "report.json").read_text())
+    assert list(report["models"]) == ["teacher", "job00/student", "job01/student"]
+    job = json.loads((sweep / "job01" / "report.json").read_text())
+    assert report["retained"]["job01/student"] == job["retained"]["student"]
+    sizes = [report["summary"][k]["size"] for k in ("job00/student", "job01/student")]
+    assert sizes[0] < sizes[1] < report["summary"]["teacher"]["size"]
+    page = (sweep / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 2 and 'alt="quality against size"' in page

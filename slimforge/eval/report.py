@@ -310,3 +310,53 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> None:
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.md", markdown_report(report))
     atomic_write_text(out_dir / "report.html", html_report(report))
+
+
+# --- a sweep: every student of every job in one report -----------------------------------
+
+
+def sweep_report(jobs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One report over a sweep's jobs: the teacher once, each student as ``<job>/<label>``.
+
+    Each student keeps the retention and fidelity measured against its own
+    job's teacher; a job whose teacher has other content is named in the warnings.
+    """
+    reports = [(name, rep) for name, rep in jobs if rep.get("models")]
+    if not reports:
+        return {}
+    base = reports[0][1]
+    teacher_fp = base["models"][TEACHER].get("content_fingerprint")
+    out: dict[str, Any] = {
+        "title": f"sweep of {base['title']}", "recipe": base.get("recipe"), "created": base.get("created"),
+        "settings": base.get("settings", {}), "teacher": TEACHER, "models": {TEACHER: base["models"][TEACHER]},
+        "primary": dict(base["primary"]), "higher_is_better": dict(base["higher_is_better"]),
+        "retained": {}, "retained_ci": {}, "fidelity": {}, "efficiency": {},
+        "summary": {TEACHER: base["summary"].get(TEACHER, {})}, "warnings": [], "jobs": [name for name, _ in reports],
+    }
+    failures, statuses = [], []
+    for name, rep in reports:
+        if rep["models"][TEACHER].get("content_fingerprint") != teacher_fp:
+            out["warnings"].append(f"job {name} has another teacher; its students are compared with their own")
+        for label, model in rep["models"].items():
+            if label == TEACHER:
+                continue
+            key = f"{name}/{label}"
+            out["models"][key] = model
+            for section in ("retained", "retained_ci", "fidelity", "efficiency", "summary"):
+                out[section][key] = rep[section].get(label, {})
+        out["warnings"] += [f"job {name}: {w}" for w in rep.get("warnings", [])]
+        gate = rep.get("gate") or {}
+        statuses.append(gate.get("status", "none"))
+        failures += [f"{name}/{line}" for line in gate.get("failures", [])]
+    status = "fail" if "fail" in statuses else "pass" if "pass" in statuses else "none"
+    out["gate"] = {"status": status, "passed": status != "fail", "failures": failures,
+                   "checked": sum((rep.get("gate") or {}).get("checked", 0) for _, rep in reports),
+                   "thresholds": (base.get("gate") or {}).get("thresholds", {})}
+    return out
+
+
+def write_sweep_report(sweep_dir: Path, jobs: list[tuple[str, dict[str, Any]]]) -> None:
+    """``report.{json,md,html}`` in the sweep folder, when its jobs evaluated anything."""
+    report = sweep_report(jobs)
+    if report:
+        write_report(Path(sweep_dir), report)
