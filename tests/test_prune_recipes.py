@@ -39,7 +39,7 @@ def pipeline_args(arch_name, model_dirs, corpus_dir, run_dir):
     criterion, head_mode, method, nm = PLANS[arch_name]
     args = base_args(model_dirs[arch_name], corpus_dir, run_dir) + [
         "+prune@stages.width=width", f"+prune@stages.sparse={method}", "pipeline=[prune,width,sparse]",
-        f"stages.prune.criterion={criterion}", "stages.prune.remove_ratio=null", *calib("prune"),
+        "eval.models=[teacher,sparse]", f"stages.prune.criterion={criterion}", "stages.prune.remove_ratio=null", *calib("prune"),
         "stages.width.param_ratio=null", "stages.width.mlp_ratio=0.5", "stages.width.heads_ratio=0.5",
         "stages.width.hidden_ratio=0.75", "stages.width.round_to=8", f"stages.width.head_mode={head_mode}",
         *calib("width"),
@@ -107,7 +107,7 @@ def test_depth_width_and_sparse_stages_give_loadable_models(arch_name, model_dir
         out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape[1] == ids.shape[1] + 5
     report = json.loads((run_dir / "report.json").read_text())
-    assert set(report["models"]) == {"teacher", "prune", "width", "sparse"}
+    assert set(report["models"]) == {"teacher", "sparse"}
 
 
 def test_shipped_recipes_are_valid():
