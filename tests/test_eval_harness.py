@@ -251,3 +251,53 @@ def test_task_lookup_errors(tmp_path):
         task_manager(["arc_easy"], [str(tmp_path / "missing")])
     manager = task_manager(["mmlu", "hellaswag", "lambada_openai"])
     assert "mmlu_anatomy" in manager.all_tasks and "openbookqa" in manager.all_tasks
+
+
+# --- generation ----------------------------------------------------------------------------
+
+
+def test_batched_generation_matches_one_prompt_at_a_time(teacher, student, tokenizer, tmp_path):
+    """Left-padded batches give each prompt exactly its unbatched greedy continuation; scores follow."""
+    from slimforge.eval.config import GenerationTaskConfig
+    from slimforge.eval.generation import chrf, generate_greedy, generation_task, rouge_l
+
+    rows = [{"line": "To be, or not to be", "ref": "that is the question"},
+            {"line": "Now is the winter of our discontent made glorious", "ref": "summer by this sun of York"},
+            {"line": "All the world", "ref": "is a stage"}]
+    path = tmp_path / "gen.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = GenerationTaskConfig(path=str(path), template="{line},", reference_field="ref", max_new_tokens=6)
+    alone = []
+    for row in rows:  # the reference: one prompt, no padding, plain HF greedy decoding
+        ids = tokenizer(row["line"] + ",", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = teacher.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id)
+        alone.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    assert [o.strip() for o in generate_greedy(teacher, tokenizer, [r["line"] + "," for r in rows], 6, 2)] == alone
+    result = generation_task(teacher, tokenizer, cfg, ctx_for())
+    assert result["outputs"] == alone and "fidelity" not in result
+    refs = [r["ref"] for r in rows]
+    assert result["rougeL"] == pytest.approx(sum(rouge_l(alone, refs)) / 3)
+    assert result["chrf"] == pytest.approx(sum(chrf(alone, refs)) / 3)
+    ctx = ctx_for()
+    ctx.task_name, ctx.teacher_results = "gen", {"gen": result}
+    same = generation_task(teacher, tokenizer, cfg, ctx)
+    assert same["fidelity"] == {"teacher_rougeL": 1.0, "teacher_chrf": pytest.approx(100.0), "teacher_exact_match": 1.0}
+    other = generation_task(student, tokenizer, cfg, ctx)
+    assert other["fidelity"]["teacher_exact_match"] == sum(a == b for a, b in zip(other["outputs"], alone)) / 3
+    assert other["fidelity"]["teacher_chrf"] == pytest.approx(sum(chrf(other["outputs"], alone)) / 3)
+
+
+def test_generation_bad_input(tmp_path, tokenizer):
+    from slimforge.errors import DataError
+    from slimforge.eval.config import GenerationTaskConfig
+    from slimforge.eval.generation import read_examples
+
+    with pytest.raises(DataError, match="does not exist"):
+        read_examples(GenerationTaskConfig(path=str(tmp_path / "none.jsonl")))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "reference": "b"}\n{"prompt": "no reference"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2 lacks 'reference'"):
+        read_examples(GenerationTaskConfig(path=str(bad)))
+    assert len(read_examples(GenerationTaskConfig(path=str(bad), limit=1))) == 1
