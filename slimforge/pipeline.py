@@ -260,6 +260,10 @@ class Run:
         planned: list[PlannedStage] = []
         if self.recipe.tasks or any(self.recipe.stages[n].kind in DATA_KINDS for n in self.recipe.pipeline):
             session.data()  # empty or broken data fails here, before any stage runs
+        if self.recipe.tasks:
+            from slimforge.eval.runner import preflight_run
+
+            preflight_run(self.recipe, session)  # task names and data, gate targets: before any stage
         parent_fp = session.teacher_ref.fingerprint
         for index, name in enumerate(self.recipe.pipeline):
             stage_cfg = self.recipe.stages[name]

