@@ -183,7 +183,7 @@ def test_results_are_cached_by_content(evaluated, zoo, teacher_dir, corpus_dir, 
 def test_report_markdown_has_every_section(evaluated):
     out, report, _ = evaluated
     md = (out / "report.md").read_text()
-    for heading in ("## Scores", "## Retained", "## Fidelity to the teacher", "## Efficiency", "## Gate", "## Warnings"):
+    for heading in ("## Models", "## Tasks", "## Scores", "## Retained", "## Fidelity to the teacher", "## Efficiency", "## Gate", "## Warnings"):
         assert heading in md
     assert "| nf4 | bitsandbytes |" in md and "KL mean [95% CI]" in md and "same answer as teacher" in md
     assert report["gate"]["status"] == "fail"

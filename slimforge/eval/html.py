@@ -19,8 +19,10 @@ from slimforge.eval.report import (
     fidelity_rows,
     fmt,
     gate_lines,
+    models_table,
     retained_table,
     scores_table,
+    tasks_table,
 )
 
 CSS = """
@@ -149,6 +151,9 @@ def html_report(report: dict[str, Any]) -> str:
                          "Retained share of each task's gating metric; bars: 95% paired bootstrap intervals."))
     parts.append(_figure(pareto_plot(report), "quality against size",
                          "Mean retained against size; blue: the Pareto front (nothing smaller is better)."))
+    parts += ["<h2>Models</h2>", _html_table(*models_table(report))]
+    if report.get("tasks"):
+        parts += ["<h2>Tasks</h2>", _html_table(*tasks_table(report))]
     parts += ["<h2>Scores</h2>", _html_table(*scores_table(report))]
     if report["retained"]:
         parts += ["<h2>Retained</h2>", "<p class='note'>student / teacher (teacher / student where lower is "

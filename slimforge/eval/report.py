@@ -118,6 +118,14 @@ def efficiency_ratios(teacher: dict[str, Any], student: dict[str, Any]) -> dict[
     return out
 
 
+def task_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """What a task was: its type, gating metric, how many items, with how many shots."""
+    items = result.get("items", result.get("blocks", result.get("documents")))
+    shots = result.get("num_fewshot")
+    return {"type": result.get("type"), "metric": result.get("metric"), "items": items,
+            "num_fewshot": max(shots.values()) if isinstance(shots, dict) and shots else shots}
+
+
 def build_report(title: str, records: dict[str, dict[str, Any]], settings: Any = None,
                  warnings: list[str] | None = None) -> dict[str, Any]:
     """The report from each model's eval record (the teacher's under ``teacher``)."""
@@ -131,7 +139,7 @@ def build_report(title: str, records: dict[str, dict[str, Any]], settings: Any =
             "batch_size": settings.batch_size, "seed": settings.seed, "limit": settings.limit,
             "num_fewshot": settings.num_fewshot},
         "teacher": TEACHER, "models": models, "primary": {}, "higher_is_better": {},
-        "retained": {}, "retained_ci": {}, "fidelity": {}, "efficiency": {}, "summary": {},
+        "tasks": {}, "retained": {}, "retained_ci": {}, "fidelity": {}, "efficiency": {}, "summary": {},
         "warnings": list(warnings or []),
     }
     teacher = records.get(TEACHER)
@@ -141,6 +149,7 @@ def build_report(title: str, records: dict[str, dict[str, Any]], settings: Any =
         if res.get("type") != EFFICIENCY and res.get("metric"):
             report["primary"][task] = res["metric"]
             report["higher_is_better"][task] = res.get("higher_is_better", {})
+        report["tasks"][task] = task_summary(res)
     for label, record in records.items():
         if label == TEACHER:
             continue
@@ -195,6 +204,18 @@ def _table(header: list[str], rows: list[list[str]], align: str | None = None) -
     marks = ["---:" if a == "r" else "---" for a in align]
     return ["| " + " | ".join(header) + " |", "|" + "|".join(marks) + "|",
             *["| " + " | ".join(row) + " |" for row in rows]]
+
+
+def models_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows = [[label, str(m.get("kind") or ""), str(m["path"]), str(m.get("content_fingerprint") or "")]
+            for label, m in report["models"].items()]
+    return ["model", "kind", "path", "content hash"], rows
+
+
+def tasks_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows = [[name, str(t.get("type")), str(t.get("metric") or "–"), str(t.get("items") or "–"),
+             "–" if t.get("num_fewshot") is None else str(t["num_fewshot"])] for name, t in report["tasks"].items()]
+    return ["task", "type", "gating metric", "items", "few-shot"], rows
 
 
 def scores_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -279,6 +300,9 @@ def markdown_report(report: dict[str, Any]) -> str:
         lines += [f"Settings (identical for every model): device {s['device']}, dtype {s['dtype']}, "
                   f"batch size {s['batch_size']}, seed {s['seed']}, item limit {s['limit'] or 'none'}, "
                   f"few-shot {s['num_fewshot'] if s['num_fewshot'] is not None else 'task default'}.", ""]
+    lines += ["## Models", "", *_table(*models_table(report)), ""]
+    if report.get("tasks"):
+        lines += ["## Tasks", "", *_table(*tasks_table(report)), ""]
     lines += ["## Scores", "", *_table(*scores_table(report)), ""]
     if report["retained"]:
         lines += ["## Retained", "",
@@ -330,7 +354,7 @@ def sweep_report(jobs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         "title": f"sweep of {base['title']}", "recipe": base.get("recipe"), "created": base.get("created"),
         "settings": base.get("settings", {}), "teacher": TEACHER, "models": {TEACHER: base["models"][TEACHER]},
         "primary": dict(base["primary"]), "higher_is_better": dict(base["higher_is_better"]),
-        "retained": {}, "retained_ci": {}, "fidelity": {}, "efficiency": {},
+        "tasks": dict(base.get("tasks", {})), "retained": {}, "retained_ci": {}, "fidelity": {}, "efficiency": {},
         "summary": {TEACHER: base["summary"].get(TEACHER, {})}, "warnings": [], "jobs": [name for name, _ in reports],
     }
     failures, statuses = [], []
