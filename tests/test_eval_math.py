@@ -213,3 +213,29 @@ def test_parse_min_retained():
 def test_gate_thresholds_out_of_range(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         GateConfig(**kwargs).check()
+
+
+# --- content fingerprints ------------------------------------------------------------------
+
+
+def test_content_fingerprint_follows_bytes_not_names_or_times(tmp_path):
+    import os
+    import shutil
+
+    from slimforge.eval.fingerprint import content_fingerprint, model_kind
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights-1")
+    (model / "config.json").write_text("{}")
+    (model / "slimforge.json").write_text('{"created": "today"}')
+    first = content_fingerprint(str(model))
+    shutil.copytree(model, tmp_path / "copy")
+    (tmp_path / "copy" / "slimforge.json").write_text('{"created": "tomorrow"}')  # provenance is not content
+    assert content_fingerprint(str(tmp_path / "copy")) == first
+    (model / "model.safetensors").write_bytes(b"weights-2")  # same size, new bytes
+    os.utime(model / "model.safetensors", ns=(1, 1))
+    assert content_fingerprint(str(model)) != first
+    assert content_fingerprint("org/some-model") != content_fingerprint("org/some-model", revision="v2")
+    assert model_kind(str(model)) == "hf" and model_kind("org/some-model") == "hub"
+    assert model_kind(str(tmp_path / "x.gguf")) == "gguf"
