@@ -211,7 +211,7 @@ def refused(capsys, args):
     ("rtn", ["stages.quant.bits=5"], "stages.quant.bits=5: rtn writes 3, 4, 8-bit weights"),
     ("gptq", ["stages.quant.group_size=48"], "gptq supports group sizes -1, 32, 64, 128"),
     ("gptq", ["stages.quant.group_size=128", "stages.quant.block_size=64"], "must be a multiple of group_size=128"),
-    ("rtn", ["stages.quant.group_size=64"], "must divide every linear input width, but the teacher has hidden_size=32"),
+    ("rtn", ["stages.quant.group_size=64"], "but the teacher has hidden_size=32, num_attention_heads*head_dim=32; pick a group size that divides them (32 does)"),
     ("bnb_nf4", ["stages.quant.cpu_offload=true"], "needs CUDA"),
     ("gguf", ["stages.quant.type=Q5_K"], "stages.quant.type='Q5_K': must be one of F16, Q8_0, Q4_0"),
 ])
@@ -257,3 +257,23 @@ def test_a_gguf_input_is_refused(runs, corpus_dir, tmp_path, capsys):
     line = refused(capsys, quant_args(folder, corpus_dir, tmp_path / "run", "rtn", "teacher.gguf_file=model-Q4_0.gguf",
                                       "stages.quant.group_size=32"))
     assert "quantize method rtn needs full-precision weights, but its input teacher is a GGUF file" in line
+
+
+def test_nf4_artifact_loads_as_a_trainable_qlora_base(runs):
+    """What a QLoRA distillation stage gets from ``load_model``: 4-bit frozen base, fp32 elsewhere, LoRA trains."""
+    from peft import LoraConfig, get_peft_model
+
+    from slimforge.models import load_model
+
+    model, _ = load_model(str(runs["bnb_nf4"] / "stages" / "quant"), dtype=torch.float32)
+    floats = {p.dtype for p in model.parameters() if p.dtype.is_floating_point}
+    assert floats == {torch.float32}  # stored in bf16, brought to the asked dtype
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    ids = torch.tensor([PROMPT])
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    lora = [p for n, p in model.named_parameters() if "lora_B" in n]
+    # lora_B starts at zero, so at the first step only it receives a gradient.
+    assert lora and all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in lora)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)

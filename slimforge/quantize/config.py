@@ -183,9 +183,11 @@ class IntWeightConfig(QuantizeConfig):
     def check_widths(self, config: Any, source: str) -> None:
         bad = width_mismatches(config, self.group_size)
         if bad:
+            fits = [g for g in GROUP_SIZES if g > 0 and not width_mismatches(config, g)]
+            hint = f"{max(fits)} does" if fits else "none of the supported sizes does"
             raise FieldError("group_size", self.group_size,
                              f"must divide every linear input width, but {source} has {', '.join(bad)}; "
-                             "pick a group size that divides them or -1 (per channel)")
+                             f"pick a group size that divides them ({hint}) or -1 (per channel)")
 
 
 @dataclass
