@@ -44,6 +44,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("recipes", help="list the shipped recipes")
 
+    distill = sub.add_parser("distill", help="distillation tools (the teacher cache)")
+    distill_sub = distill.add_subparsers(dest="distill_command", metavar="TOOL", required=True)
+    cache = distill_sub.add_parser(
+        "cache-teacher", help="precompute the teacher's top-k logits for a recipe's distill stage",
+        description="Run the teacher once over the blocks a recipe's distill stage will train and evaluate on, "
+                    "and store its top-k log-probabilities (plus the tail mass) in the slimforge cache. "
+                    "The stage then trains with teacher_cache=true without loading the teacher.")
+    cache.add_argument("args", nargs="*", metavar="[RECIPE] [KEY=VALUE ...]")
+    cache.add_argument("--stage", help="which distill stage (default: the first)")
+
     fetch = sub.add_parser("fetch", help="download and cache a pinned asset (teacher or data)")
     fetch.add_argument("name", nargs="?", help="asset name, e.g. smollm2-135m")
     fetch.add_argument("--list", action="store_true", help="list the known assets")
@@ -92,9 +102,15 @@ def _cmd_run(ns: argparse.Namespace) -> int:
             return 0
         _print_plan(recipe)
         return 0
-    result = run_recipe(recipe_name, overrides, multirun=ns.multirun)
-    for res in result if isinstance(result, list) else [result]:
-        _print_summary(res)
+    from slimforge import dist
+
+    try:
+        result = run_recipe(recipe_name, overrides, multirun=ns.multirun)
+    finally:
+        dist.shutdown()
+    if dist.is_main():
+        for res in result if isinstance(result, list) else [result]:
+            _print_summary(res)
     from slimforge.eval.gate import exit_code
 
     return max(exit_code(res.report) for res in (result if isinstance(result, list) else [result]))
@@ -135,6 +151,17 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     return run(ns)
 
 
+def _cmd_distill(ns: argparse.Namespace) -> int:
+    from slimforge.distill.stages import cache_teacher_for_recipe
+
+    recipe_name, overrides = _split_run_args(ns.args)
+    cache = cache_teacher_for_recipe(recipe_name, overrides, ns.stage)
+    tokens = cache.meta["num_rows"] * cache.meta["positions"]
+    print(f"teacher cache: {tokens} tokens, top-{cache.top_k}, {cache.bytes_per_token():.0f} bytes/token")
+    print(cache.folder)
+    return 0
+
+
 def _cmd_recipes(ns: argparse.Namespace) -> int:
     from slimforge.recipes import list_recipes
 
@@ -168,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come after flags (``run default -m seed=0,1 x=2``): collect the strays.
     ns, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-")]
-    if unknown or (extra and ns.command != "run"):
+    if unknown or (extra and ns.command not in ("run", "distill")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
-    if ns.command == "run":
+    if ns.command in ("run", "distill"):
         ns.args = list(ns.args) + extra
     if ns.command is None:
         parser.print_help()
@@ -178,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(ns.verbose)
     from slimforge.errors import SlimforgeError
 
-    handlers = {"run": _cmd_run, "recipes": _cmd_recipes, "fetch": _cmd_fetch, "eval": _cmd_eval}
+    handlers = {"run": _cmd_run, "distill": _cmd_distill, "recipes": _cmd_recipes, "fetch": _cmd_fetch, "eval": _cmd_eval}
     try:
         return handlers[ns.command](ns)
     except SlimforgeError as err:

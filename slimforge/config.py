@@ -232,11 +232,28 @@ class TaskConfig:
     type: str = ""
 
 
+STAGE_KINDS = ("student", "prune", "distill", "quantize")
+
+
 def register_schemas() -> None:
-    """Put the recipe schema in Hydra's ConfigStore, as ``slimforge_recipe``."""
+    """Put the typed schemas in Hydra's ConfigStore.
+
+    ``slimforge_recipe`` is the top level. Every registered stage method's schema
+    is stored as ``<kind>/schema_<method>``, so a preset in ``recipes/<kind>/``
+    that starts with ``defaults: [schema_<method>, _self_]`` composes into a
+    complete, typed node: every field overridable without ``+``, wrong types
+    rejected while composing.
+    """
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="slimforge_recipe", node=RecipeConfig)
+    from slimforge.registry import registry
+
+    store = ConfigStore.instance()
+    store.store(name="slimforge_recipe", node=RecipeConfig)
+    for kind in STAGE_KINDS:
+        reg = registry(kind)
+        for name in reg.names():
+            store.store(group=kind, name=f"schema_{name}", node=reg.get(name).load_schema())
 
 
 # --- validation --------------------------------------------------------------------------

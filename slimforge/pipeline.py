@@ -26,12 +26,13 @@ import datetime as _dt
 import logging
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimforge import __version__
+from slimforge import __version__, dist
 from slimforge.config import Recipe, validate_recipe
 from slimforge.errors import ConfigError, RunDirError
 from slimforge.fsutil import (
@@ -48,6 +49,8 @@ from slimforge.stage import StageContext, StageOutput, TeacherInfo
 log = logging.getLogger("slimforge")
 
 DATA_KINDS = ("prune", "distill", "quantize")
+# Stage kinds that run on every rank under `accelerate launch`; the rest run on the main rank.
+TRAINING_KINDS = ("distill",)
 MANIFEST = "manifest.json"
 
 
@@ -159,6 +162,8 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
+        if not dist.is_main():
+            return
         self.data["updated"] = _now()
         atomic_write_json(self.path, self.data)
 
@@ -270,10 +275,13 @@ class Run:
             from slimforge.registry import registry
 
             entry = registry(stage_cfg.kind).get(stage_cfg.method)
-            if index == 0 and hasattr(stage_cfg, "preflight"):
+            # preflight: checks against the stage's input, known now only when it is the teacher;
+            # check_teacher: checks against the teacher alone, valid at any position.
+            hooks = [h for h in ("check_teacher", "preflight" if index == 0 else None) if h and hasattr(stage_cfg, h)]
+            for hook in hooks:
                 info = info or session.teacher_info()
                 try:
-                    stage_cfg.preflight(info)
+                    getattr(stage_cfg, hook)(info)
                 except ConfigError as err:
                     from slimforge.config import FieldError
 
@@ -310,19 +318,14 @@ class Run:
     # -- executing --
 
     def execute(self, session: RunSession, planned: list[PlannedStage]) -> RunResult:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with run_lock(self.run_dir), run_logging(self.run_dir):
-            atomic_write_text(self.run_dir / "config.yaml", self.recipe_yaml)
-            self.manifest.data.update({
-                "recipe": self.cfg.name, "slimforge_version": __version__,
-                "config_hash": stable_hash(self.recipe_yaml),
-                "teacher": {"path": session.teacher_ref.path, "fingerprint": session.teacher_ref.fingerprint},
-                "pipeline": self.recipe.pipeline,
-            })
-            self.manifest.data.setdefault("created", _now())
-            self.manifest.data.setdefault("invocations", []).append({"started": _now(), "argv": sys.argv[1:]})
-            self.manifest.save()
-            log.info("run directory: %s", self.run_dir)
+        main = dist.is_main()
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        lock = run_lock(self.run_dir) if main else contextlib.nullcontext()
+        logs = run_logging(self.run_dir) if main else contextlib.nullcontext()
+        with lock, logs:
+            dist.on_main(self._start_invocation, session)
             artifacts: dict[str, ModelRef] = {}
             parent = session.teacher_ref
             for stage in planned:
@@ -331,10 +334,27 @@ class Run:
                 artifacts[stage.name] = parent
             from slimforge.eval.runner import evaluate_run
 
-            report = evaluate_run(self, session, artifacts)
-            self.manifest.data["invocations"][-1]["ended"] = _now()
-            self.manifest.save()
-        return RunResult(self.run_dir, self.manifest.data, report)
+            report = dist.on_main(evaluate_run, self, session, artifacts)
+            dist.on_main(self._end_invocation)
+        return RunResult(self.run_dir, self.manifest.data, report or {})
+
+    def _start_invocation(self, session: RunSession) -> None:
+        atomic_write_text(self.run_dir / "config.yaml", self.recipe_yaml)
+        self.manifest.data.update({
+            "recipe": self.cfg.name, "slimforge_version": __version__,
+            "config_hash": stable_hash(self.recipe_yaml),
+            "teacher": {"path": session.teacher_ref.path, "fingerprint": session.teacher_ref.fingerprint},
+            "pipeline": self.recipe.pipeline,
+        })
+        self.manifest.data.setdefault("created", _now())
+        self.manifest.data.setdefault("invocations", []).append(
+            {"started": _now(), "argv": sys.argv[1:], "world_size": dist.world_size()})
+        self.manifest.save()
+        log.info("run directory: %s", self.run_dir)
+
+    def _end_invocation(self) -> None:
+        self.manifest.data["invocations"][-1]["ended"] = _now()
+        self.manifest.save()
 
     def run_stage(self, session: RunSession, stage: PlannedStage, total: int) -> ModelRef:
         """Run one stage (or reuse its finished artifact); returns the artifact's reference."""
@@ -344,16 +364,32 @@ class Run:
                              fingerprint=stage.fingerprint, artifact=str(folder),
                              parent={"label": stage.parent.label, "path": stage.parent.path,
                                      "fingerprint": stage.parent.fingerprint})
-        if (folder / META_FILE).is_file() and read_json(folder / META_FILE).get("fingerprint") == stage.fingerprint:
-            previous = self.manifest.stage(stage.name) or {}
-            record.status, record.metrics = "skipped", previous.get("metrics", {})
-            record.started, record.ended, record.seconds = (previous.get(k) for k in ("started", "ended", "seconds"))
-            self.manifest.set_stage(record)
-            log.info("%s: unchanged, reusing %s", label, folder)
+        if dist.on_main(self._reuse, stage, folder, record, label):
             return ModelRef.from_artifact(folder, stage.name)
-        log.info("%s: running", label)
-        record.status, record.started = "running", _now()
+        if stage.config.kind in TRAINING_KINDS or not dist.is_distributed():
+            self._execute_stage(session, stage, folder, record, label)  # every rank trains
+        else:
+            dist.on_main(self._execute_stage, session, stage, folder, record, label)
+        return ModelRef.from_artifact(folder, stage.name)
+
+    def _reuse(self, stage: PlannedStage, folder: Path, record: StageRecord, label: str) -> bool:
+        """Whether a finished artifact with this fingerprint exists (then mark it skipped)."""
+        if not ((folder / META_FILE).is_file() and read_json(folder / META_FILE).get("fingerprint") == stage.fingerprint):
+            return False
+        previous = self.manifest.stage(stage.name) or {}
+        record.status, record.metrics = "skipped", previous.get("metrics", {})
+        record.started, record.ended, record.seconds = (previous.get(k) for k in ("started", "ended", "seconds"))
         self.manifest.set_stage(record)
+        log.info("%s: unchanged, reusing %s", label, folder)
+        return True
+
+    def _execute_stage(self, session: RunSession, stage: PlannedStage, folder: Path, record: StageRecord,
+                       label: str) -> None:
+        main = dist.is_main()
+        if main:
+            log.info("%s: running", label)
+            record.status, record.started = "running", _now()
+            self.manifest.set_stage(record)
         start = time.perf_counter()
         work = self.run_dir / "work" / stage.name
         work.mkdir(parents=True, exist_ok=True)
@@ -361,18 +397,24 @@ class Run:
             from transformers import set_seed
 
             set_seed(self.cfg.seed)
-            with atomic_dir(folder, replace=True) as tmp:
+            # Only the main rank publishes the artifact; other ranks write into a throwaway folder.
+            out = atomic_dir(folder, replace=True) if main else tempfile.TemporaryDirectory(prefix="slimforge-rank-")
+            with out as tmp:
                 ctx = StageContext(stage.name, stage.config, stage.parent, session.teacher_ref, session,
-                                   tmp, work, self.cfg.seed)
+                                   Path(tmp), work, self.cfg.seed)
                 output: StageOutput = stage.entry.load()(ctx)
-                meta = self.artifact_meta(stage, output)
-                self.write_artifact(tmp, output, meta)
+                if main:
+                    self.write_artifact(Path(tmp), output, self.artifact_meta(stage, output))
         except BaseException as err:
             record.status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
             record.error = f"{type(err).__name__}: {err}".splitlines()[0]
             record.ended, record.seconds = _now(), round(time.perf_counter() - start, 3)
             self.manifest.set_stage(record)
             raise
+        if stage.config.kind in TRAINING_KINDS:
+            dist.barrier()  # the artifact exists once the main rank is past here
+        if not main:
+            return
         record.status, record.ended = "done", _now()
         record.seconds = round(time.perf_counter() - start, 3)
         record.metrics = output.metrics
@@ -381,7 +423,6 @@ class Run:
         with contextlib.suppress(OSError):
             work.parent.rmdir()  # only when no other stage keeps scratch there
         log.info("%s: done in %.1f s -> %s", label, record.seconds, folder)
-        return ModelRef.from_artifact(folder, stage.name)
 
     def artifact_meta(self, stage: PlannedStage, output: StageOutput) -> dict[str, Any]:
         return {
@@ -401,11 +442,14 @@ class Run:
         if output.model is not None:
             write_model_files(output.model, output.tokenizer, folder, meta, self.recipe_yaml)
             return
-        if not (folder / "config.json").is_file():
-            raise RuntimeError(f"stage {meta['stage']} returned no model and wrote no config.json")
+        loadable = ("config.json", "adapter_config.json")
+        if not any((folder / name).is_file() for name in loadable) and not any(folder.glob("*.gguf")):
+            raise RuntimeError(f"stage {meta['stage']} returned no model and wrote no loadable files")
         existing = read_json(folder / META_FILE) if (folder / META_FILE).is_file() else {}
+        config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+        described = {"model_type": config.get("model_type"), "architecture": (config.get("architectures") or [None])[0]}
         atomic_write_json(folder / META_FILE, {"slimforge_version": __version__, "created": _now(),
-                                               **existing, **meta})
+                                               **described, **existing, **meta})
         (folder / RECIPE_FILE).write_text(self.recipe_yaml, encoding="utf-8")
 
 
@@ -418,10 +462,15 @@ def prepare(recipe_name: str, overrides: list[str]) -> Recipe:
 
 
 def run_one(recipe: Recipe, run_dir: Path) -> RunResult:
+    """Run one recipe into ``run_dir``: in one process, or on every rank of ``accelerate launch``."""
+    dist.ensure_process_group()
+    if not dist.is_main():
+        log.setLevel(logging.WARNING)  # one rank reports progress
+    run_dir = Path(dist.broadcast_object(str(run_dir)))  # one timestamped name for all ranks
     run = Run(recipe, run_dir)
-    session = RunSession(recipe, resolve_teacher(recipe))
-    planned = run.plan(session)
-    run.check_conflicts(planned)
+    session = RunSession(recipe, dist.main_then_others(resolve_teacher, recipe))
+    planned = dist.main_then_others(run.plan, session)
+    dist.on_main(run.check_conflicts, planned)
     return run.execute(session, planned)
 
 

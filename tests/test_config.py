@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 
 from slimforge.errors import ConfigError
 from slimforge.pipeline import prepare
 from slimforge.recipes import compose_recipe, expand_sweep, list_recipes, recipes_dir
+from slimforge.registry import registry
 
 
 def test_every_shipped_recipe_composes_and_validates():
@@ -19,15 +23,28 @@ def test_every_shipped_recipe_composes_and_validates():
         assert all(stage in recipe.stages for stage in recipe.pipeline)
 
 
+STAGE_GROUPS = ("student", "prune", "distill", "quantize")
+TINY = str(Path(__file__).parent / "assets" / "recipes" / "tiny.yaml")
+
+
 def test_every_config_group_option_composes():
+    """Each preset composes; a stage preset composes into its method's complete, typed schema."""
     groups = [p for p in recipes_dir().iterdir() if p.is_dir() and p.name != "tasks"]
-    assert {g.name for g in groups} >= {"teacher", "data", "student", "eval"}
+    assert {g.name for g in groups} >= {"teacher", "data", "student", "eval", "distill"}
     for group in groups:
         for option in group.glob("*.yaml"):
-            package = "stages.student" if group.name == "student" else group.name
-            override = f"{group.name}@{package}={option.stem}" if group.name == "student" else f"{group.name}={option.stem}"
-            cfg = compose_recipe("default", [override])
-            assert cfg is not None
+            if group.name == "student":
+                cfg = compose_recipe(TINY, [f"student@stages.student={option.stem}"])
+                node = cfg.stages.student
+            elif group.name in STAGE_GROUPS:
+                cfg = compose_recipe("default", [f"+{group.name}@stages.extra={option.stem}"])
+                node = cfg.stages.extra
+            else:
+                cfg = compose_recipe("default", [f"{group.name}={option.stem}"])
+                continue
+            assert node.kind == group.name, option
+            schema = registry(group.name).get(node.method).load_schema()
+            assert set(node.keys()) == {f.name for f in dataclasses.fields(schema)}, option
 
 
 def test_overrides_reach_typed_config():

@@ -15,3 +15,13 @@ register(
     "slimforge.distill.students:checkpoint_stage", "slimforge.distill.config:CheckpointStudentConfig",
     "student = an existing checkpoint that shares the teacher's tokenizer",
 )
+register(
+    "student", "from_config",
+    "slimforge.distill.students:from_config_stage", "slimforge.distill.config:FromConfigStudentConfig",
+    "student = a fresh model from the teacher's config with smaller sizes (random init)",
+)
+register(
+    "distill", "kd",
+    "slimforge.distill.stages:distill_stage", "slimforge.distill.config:DistillConfig",
+    "logit (+ hidden-state) distillation from the live teacher or its top-k cache; LoRA/QLoRA; on-policy",
+)

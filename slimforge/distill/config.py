@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from slimforge.config import FieldError, StageConfig, check_fraction, check_int
+from slimforge.config import FieldError, StageConfig, check_choice, check_fraction, check_int
 
 if TYPE_CHECKING:  # pragma: no cover
     from slimforge.models import ModelRef
@@ -82,3 +82,164 @@ class CheckpointStudentConfig(StageConfig):
                 f"student checkpoint {self.path} does not share the teacher's tokenizer ({why}); "
                 "distillation compares token distributions, so use a student with the teacher's tokenizer"
             )
+
+
+DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+TEACHER_ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "head_dim")
+
+
+@dataclass
+class FromConfigStudentConfig(StageConfig):
+    """A freshly initialised student: the teacher's config with smaller sizes, the teacher's tokenizer.
+
+    Any size left ``None`` keeps the teacher's value. ``init_std`` overrides the
+    config's ``initializer_range`` when set.
+    """
+
+    kind: str = "student"
+    method: str = "from_config"
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    init_std: float | None = None
+
+    def check(self) -> None:
+        for name in TEACHER_ARCH_FIELDS:
+            check_int(name, getattr(self, name), low=1)
+
+    def preflight(self, teacher: TeacherInfo) -> None:
+        cfg = teacher.config
+        heads = self.num_attention_heads or cfg.num_attention_heads
+        kv = self.num_key_value_heads or getattr(cfg, "num_key_value_heads", heads) or heads
+        hidden = self.hidden_size or cfg.hidden_size
+        if heads % kv:
+            raise FieldError("num_key_value_heads", kv, f"must divide num_attention_heads={heads}")
+        head_dim = self.head_dim or getattr(cfg, "head_dim", None)
+        if self.head_dim is None and (self.hidden_size or self.num_attention_heads) and hidden % heads:
+            raise FieldError("hidden_size", hidden, f"must be divisible by num_attention_heads={heads} (or set head_dim)")
+        del head_dim
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapters (peft) on the student; on a non-quantized base they are merged on save."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+
+    def check(self) -> None:
+        check_int("r", self.r, low=1)
+        check_int("alpha", self.alpha, low=1)
+        check_fraction("dropout", self.dropout, low_open=False, high_open=True)
+
+
+@dataclass
+class OnPolicySpec:
+    """GKD: a fraction of batches train on continuations generated from the blocks' prefixes."""
+
+    fraction: float = 0.0
+    source: str = "student"
+    prompt_tokens: int = 64
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+
+    def check(self) -> None:
+        check_fraction("fraction", self.fraction, low_open=False, high_open=False)
+        check_choice("source", self.source, ("student", "teacher"))
+        check_int("prompt_tokens", self.prompt_tokens, low=1)
+        check_int("max_new_tokens", self.max_new_tokens, low=1)
+        if self.temperature <= 0:
+            raise FieldError("temperature", self.temperature, "must be > 0")
+
+
+@dataclass
+class DistillConfig(StageConfig):
+    """Logit (and optionally hidden-state) distillation of the parent model from the teacher.
+
+    The loss is ``(1 - ce_weight) * T^2 * divergence(teacher || student at T) +
+    ce_weight * CE(data) + hidden_weight * hidden-state loss``.
+    """
+
+    kind: str = "distill"
+    method: str = "kd"
+    # objective
+    loss: str = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    alpha: float = 0.1
+    ce_weight: float = 0.0
+    hidden_weight: float = 0.0
+    hidden_loss: str = "mse"
+    layer_map: list[int] | None = None
+    # optimisation
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    optimizer: str = "adamw"
+    max_grad_norm: float | None = 1.0
+    precision: str = "auto"
+    # execution
+    kd_backend: str = "chunked"
+    chunk_size: int = 1024
+    keep_sparsity: bool = False
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    teacher_cache: bool = False
+    top_k: int = 32
+    on_policy: OnPolicySpec = field(default_factory=OnPolicySpec)
+    # monitoring and checkpoints
+    eval_every: int = 50
+    eval_blocks: int = 16
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 1
+
+    def check(self) -> None:
+        check_choice("loss", self.loss, DIVERGENCE_NAMES)
+        if not self.temperature > 0:
+            raise FieldError("temperature", self.temperature, "must be > 0 (1.0 is plain softmax)")
+        check_fraction("beta", self.beta)
+        check_fraction("alpha", self.alpha, low_open=False, high_open=True)
+        check_fraction("ce_weight", self.ce_weight, low_open=False, high_open=False)
+        if self.hidden_weight < 0:
+            raise FieldError("hidden_weight", self.hidden_weight, "must be >= 0")
+        check_choice("hidden_loss", self.hidden_loss, ("mse", "cosine"))
+        for name in ("steps", "batch_size", "grad_accum", "chunk_size", "eval_blocks", "log_every",
+                     "keep_checkpoints", "eval_every", "checkpoint_every"):
+            check_int(name, getattr(self, name), low=1)
+        check_int("warmup_steps", self.warmup_steps, low=0)
+        if not self.lr > 0:
+            raise FieldError("lr", self.lr, "must be > 0")
+        if self.weight_decay < 0:
+            raise FieldError("weight_decay", self.weight_decay, "must be >= 0")
+        check_choice("schedule", self.schedule, ("cosine", "linear", "constant"))
+        check_choice("optimizer", self.optimizer, ("adamw", "adamw_8bit"))
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise FieldError("max_grad_norm", self.max_grad_norm, "must be > 0, or null for no clipping")
+        check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
+        check_choice("kd_backend", self.kd_backend, ("chunked", "naive", "liger"))
+        check_int("top_k", self.top_k, low=1)
+        if self.teacher_cache and self.on_policy.fraction > 0:
+            raise FieldError("teacher_cache", True, "on-policy batches need the live teacher; "
+                             "set on_policy.fraction=0 or teacher_cache=false")
+        if self.teacher_cache and self.hidden_weight > 0:
+            raise FieldError("teacher_cache", True, "hidden-state distillation needs the live teacher; "
+                             "set hidden_weight=0 or teacher_cache=false")
+        if self.kd_backend == "liger" and self.loss not in ("forward_kl", "reverse_kl", "jsd"):
+            raise FieldError("kd_backend", "liger", "liger's fused JSD covers forward_kl, reverse_kl and jsd only")
+
+    def check_teacher(self, teacher: TeacherInfo) -> None:
+        vocab = int(getattr(teacher.config, "vocab_size", 0) or 0)
+        if vocab and self.top_k > vocab:
+            raise FieldError("top_k", self.top_k, f"exceeds the teacher's vocabulary of {vocab}")

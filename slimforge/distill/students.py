@@ -5,7 +5,12 @@ from __future__ import annotations
 import logging
 
 from slimforge.arch import keep_layers, num_layers
-from slimforge.distill.config import CheckpointStudentConfig, DropLayersConfig
+from slimforge.distill.config import (
+    TEACHER_ARCH_FIELDS,
+    CheckpointStudentConfig,
+    DropLayersConfig,
+    FromConfigStudentConfig,
+)
 from slimforge.prune.depth import evenly_spaced_keep, keep_from_drop, keep_from_ratio
 from slimforge.stage import StageContext, StageOutput
 
@@ -35,7 +40,71 @@ def drop_layers_stage(ctx: StageContext) -> StageOutput:
 
 
 def checkpoint_stage(ctx: StageContext) -> StageOutput:
-    """An existing checkpoint, re-saved as a slimforge artifact."""
+    """An existing checkpoint as a slimforge artifact.
+
+    A local folder is copied file by file (exact bytes, and it works for formats
+    transformers can load but not re-save, such as pre-quantized bitsandbytes
+    weights); a hub id or GGUF file is loaded and saved as a standard folder.
+    """
+    import shutil
+    from pathlib import Path
+
+    from slimforge.models import META_FILE, RECIPE_FILE, classify_source
+
     cfg: CheckpointStudentConfig = ctx.config
-    model, tokenizer = cfg.source().load(device=ctx.device, dtype=ctx.dtype)
+    source = cfg.source()
+    if classify_source(source.path, source.gguf_file) == "folder":
+        folder = Path(source.path).expanduser()
+        for item in folder.iterdir():
+            if item.name in (META_FILE, RECIPE_FILE) or item.name.startswith("."):
+                continue
+            copy = shutil.copytree if item.is_dir() else shutil.copy2
+            copy(item, ctx.out_dir / item.name)
+        return StageOutput(meta={"source": cfg.path, "num_parameters": _count_saved(ctx.out_dir)})
+    model, tokenizer = source.load(device=ctx.device, dtype=ctx.dtype)
     return StageOutput(model=model, tokenizer=tokenizer, meta={"source": cfg.path})
+
+
+def _count_saved(folder) -> int | None:
+    """Parameters of a saved folder from its safetensors headers (no weights loaded).
+
+    None for quantized checkpoints, whose packed tensors do not count parameters.
+    """
+    import json
+    import math
+
+    from safetensors import safe_open
+
+    config = folder / "config.json"
+    if config.is_file() and "quantization_config" in json.loads(config.read_text()):
+        return None
+    total = 0
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as fh:
+            total += sum(math.prod(fh.get_slice(key).get_shape()) for key in fh.keys())  # noqa: SIM118 - safe_open is not a dict
+    return total or None
+
+
+def from_config_stage(ctx: StageContext) -> StageOutput:
+    """A randomly initialised student: the parent's config with the requested sizes."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg: FromConfigStudentConfig = ctx.config
+    base = AutoConfig.from_pretrained(ctx.parent.path, trust_remote_code=ctx.parent.trust_remote_code)
+    changes = {name: getattr(cfg, name) for name in TEACHER_ARCH_FIELDS if getattr(cfg, name) is not None}
+    resized = "hidden_size" in changes or "num_attention_heads" in changes
+    if resized and cfg.head_dim is None and getattr(base, "head_dim", None) is not None:
+        heads = changes.get("num_attention_heads", base.num_attention_heads)
+        changes["head_dim"] = changes.get("hidden_size", base.hidden_size) // heads
+    fields = {**base.to_dict(), **changes}
+    if "num_hidden_layers" in changes and "layer_types" in fields:
+        fields["layer_types"] = None  # let the config class derive the per-layer pattern for the new depth
+    if cfg.init_std is not None:
+        fields["initializer_range"] = cfg.init_std
+    config = type(base)(**fields)
+    torch.manual_seed(ctx.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tokenizer = ctx.parent.load_tokenizer()
+    log.info("fresh student: %s", ", ".join(f"{k}={v}" for k, v in changes.items()) or "teacher-sized")
+    return StageOutput(model=model, tokenizer=tokenizer, meta={"init": "from_config", "changes": changes})

@@ -1,0 +1,134 @@
+"""The distillation stage and the offline teacher cache, as the pipeline and CLI use them."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimforge.distill.config import DistillConfig
+from slimforge.distill.teacher_cache import TeacherCache, build_teacher_cache, cache_key
+from slimforge.distill.trainer import DistillTrainer, block_schedule
+from slimforge.errors import ConfigError
+from slimforge.stage import StageContext, StageOutput
+
+log = logging.getLogger(__name__)
+
+
+def check_compatible(teacher_tok: Any, student_tok: Any, teacher_config: Any, student_config: Any) -> None:
+    """Teacher and student must score the same vocabulary: same tokenizer, same logit width."""
+    from slimforge.models import tokenizer_mismatch
+
+    why = tokenizer_mismatch(teacher_tok, student_tok)
+    if why:
+        raise ConfigError(f"teacher and student vocabularies differ ({why}); distillation compares "
+                          "per-token distributions, so the student needs the teacher's tokenizer")
+    if teacher_config.vocab_size != student_config.vocab_size:
+        raise ConfigError(f"teacher and student vocabularies differ (logit widths {teacher_config.vocab_size} "
+                          f"vs {student_config.vocab_size}); resize the student's embeddings to the teacher's")
+
+
+def cache_plan(cfg: DistillConfig, data: Any, seed: int, world: int = 1) -> tuple[list[int], list[int]]:
+    """The train and held-out blocks a run with ``cfg`` will touch: exactly what its cache needs."""
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    train = sorted(set(block_schedule(len(data.train), cfg.steps * per_step, seed).tolist()))
+    heldout = list(range(min(cfg.eval_blocks, len(data.heldout))))
+    return train, heldout
+
+
+def ensure_teacher_cache(cfg: DistillConfig, session: Any, seed: int) -> TeacherCache:
+    """The cache for this stage's blocks, built on first use (the only time the teacher loads)."""
+    from slimforge import dist
+    from slimforge.assets import cache_root
+
+    data = session.data()
+    train, heldout = cache_plan(cfg, data, seed, dist.world_size())
+    key = cache_key(session.teacher_ref.fingerprint, data.fingerprint, train, heldout, cfg.top_k, cfg.temperature)
+    folder = cache_root() / "teacher_cache" / key
+    if not (folder / "meta.json").is_file():
+        if dist.is_main():
+            teacher, _ = session.teacher()
+            build_teacher_cache(teacher, data.train, data.heldout, train, heldout, cfg.top_k, cfg.temperature,
+                                folder, key, session.device, batch_size=cfg.batch_size,
+                                provenance={"teacher": session.teacher_ref.path, "data": data.stats.get("source")})
+        dist.barrier()
+    from slimforge.distill.teacher_cache import open_teacher_cache
+
+    return open_teacher_cache(folder)
+
+
+def distill_stage(ctx: StageContext) -> StageOutput:
+    """Distil the parent model from the teacher; the result is the healed student."""
+    cfg: DistillConfig = ctx.config
+    quantized_parent = bool(ctx.parent.meta.get("quantization") or _has_quant_config(ctx.parent.path))
+    # Train fp32 master weights; precision=bf16 trains under autocast. Quantized bases keep their storage.
+    student, tokenizer = ctx.parent.load(device=ctx.device, dtype=None if quantized_parent else torch.float32)
+    teacher_tok = ctx.session.teacher_tokenizer()
+    from transformers import AutoConfig
+
+    teacher_cfg = AutoConfig.from_pretrained(ctx.teacher_ref.path) if ctx.teacher_ref.gguf_file is None \
+        else ctx.teacher()[0].config
+    check_compatible(teacher_tok, tokenizer, teacher_cfg, student.config)
+    data = ctx.data()
+    if len(data.train) == 0:
+        raise ConfigError("the training split is empty; add data or lower data.heldout_fraction")
+    cache = ensure_teacher_cache(cfg, ctx.session, ctx.seed) if cfg.teacher_cache else None
+    teacher = None if cache is not None else ctx.teacher()[0]
+    trainer = DistillTrainer(cfg, student, data, ctx.work_dir, ctx.out_dir / "tensorboard", ctx.seed, ctx.device,
+                             teacher=teacher, cache=cache, kept_layers=ctx.parent.meta.get("kept_layers"))
+    before = trainer.evaluate(student) if trainer.latest_checkpoint() is None else None
+    result = trainer.train()
+    model = result.model
+    meta: dict[str, Any] = {"distill": {"teacher_cache": cache.meta["key"] if cache else None,
+                                        "history": result.history, "losses": result.losses}}
+    if before is not None:
+        meta["distill"]["before"] = before
+    metrics = dict(result.metrics)
+    if before is not None:
+        metrics.update({f"before_{k}": v for k, v in before.items()})
+    if cfg.lora.enabled:
+        if quantized_parent:
+            return _save_adapter(ctx, model, tokenizer, meta, metrics)
+        model = model.merge_and_unload()
+        meta["distill"]["lora"] = "merged"
+    model.eval()
+    return StageOutput(model=model, tokenizer=tokenizer, meta=meta, metrics=metrics)
+
+
+def _has_quant_config(path: str) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and '"quantization_config"' in config.read_text()
+
+
+def _save_adapter(ctx: StageContext, model: Any, tokenizer: Any, meta: dict[str, Any],
+                  metrics: dict[str, Any]) -> StageOutput:
+    """A quantized base keeps its weights; the artifact is the adapter, pointing at its base."""
+    base = str(Path(ctx.parent.path).resolve())
+    for adapter in model.peft_config.values():
+        adapter.base_model_name_or_path = base  # absolute, so the adapter loads from anywhere
+    model.save_pretrained(ctx.out_dir)
+    tokenizer.save_pretrained(ctx.out_dir)
+    meta["distill"]["lora"] = "adapter"
+    meta["base_model"] = base
+    return StageOutput(model=None, meta=meta, metrics=metrics)
+
+
+def cache_teacher_for_recipe(recipe_name: str, overrides: list[str], stage: str | None = None) -> TeacherCache:
+    """``slimforge distill cache-teacher``: build the teacher cache a recipe's distill stage will read."""
+    from slimforge.pipeline import RunSession, prepare, resolve_teacher
+
+    recipe = prepare(recipe_name, overrides)
+    candidates = [n for n in recipe.pipeline if recipe.stages[n].kind == "distill"]
+    if stage is not None and stage not in candidates:
+        raise ConfigError(f"--stage {stage!r} is not a distill stage of this recipe; its distill stages: {candidates}")
+    if not candidates:
+        raise ConfigError(f"recipe {recipe.config.name!r} has no distill stage in its pipeline, so there is nothing to cache")
+    name = stage or candidates[0]
+    cfg = recipe.stages[name]
+    if not cfg.teacher_cache:
+        log.warning("stage %s has teacher_cache=false: run it with stages.%s.teacher_cache=true to train from this cache",
+                    name, name)
+    session = RunSession(recipe, resolve_teacher(recipe))
+    return ensure_teacher_cache(cfg, session, recipe.config.seed)
