@@ -17,7 +17,8 @@ quantized layers, size on disk of the weight files, and the time of the quantiza
 
 This CPU has no native bf16, so every variant *computes* in fp32: the bf16 row is the teacher
 with its weights rounded to bf16, and quantized weights are dequantized into fp32 matmuls
-(what the weights lose, not what a kernel adds).
+(what the weights lose, not what a kernel adds). The anchor runs concurrently with slimforge's
+variants (both tools share the cores for part of the run), so times are indicative.
 
     bash bench/llmc_venv.sh               # once: the anchor's own virtual environment
     .venv/bin/python bench/quant_quality.py [--samples 64 --seq-len 512 --eval-blocks 16]
@@ -108,20 +109,29 @@ def stage_row(name: str, folder: Path) -> tuple[Row, object]:
     return row, model
 
 
-def run_anchor(teacher_folder: Path, calib: torch.Tensor, args, work: Path) -> tuple[dict, Path] | str:
-    """llm-compressor GPTQ W4A16 in its own venv; returns (report, weights file) or why it could not run."""
+def start_anchor(teacher_folder: Path, calib: torch.Tensor, args, work: Path) -> tuple[subprocess.Popen, dict] | str:
+    """Start llm-compressor's GPTQ in its own venv (it runs while slimforge's variants are made)."""
     if not LLMC_PYTHON.is_file():
         return f"{LLMC_PYTHON} is missing: run bash bench/llmc_venv.sh"
-    calib_file, weights, report = work / "calib.pt", work / "llmc-w4a16.safetensors", work / "llmc.json"
-    torch.save(calib, calib_file)
+    files = {"calib": work / "calib.pt", "weights": work / "llmc.safetensors", "report": work / "llmc.json",
+             "log": work / "llmc.log"}
+    torch.save(calib, files["calib"])
     cmd = [str(LLMC_PYTHON), str(HERE / "quant_llmc_anchor.py"), "--model", str(teacher_folder),
-           "--calib", str(calib_file), "--threads", str(args.threads), "--batch-size", str(args.llmc_batch_size),
-           "--group-size", str(args.group_size), "--out-dir", str(work / "llmc-w4a16"), "--weights", str(weights), "--report", str(report)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = " | ".join(line for line in proc.stderr.strip().splitlines()[-3:])
-        return f"llm-compressor failed (exit {proc.returncode}): {tail}"
-    return json.loads(report.read_text()), weights
+           "--calib", str(files["calib"]), "--threads", str(args.threads), "--batch-size", str(args.llmc_batch_size),
+           "--group-size", str(args.group_size), "--out-dir", str(work / "llmc-w4a16"),
+           "--weights", str(files["weights"]), "--report", str(files["report"])]
+    log = open(files["log"], "w")  # noqa: SIM115 - closed when the process is collected
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), files
+
+
+def finish_anchor(started: tuple[subprocess.Popen, dict]) -> tuple[dict, Path] | str:
+    """Wait for the anchor; returns (report, weights file) or why it could not run."""
+    proc, files = started
+    code = proc.wait()
+    if code != 0:
+        tail = " | ".join(files["log"].read_text(errors="replace").strip().splitlines()[-3:])
+        return f"llm-compressor failed (exit {code}): {tail}"
+    return json.loads(files["report"].read_text()), files["weights"]
 
 
 def main() -> None:
@@ -179,17 +189,16 @@ def main() -> None:
         ("GGUF Q8_0", "gguf", ["stages.quant.type=Q8_0"]),
         ("GGUF Q4_0", "gguf", ["stages.quant.type=Q4_0"]),
     ]
-    anchor_note = ""
+    anchor_note = "skipped (--skip-anchor)"
     with tempfile.TemporaryDirectory(prefix="quant-bench-") as tmp:
         work = Path(tmp)
+        started_anchor = None if args.skip_anchor else start_anchor(teacher_folder, calib, args, work)
         for name, method, overrides in variants:
             row, model = stage_row(name, run_stage(method, overrides, args, work))
             add(row, model)
             del model
-        if args.skip_anchor:
-            anchor_note = "skipped (--skip-anchor)"
-        else:
-            result = run_anchor(teacher_folder, calib, args, work)
+        if started_anchor is not None:
+            result = started_anchor if isinstance(started_anchor, str) else finish_anchor(started_anchor)
             if isinstance(result, str):
                 anchor_note = result
             else:
