@@ -124,3 +124,12 @@ def test_permutation_round_trip():
     assert perm.tolist() == [1, 2, 0, 3]
     assert torch.diagonal(ph).tolist() == [5.0, 3.0, 1.0, 0.5]
     assert torch.equal(unpermute_columns(pw, perm), w)
+
+
+def test_solver_threads_uses_one_cpu_thread_and_restores():
+    from slimforge.prune.hessian import solver_threads
+
+    before = torch.get_num_threads()
+    with solver_threads("cpu"):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

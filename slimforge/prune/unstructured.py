@@ -11,7 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from slimforge.prune.hessian import inverse_hessian_cholesky, obs_sweep, zero_dead_columns
+from slimforge.prune.hessian import (
+    inverse_hessian_cholesky,
+    obs_sweep,
+    solver_threads,
+    zero_dead_columns,
+)
 
 PER_CHOICES = ("row", "layer")
 
@@ -125,7 +130,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
             raise ValueError(f"block_size={block_size} must be a multiple of M={m}")
     elif not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    inv = inverse_hessian_cholesky(hessian, percdamp)
+    with solver_threads(weight.device):
+        inv = inverse_hessian_cholesky(hessian, percdamp)
     start_weight = zero_dead_columns(weight.detach().float().clone(), inv.dead.to(weight.device))
     keep = torch.ones_like(start_weight, dtype=torch.bool)
 
@@ -138,5 +144,6 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
             keep[:, start:start + block.shape[1]] = unstructured_mask(scores, sparsity, per)
         return block[:, col] * keep[:, start + col]
 
-    result = obs_sweep(start_weight, inv.upper, prune_column, block_size)
+    with solver_threads(start_weight.device):
+        result = obs_sweep(start_weight, inv.upper, prune_column, block_size)
     return SparseGPTResult(weight=result.weight, keep=keep & (result.weight != 0), loss=result.loss)
