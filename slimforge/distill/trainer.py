@@ -210,6 +210,10 @@ class DistillTrainer:
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state()  # one process may train several stages
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") or \
+                os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+            raise ConfigError("the distillation trainer supports one process or DDP (accelerate launch --multi_gpu); "
+                              "FSDP and DeepSpeed sharding are not supported yet")
         precision = self.cfg.precision
         if precision == "auto":
             from slimforge.models import cpu_supports_fast_bf16
