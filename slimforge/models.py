@@ -33,7 +33,7 @@ META_FILE = "slimforge.json"
 RECIPE_FILE = "recipe.yaml"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Bumped when the GGUF -> HF conversion of a model asset changes.
-ASSET_CONVERSION_VERSION = 1
+ASSET_CONVERSION_VERSION = 2
 
 
 # --- device and dtype --------------------------------------------------------------------
@@ -208,6 +208,10 @@ def load_tokenizer(path: str, gguf_file: str | None = None, revision: str | None
         tokenizer = AutoTokenizer.from_pretrained(str(Path(path).expanduser()) if kind != "hub" else path, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    if kind == "gguf" and "gguf_file" in kwargs:
+        from slimforge.pretokenize import gguf_pre_tokenizer_name, restore_pre_tokenizer
+
+        restore_pre_tokenizer(tokenizer, gguf_pre_tokenizer_name(str(Path(path).expanduser() / kwargs["gguf_file"])))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -101,3 +101,27 @@ def test_unsupported_architecture_and_tokenizer_are_refused_before_writing(token
     wordlevel = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")))
     with pytest.raises(ConfigError, match="byte-level BPE"):
         detect_pre_tokenizer(wordlevel)
+
+
+def test_a_gguf_named_pre_tokenizer_is_restored_on_import(tokenizer, tmp_path):
+    """transformers rebuilds ``smollm`` (digits split one by one) as GPT-2 splitting; loading restores it."""
+    import copy
+
+    from slimforge.models import load_tokenizer
+    from slimforge.pretokenize import pre_tokenizer_candidates
+
+    smollm = copy.deepcopy(tokenizer)
+    smollm.backend_tokenizer.pre_tokenizer = pre_tokenizer_candidates()["smollm"]
+    assert detect_pre_tokenizer(smollm) == "smollm" and detect_pre_tokenizer(tokenizer) == "gpt-2"
+    model = build_model("llama", tokenizer, layers=1)
+    name, _ = export(model, smollm, tmp_path, "F16")
+    assert GGUFReader(tmp_path / name).fields["tokenizer.ggml.pre"].contents() == "smollm"
+    rebuilt = AutoTokenizer.from_pretrained(tmp_path, gguf_file=name)
+    assert detect_pre_tokenizer(rebuilt) == "gpt-2"  # what transformers alone gives: the loss being fixed
+    loaded = load_tokenizer(str(tmp_path / name))
+    assert detect_pre_tokenizer(loaded) == "smollm"
+    def split(tok):
+        return [piece for piece, _ in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str("in 1623, 36 plays")]
+
+    assert split(loaded) == split(smollm) == ["in", "Ġ", "1", "6", "2", "3", ",", "Ġ", "3", "6", "Ġplays"]
+    assert split(rebuilt) == ["in", "Ġ1623", ",", "Ġ36", "Ġplays"]

@@ -26,21 +26,14 @@ RUNS = {
     "gguf": ("gguf", ["stages.quant.type=Q8_0"]),
 }
 PROMPT = "Shall I compare thee to a summer's day?"
-# Sonnet 18: long enough (~130 tokens) for a stable KL, and public domain.
-TEXT = """Shall I compare thee to a summer's day?
-Thou art more lovely and more temperate:
-Rough winds do shake the darling buds of May,
-And summer's lease hath all too short a date;
-Sometime too hot the eye of heaven shines,
-And often is his gold complexion dimm'd;
-And every fair from fair sometime declines,
-By chance or nature's changing course untrimm'd;
-But thy eternal summer shall not fade,
-Nor lose possession of that fair thou ow'st;
-Nor shall death brag thou wander'st in his shade,
-When in eternal lines to time thou grow'st:
-So long as men can breathe or eyes can see,
-So long lives this, and this gives life to thee."""
+# Plain prose written for this test (~130 tokens), so no model has memorised it: on a text the
+# teacher knows by heart (e.g. Sonnet 18) any 4-bit copy loses the memorisation and KL is huge.
+TEXT = """The ferry left the harbour a little after seven, later than the timetable promised, and
+most of the passengers stayed inside where the coffee was warm. A few stood at the rail to watch
+the town shrink behind them: the church tower, the row of painted houses along the quay, the
+cranes of the boatyard. Out past the breakwater the water turned from green to grey and the wind
+picked up. A child asked her father how deep the sea was here, and he admitted he did not know,
+but guessed it was deeper than the tallest building they had ever seen."""
 
 
 @pytest.fixture(scope="module")

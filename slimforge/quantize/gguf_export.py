@@ -40,6 +40,7 @@ import torch
 
 from slimforge.errors import ConfigError
 from slimforge.models import count_parameters, load_model
+from slimforge.pretokenize import detect_pre_tokenizer
 from slimforge.quantize.common import check_parent, quantizable_linears
 from slimforge.quantize.config import GgufConfig, check_gguf_architecture, rope_settings
 from slimforge.quantize.report import artifact_report, linear_numel
@@ -161,49 +162,6 @@ def dequantize_array(stored: np.ndarray, qtype: str) -> np.ndarray:
 
 
 # --- tokenizer -----------------------------------------------------------------------------
-
-# A probe that tells the supported pre-tokenizers apart (digits, contractions, spaces, scripts).
-PRE_TOKENIZER_PROBE = "Hello world! It's 2024... don't\n\n  123456 x 7.5\tÀÉ ünïcode 東京 \u00a0end   "
-
-
-def _pre_tokenizer_candidates() -> dict[str, Any]:
-    """llama.cpp's names for the byte-level pre-tokenizers this exporter recognises."""
-    from tokenizers import Regex, pre_tokenizers
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
-    def split(regex: str) -> Any:
-        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    return {
-        "gpt-2": byte_level,
-        "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]),
-        "qwen2": split(GGUF_PRE_TOKENIZER_SPLITS["qwen2"]),
-        "llama-bpe": split(GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]),
-    }
-
-
-def detect_pre_tokenizer(tokenizer: Any) -> str:
-    """llama.cpp's name for how ``tokenizer`` splits text before BPE, found by splitting a probe.
-
-    Raises:
-        ConfigError: the tokenizer is not byte-level BPE, or splits text in a way not recognised.
-    """
-    import json
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    model = json.loads(backend.to_str())["model"] if backend is not None else {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or backend.pre_tokenizer is None:
-        raise ConfigError("GGUF export handles byte-level BPE tokenizers (SmolLM, Qwen2, Llama 3, GPT-2 style); "
-                          "this model's tokenizer is not one")
-    seen = backend.pre_tokenizer.pre_tokenize_str(PRE_TOKENIZER_PROBE)
-    for name, candidate in _pre_tokenizer_candidates().items():
-        if candidate.pre_tokenize_str(PRE_TOKENIZER_PROBE) == seen:
-            return name
-    raise ConfigError("GGUF export does not recognise this tokenizer's pre-tokenizer (known: "
-                      f"{', '.join(_pre_tokenizer_candidates())}); llama.cpp would split text differently")
-
 
 def gguf_vocab(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
     """Tokens in id order and their llama.cpp types (normal, control for special added tokens,
