@@ -16,6 +16,9 @@ import pytest
 
 # Before anything imports huggingface_hub, which reads these once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP's
+# barriers make them many times slower; slow tests (real teacher) take the cores back.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -80,6 +83,20 @@ def build_model(arch: str, tokenizer, layers: int = 4, seed: int = 0):
     torch.manual_seed(seed)
     config = tiny_config(arch, len(tokenizer), layers)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.fixture(autouse=True)
+def _threads_for_real_models(request):
+    """Real-teacher tests use every core; the tiny-model tier runs single-threaded."""
+    if request.node.get_closest_marker("slow") is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session", autouse=True)
