@@ -321,6 +321,7 @@ def save_model(model: Any, tokenizer: Any, dest: str | Path, meta: dict[str, Any
     dest = Path(dest)
     with atomic_dir(dest, replace=replace) as tmp:
         write_model_files(model, tokenizer, tmp, meta, recipe_yaml)
+        try_write_model_card(tmp, location=dest)
     return dest
 
 
@@ -342,6 +343,157 @@ def write_model_files(model: Any, tokenizer: Any, folder: Path, meta: dict[str, 
     if recipe_yaml is not None:
         (folder / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
     return full_meta
+
+
+# --- model cards -------------------------------------------------------------------------
+
+STAGE_KINDS = ("student", "prune", "distill", "quantize")
+
+
+def _read_data_section(folder: Path) -> dict[str, Any] | None:
+    """The data section of the recipe saved beside an artifact, or None."""
+    recipe = folder / RECIPE_FILE
+    if not recipe.is_file():
+        return None
+    import yaml
+
+    try:
+        data = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("data")
+    except yaml.YAMLError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def saved_parameter_count(folder: Path) -> int | None:
+    """Parameters of a full-precision HF folder, from its safetensors headers (no weights loaded)."""
+    import json
+    import math
+
+    config = folder / "config.json"
+    if not config.is_file() or "quantization_config" in json.loads(config.read_text(encoding="utf-8")):
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as fh:
+            total += sum(math.prod(fh.get_slice(key).get_shape()) for key in fh.keys())  # noqa: SIM118
+    return total or None
+
+
+def folder_facts(folder: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a card says about a model folder's files: format, weight bytes, dtype, adapter base."""
+    import json
+
+    from slimforge.quantize.report import weight_files_size
+
+    meta = meta or {}
+    facts: dict[str, Any] = {"format": "hf"}
+    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    gguf = meta.get("gguf_file") or next((p.name for p in sorted(folder.glob("*.gguf"))), None)
+    adapter = folder / "adapter_config.json"
+    if gguf:
+        facts.update(format="gguf", gguf_file=gguf)
+    elif adapter.is_file():
+        base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        facts.update(format="lora", adapter_base=base)
+        base_dir = Path(str(base)).expanduser() if base else None
+        if base_dir is not None and (base_dir / "config.json").is_file():
+            base_quant = read_json(base_dir / "config.json").get("quantization_config") or {}
+            facts["adapter_base_format"] = "bitsandbytes" if base_quant.get("quant_method") == "bitsandbytes" else "hf"
+            facts["base_disk_bytes"] = weight_files_size(base_dir)
+            base_meta = read_json(base_dir / META_FILE) if (base_dir / META_FILE).is_file() else {}
+            facts["num_parameters"] = base_meta.get("num_parameters")
+    elif config.get("quantization_config"):
+        method = str(config["quantization_config"].get("quant_method"))
+        facts["format"] = {"compressed-tensors": "compressed-tensors"}.get(method, method)
+    facts["disk_bytes"] = weight_files_size(folder) + facts.get("base_disk_bytes", 0) or None
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    if dtype and facts["format"] == "hf":
+        facts["dtype"] = str(dtype)
+    if facts["format"] == "hf" and not meta.get("num_parameters"):
+        facts["num_parameters"] = saved_parameter_count(folder)
+    return facts
+
+
+def artifact_lineage(folder: Path, meta: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
+    """The stages that made an artifact, oldest first (this one last), and the root model's location.
+
+    Follows each ``slimforge.json``'s parent while the parent is itself a stage artifact.
+    """
+    if meta.get("kind") not in STAGE_KINDS:
+        return [], None
+    chain = [{"meta": meta, "data": _read_data_section(folder)}]
+    current, seen = meta, {str(folder)}
+    while current.get("parent") and len(chain) < 64:
+        parent = str(current["parent"].get("path") or "")
+        location = Path(parent).expanduser()
+        parent_meta = read_json(location / META_FILE) if (location / META_FILE).is_file() else {}
+        if parent in seen or parent_meta.get("kind") not in STAGE_KINDS:
+            return chain, parent or None
+        seen.add(parent)
+        chain.insert(0, {"meta": parent_meta, "data": _read_data_section(location)})
+        current = parent_meta
+    return chain, None
+
+
+def base_facts(path: str | None) -> dict[str, Any]:
+    """The root model of a lineage: its location, hub id or embedded asset, size."""
+    from slimforge.cards import ASSET_HUB_IDS
+
+    if not path:
+        return {}
+    facts: dict[str, Any] = {"path": path}
+    location = Path(path).expanduser()
+    if not location.exists():
+        return {**facts, "hub_id": path}
+    folder = location if location.is_dir() else location.parent
+    meta = read_json(folder / META_FILE) if (folder / META_FILE).is_file() else {}
+    asset = (meta.get("source") or {}).get("asset") if isinstance(meta.get("source"), dict) else None
+    if asset:
+        facts.update(asset=asset, hub_id=ASSET_HUB_IDS.get(asset))
+    if location.is_file():  # a .gguf teacher
+        return {**facts, "disk_bytes": location.stat().st_size}
+    files = folder_facts(folder, meta)
+    facts["num_parameters"] = meta.get("num_parameters") or files.get("num_parameters")
+    facts["disk_bytes"] = files.get("disk_bytes")
+    return facts
+
+
+def write_model_card(folder: str | Path, location: str | Path | None = None, report: dict[str, Any] | None = None,
+                     label: str | None = None, report_path: str | Path | None = None) -> Path:
+    """(Re)write ``README.md`` in a model folder from its ``slimforge.json``, lineage and an eval report.
+
+    Args:
+        folder: the folder to write into (possibly the temporary one an artifact is built in).
+        location: where the folder will live, for the card's loading snippet (default: ``folder``).
+        report: an evaluation report that scored this model under ``label``.
+        report_path: where that report is saved.
+    """
+    from slimforge.cards import CARD_FILE, CardInput, render_card
+    from slimforge.fsutil import atomic_write_text
+
+    folder = Path(folder)
+    meta = read_json(folder / META_FILE) if (folder / META_FILE).is_file() else {}
+    lineage, root = artifact_lineage(folder, meta)
+    if root is None and not lineage:
+        root = (meta.get("teacher") or {}).get("path")
+    card = CardInput(meta=meta, location=str(Path(location or folder).expanduser().resolve()), lineage=lineage,
+                     base=base_facts(root), files=folder_facts(folder, meta), report=report, label=label,
+                     report_path=str(Path(report_path).expanduser().resolve()) if report_path else None)
+    dest, text = folder / CARD_FILE, render_card(card)
+    if not (dest.is_file() and dest.read_text(encoding="utf-8") == text):  # an unchanged card keeps its file
+        atomic_write_text(dest, text)
+    return dest
+
+
+def try_write_model_card(folder: str | Path, **kwargs: Any) -> Path | None:
+    """:func:`write_model_card`, logging instead of raising: a card never costs a finished artifact."""
+    try:
+        return write_model_card(folder, **kwargs)
+    except Exception as err:  # noqa: BLE001 - the weights matter more than their description
+        log.warning("could not write the model card in %s: %s: %s", folder, type(err).__name__, err)
+        return None
 
 
 # --- tokenizers --------------------------------------------------------------------------

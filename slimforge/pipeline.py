@@ -405,6 +405,9 @@ class Run:
                 output: StageOutput = stage.entry.load()(ctx)
                 if main:
                     self.write_artifact(Path(tmp), output, self.artifact_meta(stage, output))
+                    from slimforge.models import try_write_model_card
+
+                    try_write_model_card(Path(tmp), location=folder)  # README.md, part of the atomic artifact
         except BaseException as err:
             record.status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
             record.error = f"{type(err).__name__}: {err}".splitlines()[0]

@@ -27,9 +27,12 @@ def tiny_args(teacher_dir, corpus_dir, run_dir, *extra):
 
 
 def snapshot(folder):
-    """Content and mtime of every file under ``folder``: to prove nothing was touched."""
+    """Content and mtime of every file under ``folder``: to prove nothing was touched.
+
+    Model cards (README.md) are left out: a new evaluation rightly rewrites their results table.
+    """
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in ("run.log", ".lock")}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in ("run.log", ".lock", "README.md")}
 
 
 def main(*args):

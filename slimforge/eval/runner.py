@@ -392,6 +392,11 @@ def evaluate_run(run: Run, session: RunSession, artifacts: dict[str, ModelRef]) 
                 if label != TEACHER]
     settings = EvalSettings.from_config(cfg, session.device, session.dtype)
     report = evaluate_models(session, students, run.recipe.tasks, settings, Path(run.run_dir), run.cfg.name, cfg.gate)
+    from slimforge.models import try_write_model_card
+
+    for label, ref in students:  # each evaluated artifact's card gains its results
+        if label in artifacts:
+            try_write_model_card(ref.path, report=report, label=label, report_path=Path(run.run_dir) / "report.json")
     run.manifest.data["eval"] = {"models": list(report["models"]), "report": str(Path(run.run_dir) / "report.json"),
                                  "gate": report["gate"]["status"]}
     run.manifest.save()
