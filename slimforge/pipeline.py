@@ -43,7 +43,7 @@ from slimforge.fsutil import (
     stable_hash,
 )
 from slimforge.models import META_FILE, RECIPE_FILE, ModelRef
-from slimforge.recipes import compose_recipe, expand_sweep
+from slimforge.recipes import compose_recipe, compose_run, expand_sweep
 from slimforge.stage import StageContext, StageOutput, TeacherInfo
 
 log = logging.getLogger("slimforge")
@@ -485,14 +485,17 @@ def run_recipe(recipe_name: str = "default", overrides: list[str] | None = None,
         recipe_name: shipped recipe name or path to a recipe YAML.
         overrides: Hydra overrides.
         multirun: expand sweep overrides (``key=a,b``) and the recipe's
-            ``hydra.sweeper.params`` into one run per combination.
+            ``hydra.sweeper.params`` into one run per combination; implied when
+            the recipe sets ``hydra.mode: MULTIRUN``.
 
     Returns:
         A :class:`RunResult`, or a list of them for a sweep.
     """
     overrides = list(overrides or [])
     if not multirun:
-        recipe = prepare(recipe_name, overrides)
+        cfg, multirun = compose_run(recipe_name, overrides)
+    if not multirun:
+        recipe = validate_recipe(cfg)
         return run_one(recipe, resolve_run_dir(recipe.config))
     jobs = expand_sweep(recipe_name, overrides)
     recipes = [prepare(recipe_name, job) for job in jobs]  # validate every job before running any

@@ -39,12 +39,9 @@ def recipe_summary(path: Path) -> str:
 
 
 def list_recipes() -> dict[str, str]:
-    """Shipped recipe name -> one-line summary."""
-    return {
-        path.stem: recipe_summary(path)
-        for path in sorted(recipes_dir().glob(f"*{RECIPE_SUFFIX}"))
-        if not path.stem.startswith("_")
-    }
+    """Shipped recipe name -> one-line summary: the default recipe first, then by name."""
+    paths = sorted(recipes_dir().glob(f"*{RECIPE_SUFFIX}"), key=lambda p: (p.stem != "default", p.stem))
+    return {path.stem: recipe_summary(path) for path in paths if not path.stem.startswith("_")}
 
 
 def locate_recipe(recipe: str) -> tuple[Path, str]:
@@ -133,6 +130,25 @@ def expand_sweep(recipe: str, overrides: list[str]) -> list[list[str]]:
     except HydraException as err:
         raise ConfigError(f"sweep overrides: {_hydra_message(err)}") from None
     return [list(job) for batch in batches for job in batch]
+
+
+def compose_run(recipe: str, overrides: list[str]) -> tuple[Any, bool]:
+    """Compose a recipe for ``slimforge run``: (the config without its ``hydra`` node, whether it is a sweep).
+
+    A recipe that sets ``hydra.mode: MULTIRUN`` is a sweep by default, as it would be
+    under ``@hydra.main``: its ``hydra.sweeper.params`` run without ``-m``, and
+    ``hydra.mode=RUN`` runs one job. One composition serves both answers.
+    """
+    from omegaconf import open_dict
+
+    sweeps = [o for o in overrides if _is_sweep(o)]
+    cfg = compose_recipe(recipe, [o for o in overrides if o not in sweeps], with_hydra=True)
+    multirun = str(cfg.hydra.get("mode")).rsplit(".", 1)[-1] == "MULTIRUN"
+    if sweeps and not multirun:
+        return compose_recipe(recipe, overrides), False  # a sweep value without -m: Hydra's own error
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, multirun
 
 
 def _is_sweep(override: str) -> bool:
