@@ -33,13 +33,13 @@ PRESETS = {
                             num_key_value_heads=4),
             "student": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
                             num_key_value_heads=4),
-            "batch": 4, "seq": 256, "dtype": "float32", "steps": 4, "warmup": 1},
+            "batch": 4, "seq": 256, "dtype": "float32", "steps": 4, "warmup": 1, "chunk": 256},
     # The figures measured on an H100 in ../shared/FACTS.md used these shapes.
     "h100": {"teacher": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
                              num_key_value_heads=32),
              "student": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
                              num_key_value_heads=5),
-             "batch": 8, "seq": 1024, "dtype": "bfloat16", "steps": 10, "warmup": 3},
+             "batch": 8, "seq": 1024, "dtype": "bfloat16", "steps": 10, "warmup": 3, "chunk": 1024},
 }
 VOCAB = 49152
 
@@ -105,7 +105,7 @@ def run_variant(variant: str, preset: dict, device_name: str, batch: int, seq: i
                 with torch.no_grad():
                     t_hidden = final_hidden(teacher, ids).reshape(-1, teacher.config.hidden_size)
                 chunk = online_chunk_loss(spec, t_hidden, teacher.get_output_embeddings(), targets, mask, scale)
-            loss = chunked_head_loss(hidden, student.get_output_embeddings(), chunk, chunk_size=1024)
+            loss = chunked_head_loss(hidden, student.get_output_embeddings(), chunk, chunk_size=preset["chunk"])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -162,7 +162,8 @@ def main() -> None:
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     base = next((r for r in rows if r["variant"] == "naive" and not r.get("oom")), None)
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"KD step on {name}: batch {batch} x {seq} tokens, vocab {VOCAB}, {preset['dtype']}")
+    print(f"KD step on {name}: batch {batch} x {seq} tokens, vocab {VOCAB}, {preset['dtype']}, "
+          f"chunks of {preset['chunk']} tokens")
     print(f"{'variant':<10}{'tokens/s':>12}{'peak GiB':>10}{'speed vs naive':>16}{'memory vs naive':>17}")
     for row in rows:
         if row.get("oom"):

@@ -128,21 +128,13 @@ def _print_plan(recipe: Any) -> None:
 
 
 def _print_summary(result: Any) -> None:
-    models = result.report.get("models", {})
-    if models:
-        print(f"\n{'model':<16}{'parameters':>12}  metrics")
-        for label, model in models.items():
-            metrics = ", ".join(f"{t}.{m}={v:.3f}" for t, ms in model["tasks"].items() for m, v in ms.items()
-                                if m not in ("nll",))
-            print(f"{label:<16}{model['num_parameters'] / 1e6:>11.1f}M  {metrics}")
-    gate = result.report.get("gate") or {}
-    if gate.get("status") not in (None, "none"):
-        print(f"gate: {gate['status'].upper()} ({gate['checked']} checks)")
-        for line in gate["failures"]:
-            print(f"FAIL {line}")
-    print(f"\nrun directory: {result.run_dir}")
-    if (result.run_dir / "report.md").is_file():
-        print(f"report: {result.run_dir / 'report.md'}")
+    from slimforge.eval.command import print_summary
+
+    report = result.report or {}
+    print()
+    if report.get("models") and report.get("primary"):
+        print_summary(report, result.run_dir)
+    print(f"run directory: {result.run_dir}")
 
 
 def _cmd_eval(ns: argparse.Namespace) -> int:
