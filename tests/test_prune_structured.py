@@ -15,6 +15,7 @@ from slimforge.prune.structured import (
     WidthTargets,
     angular_distance,
     block_influence,
+    config_accepts,
     depth_scores,
     layers_to_remove,
     prune_width,
@@ -156,3 +157,20 @@ def test_depth_scores_and_choice(tokenizer):
     assert layers_to_remove(bi, 2, "block_influence")[0] == 2 or 2 in layers_to_remove(bi, 2, "block_influence")
     assert layers_to_remove([0.5, 0.1, 0.3], 2, "angular") == [1, 2]
     assert layers_to_remove([0.5, 0.1, 0.3, 0.2], 2, "block_influence") == [1, 3]
+
+
+def test_hidden_widths_follow_what_transformers_accepts():
+    """LlamaConfig refuses hidden % heads != 0 even with head_dim set (SmolLM2: 9 heads, so 576 -> 432, not 448)."""
+    from transformers import LlamaConfig, MistralConfig
+
+    llama = LlamaConfig(vocab_size=64, hidden_size=72, intermediate_size=96, num_hidden_layers=1,
+                        num_attention_heads=9, num_key_value_heads=3)
+    assert not config_accepts(llama, 64, 9, 3) and config_accepts(llama, 54, 9, 3)
+    budget = resolve_width_targets(WidthConfig(round_to=2, param_ratio=0.8, budget_axes=["hidden"]), llama)
+    assert budget.hidden_size % 9 == 0 and budget.hidden_size < 72
+    with pytest.raises(FieldError, match="nearest that fit: 63, 72"):
+        resolve_width_targets(WidthConfig(hidden_size=64), llama)
+    # Mistral's config has no such rule: head_dim carries the attention width.
+    mistral = MistralConfig(vocab_size=64, hidden_size=72, intermediate_size=96, num_hidden_layers=1,
+                            num_attention_heads=9, num_key_value_heads=3, head_dim=8)
+    assert resolve_width_targets(WidthConfig(hidden_size=64), mistral).hidden_size == 64

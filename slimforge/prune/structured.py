@@ -143,6 +143,35 @@ def _round_down(value: float, multiple: int, full: int) -> int:
     return min(full, max(multiple, int(round(value / multiple)) * multiple))
 
 
+def config_accepts(config: Any, hidden: int, heads: int, kv_heads: int) -> bool:
+    """Whether transformers' own validation accepts these widths for ``config``'s architecture.
+
+    Some configs tie widths together regardless of ``head_dim``: transformers' LlamaConfig
+    refuses a hidden size that is not a multiple of the number of attention heads.
+    """
+    trial = copy.deepcopy(config)
+    trial.head_dim = arch.head_dim(config)
+    trial.hidden_size, trial.num_attention_heads, trial.num_key_value_heads = hidden, heads, kv_heads
+    validate = getattr(trial, "validate_architecture", None)
+    try:
+        if validate is not None:
+            validate()
+    except ValueError:
+        return False
+    return True
+
+
+def _accepted_hidden(config: Any, hidden: int, heads: int, kv_heads: int, round_to: int) -> int:
+    """``hidden``, or the nearest smaller width the architecture accepts (a multiple of
+    ``round_to`` where one fits, else the nearest accepted width at all)."""
+    full = int(config.hidden_size)
+    for step in (round_to, 1):
+        for candidate in range(hidden - hidden % step, 0, -step):
+            if config_accepts(config, candidate, heads, kv_heads):
+                return candidate
+    return next((h for h in range(hidden, full) if config_accepts(config, h, heads, kv_heads)), full)
+
+
 def _scaled_targets(config: Any, scale: dict[str, float], head_mode: str, round_to: int) -> WidthTargets:
     heads, kv = int(config.num_attention_heads), arch.num_kv_heads(config)
     per_group = heads // kv
@@ -151,9 +180,10 @@ def _scaled_targets(config: Any, scale: dict[str, float], head_mode: str, round_
     s = scale.get("heads", 1.0)
     if head_mode == "group":
         kv_new = max(1, min(kv, round(kv * s)))
-        return WidthTargets(inter, kv_new * per_group, kv_new, hidden)
-    q_new = max(1, min(per_group, round(per_group * s)))
-    return WidthTargets(inter, q_new * kv, kv, hidden)
+        q_new, kv_keep = kv_new * per_group, kv_new
+    else:
+        q_new, kv_keep = max(1, min(per_group, round(per_group * s))) * kv, kv
+    return WidthTargets(inter, q_new, kv_keep, _accepted_hidden(config, hidden, q_new, kv_keep, round_to))
 
 
 def width_param_count(config: Any, targets: WidthTargets) -> int:
@@ -216,6 +246,14 @@ def resolve_width_targets(cfg: Any, config: Any) -> WidthTargets:
                              f"{arch.head_dim(config)}) go, so it must be a multiple of {per_group}")
         else:
             kv_heads = q_heads // per_group
+    if not config_accepts(config, int(hidden), int(q_heads), int(kv_heads)):
+        fits = [h for h in range(int(config.hidden_size), 0, -1) if config_accepts(config, h, int(q_heads), int(kv_heads))]
+        below = max((h for h in fits if h < hidden), default=None)
+        above = min((h for h in fits if h > hidden), default=None)
+        raise FieldError("hidden_size", hidden,
+                         f"transformers' {type(config).__name__} refuses it with {q_heads} attention heads "
+                         f"(the hidden size must be a multiple of the head count); nearest that fit: "
+                         f"{', '.join(str(h) for h in (below, above) if h is not None)}")
     return WidthTargets(int(inter), int(q_heads), int(kv_heads), int(hidden))
 
 
