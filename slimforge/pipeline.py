@@ -95,15 +95,7 @@ class RunSession:
         return self._tokenizer
 
     def teacher_info(self) -> TeacherInfo:
-        from transformers import AutoConfig
-
-        ref = self.teacher_ref
-        if ref.gguf_file or ref.path.endswith(".gguf"):
-            config = self.teacher()[0].config
-        else:
-            config = AutoConfig.from_pretrained(ref.path, revision=ref.revision,
-                                                trust_remote_code=ref.trust_remote_code)
-        return TeacherInfo(config=config, tokenizer=self.teacher_tokenizer())
+        return model_info(self.teacher_ref, self.teacher_tokenizer(), lambda: self.teacher()[0])
 
     def data(self) -> Any:
         if self._data is None:
@@ -114,6 +106,17 @@ class RunSession:
 
     def release_teacher(self) -> None:
         self._teacher = None
+
+
+def model_info(ref: ModelRef, tokenizer: Any = None, load: Any = None) -> TeacherInfo:
+    """A model's config and tokenizer, for preflight checks; a GGUF file is loaded (``load``) for its config."""
+    from transformers import AutoConfig
+
+    if ref.gguf_file or ref.path.endswith(".gguf"):
+        config = (load() if load is not None else ref.load()[0]).config
+    else:
+        config = AutoConfig.from_pretrained(ref.path, revision=ref.revision, trust_remote_code=ref.trust_remote_code)
+    return TeacherInfo(config=config, tokenizer=tokenizer if tokenizer is not None else ref.load_tokenizer())
 
 
 def resolve_teacher(recipe: Recipe) -> ModelRef:
@@ -245,14 +248,20 @@ def run_logging(run_dir: Path):
 
 
 class Run:
-    """One invocation of one recipe into one run directory."""
+    """One invocation of one recipe into one run directory.
 
-    def __init__(self, recipe: Recipe, run_dir: Path) -> None:
+    The first stage's input is the teacher, unless ``source`` names another model (the
+    Python API's ``slimforge.distill(student, teacher=...)``); the teacher then joins
+    every fingerprint, since the stages still learn from it.
+    """
+
+    def __init__(self, recipe: Recipe, run_dir: Path, source: ModelRef | None = None) -> None:
         from omegaconf import OmegaConf
 
         self.recipe = recipe
         self.cfg = recipe.config
         self.run_dir = run_dir
+        self.source = source
         self.recipe_yaml = OmegaConf.to_yaml(recipe.raw)
         self.manifest = Manifest(run_dir / MANIFEST)
 
@@ -260,7 +269,7 @@ class Run:
 
     def plan(self, session: RunSession) -> list[PlannedStage]:
         """Fingerprint every stage and run each method's preflight checks."""
-        info = None
+        info = source_info = None
         data_fp = None
         planned: list[PlannedStage] = []
         if self.recipe.tasks or any(self.recipe.stages[n].kind in DATA_KINDS for n in self.recipe.pipeline):
@@ -269,7 +278,8 @@ class Run:
             from slimforge.eval.runner import preflight_run
 
             preflight_run(self.recipe, session)  # task names and data, gate targets: before any stage
-        parent_fp = session.teacher_ref.fingerprint
+        first = self.source or session.teacher_ref
+        parent_fp = first.fingerprint
         for index, name in enumerate(self.recipe.pipeline):
             stage_cfg = self.recipe.stages[name]
             from slimforge.registry import registry
@@ -279,21 +289,26 @@ class Run:
             # check_teacher: checks against the teacher alone, valid at any position.
             hooks = [h for h in ("check_teacher", "preflight" if index == 0 else None) if h and hasattr(stage_cfg, h)]
             for hook in hooks:
-                info = info or session.teacher_info()
+                if hook == "preflight" and self.source is not None:
+                    target = source_info = source_info or model_info(self.source)
+                else:
+                    target = info = info or session.teacher_info()
                 try:
-                    getattr(stage_cfg, hook)(info)
+                    getattr(stage_cfg, hook)(target)
                 except ConfigError as err:
                     from slimforge.config import FieldError
 
                     raise (err.at(f"stages.{name}") if isinstance(err, FieldError) else err) from None
             chash = config_hash(stage_cfg)
             parts = [stage_cfg.kind, stage_cfg.method, chash, parent_fp, self.cfg.seed]
+            if self.source is not None:
+                parts.append(session.teacher_ref.fingerprint)
             if stage_cfg.kind in DATA_KINDS:
                 data_fp = data_fp or session.data().fingerprint
                 parts.append(data_fp)
             fingerprint = stable_hash(parts)
             planned.append(PlannedStage(index, name, stage_cfg, entry, fingerprint, chash,
-                                        session.teacher_ref if index == 0 else None, parent_fp))
+                                        first if index == 0 else None, parent_fp))
             parent_fp = fingerprint
         return planned
 
@@ -327,7 +342,7 @@ class Run:
         with lock, logs:
             dist.on_main(self._start_invocation, session)
             artifacts: dict[str, ModelRef] = {}
-            parent = session.teacher_ref
+            parent = self.source or session.teacher_ref
             for stage in planned:
                 stage.parent = parent
                 parent = self.run_stage(session, stage, len(planned))
@@ -346,6 +361,8 @@ class Run:
             "teacher": {"path": session.teacher_ref.path, "fingerprint": session.teacher_ref.fingerprint},
             "pipeline": self.recipe.pipeline,
         })
+        if self.source is not None:
+            self.manifest.data["source"] = {"path": self.source.path, "fingerprint": self.source.fingerprint}
         self.manifest.data.setdefault("created", _now())
         self.manifest.data.setdefault("invocations", []).append(
             {"started": _now(), "argv": sys.argv[1:], "world_size": dist.world_size()})
@@ -464,13 +481,16 @@ def prepare(recipe_name: str, overrides: list[str]) -> Recipe:
     return validate_recipe(compose_recipe(recipe_name, overrides))
 
 
-def run_one(recipe: Recipe, run_dir: Path) -> RunResult:
-    """Run one recipe into ``run_dir``: in one process, or on every rank of ``accelerate launch``."""
+def run_one(recipe: Recipe, run_dir: Path, source: ModelRef | None = None) -> RunResult:
+    """Run one recipe into ``run_dir``: in one process, or on every rank of ``accelerate launch``.
+
+    ``source``: the first stage's input when it is not the teacher (see :class:`Run`).
+    """
     dist.ensure_process_group()
     if not dist.is_main():
         log.setLevel(logging.WARNING)  # one rank reports progress
     run_dir = Path(dist.broadcast_object(str(run_dir)))  # one timestamped name for all ranks
-    run = Run(recipe, run_dir)
+    run = Run(recipe, run_dir, source)
     session = RunSession(recipe, dist.main_then_others(resolve_teacher, recipe))
     planned = dist.main_then_others(run.plan, session)
     dist.on_main(run.check_conflicts, planned)

@@ -68,6 +68,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--min-top1", type=float, metavar="X", help="gate: top-1 token agreement")
     p.add_argument("--out", metavar="DIR", help="where eval/ and report.* go (default: runs/eval/<time>)")
     p.add_argument("--no-cache", action="store_true", help="recompute instead of reusing cached results")
+    p.add_argument("--write-cards", action="store_true",
+                   help="add these results to the model card (README.md) of each student that is a slimforge artifact")
     return p
 
 
@@ -180,8 +182,20 @@ def print_summary(report: dict[str, Any], out_dir: Path) -> None:
 
 def run(ns: argparse.Namespace) -> int:
     """The ``eval`` subcommand; returns the exit status."""
-    from slimforge.config import DataConfig
     from slimforge.eval.gate import exit_code
+
+    report, out_dir = evaluate(ns)
+    print_summary(report, out_dir)
+    sys.stdout.flush()
+    return exit_code(report)
+
+
+def evaluate(ns: argparse.Namespace) -> tuple[dict[str, Any], Path]:
+    """Check the arguments, evaluate, write ``eval/`` and the reports; returns the report and its folder.
+
+    The ``eval`` subcommand and :func:`slimforge.evaluate` both come through here.
+    """
+    from slimforge.config import DataConfig
 
     tasks = build_tasks(ns)
     gate = build_gate(ns)
@@ -215,6 +229,11 @@ def run(ns: argparse.Namespace) -> int:
     settings = EvalSettings.from_config(eval_cfg, device, dtype)
     title = f"{Path(ns.teacher).name} vs {', '.join(labels)}"
     report = evaluate_models(session, students, tasks, settings, out_dir, title, gate)
-    print_summary(report, out_dir)
-    sys.stdout.flush()
-    return exit_code(report)
+    if getattr(ns, "write_cards", False):
+        from slimforge.models import META_FILE, STAGE_KINDS, try_write_model_card
+
+        for label, ref in students:
+            meta = ref.meta or {}
+            if Path(ref.path).is_dir() and (Path(ref.path) / META_FILE).is_file() and meta.get("kind") in STAGE_KINDS:
+                try_write_model_card(ref.path, report=report, label=label, report_path=out_dir / "report.json")
+    return report, out_dir
