@@ -222,15 +222,14 @@ def stage_data(entry: dict[str, Any]) -> str | None:
 
 
 def _teacher_name(base: dict[str, Any]) -> str:
-    if base.get("asset"):
-        hub = base.get("hub_id")
-        return f"{hub} (embedded asset {base['asset']})" if hub else f"embedded asset {base['asset']}"
-    return str(base.get("hub_id") or base.get("path") or "unknown")
+    """The teacher in a sentence: its hub id or path in code style, and the asset it came from."""
+    name = f"`{base.get('hub_id') or base.get('path') or 'unknown'}`"
+    return f"{name} (embedded asset {base['asset']})" if base.get("asset") else name
 
 
 def lineage_section(inp: CardInput) -> list[str]:
     lines = ["## Lineage", ""]
-    chain = " → ".join([f"`{_teacher_name(inp.base)}`"]
+    chain = " → ".join([_teacher_name(inp.base)]
                        + [f"{e['meta'].get('stage')} ({e['meta'].get('kind')}: {e['meta'].get('method')})"
                           for e in inp.lineage])
     lines += [chain, ""]
@@ -467,7 +466,7 @@ def render_card(inp: CardInput) -> str:
     meta = inp.meta
     title = meta.get("stage") or "model"
     kinds = [e["meta"].get("kind") for e in inp.lineage]
-    summary = (f"A {' → '.join(KIND_TAGS.get(str(k), str(k)) for k in kinds)} version of `{_teacher_name(inp.base)}`, "
+    summary = (f"A {' → '.join(KIND_TAGS.get(str(k), str(k)) for k in kinds)} version of {_teacher_name(inp.base)}, "
                f"made by slimforge {meta.get('slimforge_version', '')}".rstrip() + "." if kinds else
                f"Made by slimforge {meta.get('slimforge_version', '')}.")
     head = "---\n" + yaml.safe_dump(front_matter(inp), sort_keys=False, allow_unicode=True) + "---\n"

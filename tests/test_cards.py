@@ -1,0 +1,240 @@
+"""Model cards: one in every artifact, naming its lineage, size, results and how to load it."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import yaml
+from conftest import REPO
+from transformers import AutoModelForCausalLM
+
+import slimforge
+from slimforge import cli
+from slimforge.cards import CardInput, render_card
+from slimforge.eval.fingerprint import content_fingerprint
+from slimforge.models import write_model_card
+
+TINY = str(REPO / "tests" / "assets" / "recipes" / "tiny.yaml")
+STAGES = ("sp", "heal", "q")
+
+
+def front_matter(card: str) -> dict:
+    match = re.match(r"^---\n(.*?)\n---\n", card, re.S)
+    assert match, card[:200]
+    return yaml.safe_load(match.group(1))
+
+
+def python_snippet(card: str) -> str:
+    return re.search(r"## How to load.*?```python\n(.*?)```", card, re.S).group(1)
+
+
+def row(card: str, first_cell: str) -> list[str]:
+    """The cells of the table row whose first cell is ``first_cell``."""
+    for line in card.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r} in:\n{card}")
+
+
+@pytest.fixture(scope="module")
+def run_dir(teacher_dir, corpus_dir, tmp_path_factory):
+    """prune (magnitude) -> distill -> quantize (rtn) with the eval stage, on the tiny teacher."""
+    run = tmp_path_factory.mktemp("cards") / "run"
+    args = ["run", TINY, f"teacher.path={teacher_dir}", f"data.path={corpus_dir}", f"run_dir={run}",
+            "+prune@stages.sp=magnitude", "+distill@stages.heal=kd", "+quantize@stages.q=rtn",
+            "pipeline=[sp,heal,q]", "stages.sp.sparsity=0.5", "stages.heal.steps=2", "stages.heal.batch_size=2",
+            "stages.heal.eval_blocks=2", "stages.heal.keep_sparsity=true", "stages.q.group_size=32",
+            "eval.tasks.perplexity.max_blocks=2", "eval.batch_size=4"]
+    assert cli.main(args) == 0
+    return run
+
+
+def cards(run_dir):
+    return {name: (run_dir / "stages" / name / "README.md").read_text() for name in STAGES}
+
+
+def test_every_stage_folder_has_a_card_with_front_matter(run_dir, teacher_dir):
+    for name, card in cards(run_dir).items():
+        matter = front_matter(card)
+        assert matter["library_name"] == "transformers" and matter["pipeline_tag"] == "text-generation"
+        assert matter["base_model"] == str(teacher_dir) and "slimforge" in matter["tags"]
+        assert card.startswith("---\n") and f"\n# {name}\n" in card
+    assert front_matter(cards(run_dir)["q"])["tags"][:7] == ["slimforge", "pruned", "magnitude", "distilled", "kd",
+                                                             "quantized", "rtn"]
+    assert front_matter(cards(run_dir)["q"])["base_model_relation"] == "quantized"
+    assert not list((run_dir / "stages").rglob(".README.md*"))  # written atomically, no temp files left
+
+
+def test_the_card_names_the_lineage_with_key_settings_and_tokens_seen(run_dir, teacher_dir):
+    card = cards(run_dir)["q"]
+    assert f"`{teacher_dir}` → sp (prune: magnitude) → heal (distill: kd) → q (quantize: rtn)" in card
+    sp, heal, q = row(card, "1"), row(card, "2"), row(card, "3")
+    assert sp[1:4] == ["sp", "prune: magnitude", "sparsity 0.5, per layer"] and "50.0%" in sp[4]
+    assert sp[5] == "–"  # magnitude reads no data
+    tokens = json.loads((run_dir / "stages" / "heal" / "slimforge.json").read_text())["metrics"]["tokens"]
+    assert "2 steps × batch 2" in heal[3] and "lr 0.0001" in heal[3] and "loss forward_kl" in heal[3]
+    assert heal[5] == f"trained on {REPO / 'tests' / 'assets' / 'corpus'} (blocks of 32 tokens): {tokens:,} tokens seen"
+    bits = json.loads((run_dir / "stages" / "q" / "slimforge.json").read_text())["bits_per_weight"]
+    assert q[3] == "int4, groups of 32" and q[4] == f"{bits:.2f} bits/weight"
+    assert "after stage sp; since then: heal kept the mask" in card
+    # the first stage's card knows only its own past
+    assert "heal" not in cards(run_dir)["sp"].split("## Size")[0]
+
+
+def test_size_comes_from_the_artifacts_metadata(run_dir):
+    card = cards(run_dir)["q"]
+    meta = json.loads((run_dir / "stages" / "q" / "slimforge.json").read_text())
+    size = row(card, "size on disk (weights)")
+    assert size[1] == f"{meta['size_on_disk_bytes'] / 1e3:.1f} kB"
+    assert f"Bits per weight: {meta['bits_per_weight']:.2f}" in card
+    assert row(card, "parameters")[1] == f"{meta['num_parameters']:,}"
+    assert "Weights stored as float32" in cards(run_dir)["sp"]
+
+
+def test_cards_carry_the_retention_numbers_of_report_json(run_dir):
+    report = json.loads((run_dir / "report.json").read_text())
+    for name, card in cards(run_dir).items():
+        cells = row(card, "perplexity.perplexity ↓")
+        teacher = report["models"]["teacher"]["tasks"]["perplexity"]["perplexity"]
+        mine = report["models"][name]["tasks"]["perplexity"]["perplexity"]
+        kept = report["retained"][name]["perplexity.perplexity"]
+        ci = report["retained_ci"][name]["perplexity.perplexity"]
+        assert cells[1:] == [f"{teacher:.3f}", f"{mine:.3f}", f"{kept:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"]
+        kl = report["fidelity"][name]["perplexity"]["kl_mean"]
+        assert row(card, "perplexity: mean KL(teacher ‖ model)")[1] == f"{kl:.4g}"
+        assert str(run_dir / "report.json") in card
+
+
+def test_folders_still_load_and_the_cards_snippet_runs(run_dir):
+    for name in STAGES:
+        folder = run_dir / "stages" / name
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        assert model.config.num_hidden_layers == 4
+    card = cards(run_dir)["q"]
+    assert "pip install transformers compressed-tensors" in card
+    namespace: dict = {}
+    exec(python_snippet(card), namespace)  # noqa: S102 - our own card's code, on our own model
+    assert namespace["model"].hf_quantizer is not None
+
+
+def test_rewriting_a_card_changes_no_fingerprint_and_a_rerun_reuses_everything(run_dir, teacher_dir, corpus_dir, capsys):
+    folder = run_dir / "stages" / "heal"
+    before = content_fingerprint(str(folder))
+    card = folder / "README.md"
+    card.write_text("edited by hand\n")
+    assert content_fingerprint(str(folder)) == before
+    args = ["run", TINY, f"teacher.path={teacher_dir}", f"data.path={corpus_dir}", f"run_dir={run_dir}",
+            "+prune@stages.sp=magnitude", "+distill@stages.heal=kd", "+quantize@stages.q=rtn",
+            "pipeline=[sp,heal,q]", "stages.sp.sparsity=0.5", "stages.heal.steps=2", "stages.heal.batch_size=2",
+            "stages.heal.eval_blocks=2", "stages.heal.keep_sparsity=true", "stages.q.group_size=32",
+            "eval.tasks.perplexity.max_blocks=2", "eval.batch_size=4"]
+    assert cli.main(args) == 0
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert {s["status"] for s in manifest["stages"].values()} == {"skipped"}
+    assert "eval heal: unchanged, reusing" in capsys.readouterr().err
+    assert "## Evaluation" in card.read_text() and "edited by hand" not in card.read_text()
+
+
+@pytest.fixture(scope="module")
+def formats(teacher_dir, corpus_dir, tmp_path_factory):
+    """A GGUF file, a bitsandbytes NF4 folder and a QLoRA adapter over it, through the Python API."""
+    root = tmp_path_factory.mktemp("formats")
+    data = {"path": str(corpus_dir), "block_size": 32}
+    gguf = slimforge.quantize(teacher_dir, root / "gguf", method="gguf", type="Q8_0", data=data, name="gg")
+    nf4 = slimforge.quantize(teacher_dir, root / "nf4", method="bnb_nf4", data=data, name="nf4")
+    lora = slimforge.distill(nf4, teacher=teacher_dir, out_dir=root / "qlora", data=data, name="qlora", steps=1,
+                             batch_size=2, eval_blocks=2, lora={"enabled": True, "r": 4})
+    return {"gguf": gguf, "bitsandbytes": nf4, "lora": lora}
+
+
+@pytest.mark.parametrize("kind, needs", [("gguf", "gguf"), ("bitsandbytes", "bitsandbytes"),
+                                         ("lora", "peft bitsandbytes")])
+def test_each_format_gets_the_snippet_that_loads_it(formats, kind, needs):
+    folder = formats[kind]
+    card = (folder / "README.md").read_text()
+    assert f"pip install transformers {needs}`" in card
+    if kind == "gguf":
+        gguf_file = json.loads((folder / "slimforge.json").read_text())["gguf_file"]
+        assert f'gguf_file="{gguf_file}"' in card and f"llama-cli -m {folder}/{gguf_file}" in card
+        assert front_matter(card)["library_name"] == "transformers" and "gguf" in front_matter(card)["tags"]
+    if kind == "lora":
+        assert front_matter(card)["library_name"] == "peft"
+        assert front_matter(card)["base_model_relation"] == "adapter"
+        assert f"over the quantized base `{formats['bitsandbytes']}`" in card
+    namespace: dict = {}
+    exec(python_snippet(card), namespace)  # noqa: S102 - our own card's code, on our own model
+    with torch.no_grad():
+        logits = namespace["model"](input_ids=torch.tensor([[1, 5, 9, 33]])).logits
+    assert torch.isfinite(logits).all()
+
+
+# --- rendering alone ------------------------------------------------------------------------
+
+
+def stage_meta(stage, kind, method, parent, config, **extra):
+    return {"stage": stage, "kind": kind, "method": method, "slimforge_version": "0.1.0",
+            "parent": {"label": "x", "path": parent}, "teacher": {"path": "/models/teacher"},
+            "config": {"kind": kind, "method": method, **config}, "fingerprint": f"fp-{stage}", **extra}
+
+
+def test_render_names_the_asset_teachers_hub_id_and_marks_a_failed_gate():
+    prune = stage_meta("sp", "prune", "wanda", "/cache/smollm", {"sparsity": 0.5, "per": "row", "n": 2, "m": 4},
+                       sparsity={"overall": 0.5}, pattern="2:4", calibration={"samples": 8, "seq_len": 64})
+    report = {"teacher": "teacher", "settings": {"device": "cpu", "dtype": "float32", "batch_size": 8, "seed": 1},
+              "models": {"teacher": {"path": "/cache/smollm", "tasks": {"arc_easy": {"acc": 0.5}}},
+                         "sp": {"path": "/run/stages/sp", "tasks": {"arc_easy": {"acc": 0.4}}}},
+              "higher_is_better": {"arc_easy": {"acc": True}}, "retained": {"sp": {"arc_easy.acc": 0.8, "size": 1.0}},
+              "retained_ci": {"sp": {}}, "fidelity": {"sp": {"arc_easy": {"flips": {"flip_rate": 0.25}}}},
+              "tasks": {"arc_easy": {"items": 20}},
+              "gate": {"status": "fail", "failures": ["sp: arc_easy.acc retained 0.8000 < 0.9"]}}
+    card = render_card(CardInput(meta=prune, location="/run/stages/sp",
+                                 lineage=[{"meta": prune, "data": {"asset": "shakespeare", "block_size": 256}}],
+                                 base={"path": "/cache/smollm", "asset": "smollm2-135m",
+                                       "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "num_parameters": 134515008},
+                                 files={"format": "hf", "dtype": "float32"}, report=report, label="sp"))
+    assert front_matter(card)["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "`HuggingFaceTB/SmolLM2-135M-Instruct` (embedded asset smollm2-135m) → sp (prune: wanda)" in card
+    assert row(card, "1")[3] == "2:4 sparsity, per row"
+    assert row(card, "1")[5] == "calibrated on 8 windows of 64 tokens from asset shakespeare (blocks of 256 tokens)"
+    assert row(card, "arc_easy.acc ↑")[1:] == ["0.5", "0.4", "0.800"]
+    assert row(card, "arc_easy: answers flipped")[1] == "0.25"
+    assert "CI gate: FAIL for this model — arc_easy.acc retained 0.8000 < 0.9." in card
+    assert "Tasks: arc_easy (20 items)." in card
+
+
+def test_render_without_results_says_how_to_get_them_and_survives_odd_paths():
+    meta = stage_meta("q", "quantize", "gptq", "/odd: path|x", {"bits": 4, "group_size": -1, "act_order": True},
+                      bits_per_weight=4.25, bits_per_param=5.5, quantization={"bits": 4})
+    card = render_card(CardInput(meta=meta, location="/out/q", lineage=[{"meta": meta, "data": None}],
+                                 base={"path": "/odd: path|x"}, files={"format": "compressed-tensors"}))
+    assert front_matter(card)["base_model"] == "/odd: path|x" and "4-bit" in front_matter(card)["tags"]
+    assert "Not evaluated yet" in card and "--students /out/q" in card
+    assert row(card, "1")[3] == "int4, per channel, act_order True"
+    assert "calibrated on" in row(card, "1")[5]  # GPTQ reads data even when the meta does not say how much
+    assert "vllm serve /out/q" in card
+
+
+def test_write_model_card_on_a_folder_without_metadata(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "bfloat16"}))
+    card = write_model_card(tmp_path).read_text()
+    assert card.startswith("---\n") and "## How to load" in card and "Weights stored as bfloat16" in card
+
+
+def test_eval_command_writes_cards_only_into_slimforge_artifacts(formats, teacher_dir, model_dirs, corpus_dir, tmp_path,
+                                                                  capsys):
+    folder = formats["bitsandbytes"]
+    assert "Not evaluated yet" in (folder / "README.md").read_text()
+    plain = model_dirs["qwen2"]  # an HF folder slimforge did not make: never written into
+    args = ["eval", "--teacher", str(teacher_dir), "--students", str(folder), str(plain), "--labels", "nf4", "other",
+            "--tasks", "perplexity", "--data", str(corpus_dir), "--block-size", "32", "--max-blocks", "2",
+            "--out", str(tmp_path / "eval"), "--write-cards"]
+    assert cli.main(args) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    card = (folder / "README.md").read_text()
+    kept = report["retained"]["nf4"]["perplexity.perplexity"]
+    assert "Not evaluated yet" not in card and row(card, "perplexity.perplexity ↓")[3].startswith(f"{kept:.3f}")
+    assert not (plain / "README.md").exists()
