@@ -479,7 +479,9 @@ def render_card(inp: CardInput) -> str:
     if inp.lineage:
         body += lineage_section(inp)
     body += size_section(inp) + results_section(inp) + load_section(inp)
-    files = ["`slimforge.json` (everything the stage recorded)", "`recipe.yaml` (the resolved recipe)"]
+    files = ["`slimforge.json` (everything the stage recorded)"]
+    if inp.files.get("has_recipe", True):
+        files.append("`recipe.yaml` (the resolved recipe)")
     body += ["## Provenance", "", "Beside the weights: " + ", ".join(files)
              + (f". Fingerprint `{meta['fingerprint']}`." if meta.get("fingerprint") else "."), ""]
     return head + "\n" + "\n".join(body).rstrip() + "\n"

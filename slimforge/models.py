@@ -388,7 +388,7 @@ def folder_facts(folder: Path, meta: dict[str, Any] | None = None) -> dict[str, 
     from slimforge.quantize.report import weight_files_size
 
     meta = meta or {}
-    facts: dict[str, Any] = {"format": "hf"}
+    facts: dict[str, Any] = {"format": "hf", "has_recipe": (folder / RECIPE_FILE).is_file()}
     config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     gguf = meta.get("gguf_file") or next((p.name for p in sorted(folder.glob("*.gguf"))), None)
     adapter = folder / "adapter_config.json"

@@ -398,6 +398,10 @@ class Run:
         record.started, record.ended, record.seconds = (previous.get(k) for k in ("started", "ended", "seconds"))
         self.manifest.set_stage(record)
         log.info("%s: unchanged, reusing %s", label, folder)
+        if not (folder / "README.md").is_file():  # made before slimforge wrote model cards
+            from slimforge.models import try_write_model_card
+
+            try_write_model_card(folder)
         return True
 
     def _execute_stage(self, session: RunSession, stage: PlannedStage, folder: Path, record: StageRecord,

@@ -137,6 +137,9 @@ def test_rewriting_a_card_changes_no_fingerprint_and_a_rerun_reuses_everything(r
     assert {s["status"] for s in manifest["stages"].values()} == {"skipped"}
     assert "eval heal: unchanged, reusing" in capsys.readouterr().err
     assert "## Evaluation" in card.read_text() and "edited by hand" not in card.read_text()
+    (run_dir / "stages" / "sp" / "README.md").unlink()  # an artifact from before cards: a rerun adds one
+    assert cli.main([*args, "eval.models=[teacher]"]) == 0
+    assert "Not evaluated yet" in (run_dir / "stages" / "sp" / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +225,7 @@ def test_write_model_card_on_a_folder_without_metadata(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "bfloat16"}))
     card = write_model_card(tmp_path).read_text()
     assert card.startswith("---\n") and "## How to load" in card and "Weights stored as bfloat16" in card
+    assert "recipe.yaml" not in card  # there is none beside these weights
 
 
 def test_eval_command_writes_cards_only_into_slimforge_artifacts(formats, teacher_dir, model_dirs, corpus_dir, tmp_path,
