@@ -445,8 +445,8 @@ def base_facts(path: str | None) -> dict[str, Any]:
         return {}
     facts: dict[str, Any] = {"path": path}
     location = Path(path).expanduser()
-    if not location.exists():
-        return {**facts, "hub_id": path}
+    if not location.exists():  # a hub id, or a local folder since moved away
+        return facts if _looks_like_local_path(path) else {**facts, "hub_id": path}
     folder = location if location.is_dir() else location.parent
     meta = read_json(folder / META_FILE) if (folder / META_FILE).is_file() else {}
     asset = (meta.get("source") or {}).get("asset") if isinstance(meta.get("source"), dict) else None

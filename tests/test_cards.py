@@ -242,3 +242,10 @@ def test_eval_command_writes_cards_only_into_slimforge_artifacts(formats, teache
     kept = report["retained"]["nf4"]["perplexity.perplexity"]
     assert "Not evaluated yet" not in card and row(card, "perplexity.perplexity ↓")[3].startswith(f"{kept:.3f}")
     assert not (plain / "README.md").exists()
+
+
+def test_a_moved_teacher_is_not_mistaken_for_a_hub_id(tmp_path):
+    from slimforge.models import base_facts
+
+    assert base_facts("runs/gone/stages/sp") == {"path": "runs/gone/stages/sp"}
+    assert base_facts("HuggingFaceTB/SmolLM2-135M-Instruct")["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
