@@ -232,7 +232,11 @@ def test_content_fingerprint_follows_bytes_not_names_or_times(tmp_path):
     first = content_fingerprint(str(model))
     shutil.copytree(model, tmp_path / "copy")
     (tmp_path / "copy" / "slimforge.json").write_text('{"created": "tomorrow"}')  # provenance is not content
+    (tmp_path / "copy" / "tensorboard").mkdir()  # nor are training logs (distillation writes event files)
+    (tmp_path / "copy" / "tensorboard" / "events.out.tfevents.1").write_bytes(b"timestamped")
     assert content_fingerprint(str(tmp_path / "copy")) == first
+    (tmp_path / "copy" / "extra.safetensors").write_bytes(b"more")  # a weight file anywhere else is
+    assert content_fingerprint(str(tmp_path / "copy")) != first
     (model / "model.safetensors").write_bytes(b"weights-2")  # same size, new bytes
     os.utime(model / "model.safetensors", ns=(1, 1))
     assert content_fingerprint(str(model)) != first

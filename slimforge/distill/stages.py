@@ -53,6 +53,10 @@ def ensure_teacher_cache(cfg: DistillConfig, session: Any, seed: int) -> Teacher
             build_teacher_cache(teacher, data.train, data.heldout, train, heldout, cfg.top_k, cfg.temperature,
                                 folder, key, session.device, batch_size=cfg.batch_size,
                                 provenance={"teacher": session.teacher_ref.path, "data": data.stats.get("source")})
+            del teacher
+            release = getattr(session, "release_teacher", None)
+            if release is not None:  # training reads the cache: the teacher's memory goes back now
+                release()
         dist.barrier()
     from slimforge.distill.teacher_cache import open_teacher_cache
 

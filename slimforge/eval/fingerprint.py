@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # Files that describe provenance, not the model: timestamps differ between identical copies.
 _NOT_CONTENT = {"slimforge.json", "recipe.yaml", "README.md", ".lock"}
+# Folders of training logs inside an artifact (distillation's TensorBoard events carry timestamps).
+_NOT_CONTENT_DIRS = {"tensorboard"}
 _MEMO_LOCK = threading.Lock()
 
 
@@ -48,7 +50,8 @@ def _content_files(location: Path, gguf_file: str | None) -> list[Path]:
     if gguf_file:
         return [location / gguf_file]
     return sorted(p for p in location.rglob("*")
-                  if p.is_file() and p.name not in _NOT_CONTENT and not p.name.startswith("."))
+                  if p.is_file() and p.name not in _NOT_CONTENT and not p.name.startswith(".")
+                  and _NOT_CONTENT_DIRS.isdisjoint(p.relative_to(location).parts[:-1]))
 
 
 def _adapter_base(location: Path) -> str | None:
