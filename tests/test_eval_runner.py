@@ -24,6 +24,8 @@ from slimforge.eval.fingerprint import content_fingerprint
 from slimforge.eval.runner import EvalSession, EvalSettings, evaluate_models
 from slimforge.models import ModelRef
 
+STUDENT = str(Path(__file__).resolve().parent / "assets" / "recipes" / "student.yaml")  # the runner's test recipe
+
 CPU = torch.device("cpu")
 MC_ROWS = [
     {"question": "Who is the Prince of Denmark?", "choices": ["Hamlet", "Macbeth"], "answer": 0},
@@ -286,7 +288,7 @@ def test_recipe_with_a_quantize_stage_and_a_gate(teacher_dir, corpus_dir, tmp_pa
                      "eval.tasks.perplexity.max_blocks=4", "eval.gate.max_kl=0.0", "eval.gate.min_retained=0.01",
                      "+eval.tasks.speed.type=efficiency", "+eval.tasks.speed.prompt_tokens=8",
                      "+eval.tasks.speed.new_tokens=4", "+eval.tasks.speed.repeats=1")
-    assert cli.main(["run", "default", *args]) == 1
+    assert cli.main(["run", STUDENT, *args]) == 1
     out = capsys.readouterr().out
     assert "gate: FAIL" in out and "FAIL nf4: perplexity.kl_mean" in out
     report = json.loads((run_dir / "report.json").read_text())
@@ -301,7 +303,7 @@ def test_recipe_with_a_quantize_stage_and_a_gate(teacher_dir, corpus_dir, tmp_pa
 def test_shipped_eval_presets_validate(tmp_path):
     from slimforge.pipeline import prepare
 
-    recipe = prepare("default", ["eval=standard"])
+    recipe = prepare(STUDENT, ["eval=standard"])
     tasks = recipe.tasks
     assert {cfg.task for cfg in tasks.values() if cfg.type == "lm_eval"} == {
         "arc_easy", "arc_challenge", "hellaswag", "piqa", "openbookqa", "lambada_openai", "mmlu"}
@@ -314,9 +316,9 @@ def test_sweep_report_puts_every_student_on_one_pareto_plot(teacher_dir, corpus_
 
     args = [a for a in tiny_args(teacher_dir, corpus_dir, tmp_path / "x")
             if not a.startswith(("run_dir=", "stages.student.num_layers"))]
-    assert cli.main(["run", "default", "-m", *args, f"out_dir={tmp_path}", "run_name=sw",
+    assert cli.main(["run", STUDENT, "-m", *args, f"out_dir={tmp_path}", "run_name=sw",
                      "stages.student.num_layers=1,3", "eval.tasks.perplexity.max_blocks=4"]) == 0
-    sweep = tmp_path / "default" / "sw"
+    sweep = tmp_path / "student" / "sw"
     report = json.loads((sweep / "report.json").read_text())
     assert list(report["models"]) == ["teacher", "job00/student", "job01/student"]
     job = json.loads((sweep / "job01" / "report.json").read_text())
@@ -339,7 +341,7 @@ def test_recipe_eval_mistakes_fail_before_any_stage(teacher_dir, corpus_dir, tmp
     from test_pipeline import tiny_args
 
     run_dir = tmp_path / "run"
-    assert cli.main(["run", "default", *tiny_args(teacher_dir, corpus_dir, run_dir, *extra)]) == 2
+    assert cli.main(["run", STUDENT, *tiny_args(teacher_dir, corpus_dir, run_dir, *extra)]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("slimforge: error:")]
     assert len(err) == 1 and re.search(pattern, err[0]), err
     assert not (run_dir / "stages").exists()

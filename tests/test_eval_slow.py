@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import datasets
 import pytest
@@ -22,6 +23,8 @@ from slimforge.eval.harness import load_tasks, task_manager
 from slimforge.eval.offline import arc_rows, lambada_rows, openbookqa_rows, request_documents
 from slimforge.eval.runner import EvalSession, EvalSettings, evaluate_models
 from slimforge.models import ModelRef
+
+STUDENT = str(Path(__file__).resolve().parent / "assets" / "recipes" / "student.yaml")  # the runner's test recipe
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
@@ -99,7 +102,7 @@ def test_offline_tasks_have_their_published_sizes(olmo):
 def test_real_teacher_against_its_nf4_copy(teacher_ref, olmo, tmp_path):
     """NF4 made by slimforge's quantize stage keeps less than all of the teacher, and more than chance."""
     with user_cache():
-        assert cli.main(["run", "default", "pipeline=[nf4]", "+quantize@stages.nf4=bnb_nf4", "~eval.tasks.perplexity",
+        assert cli.main(["run", STUDENT, "pipeline=[nf4]", "+quantize@stages.nf4=bnb_nf4", "~eval.tasks.perplexity",
                          f"run_dir={tmp_path / 'run'}"]) == 0
         nf4 = ModelRef.from_artifact(tmp_path / "run" / "stages" / "nf4", "nf4")
         session = EvalSession(teacher_ref, DataConfig(asset="shakespeare"), CPU, torch.float32)

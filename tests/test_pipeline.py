@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, build_tokenizer, cli_env, run_cli
@@ -14,6 +15,8 @@ from transformers import AutoModelForCausalLM
 import slimforge
 from slimforge import cli
 from slimforge.distill import students
+
+STUDENT = str(Path(__file__).resolve().parent / "assets" / "recipes" / "student.yaml")  # the runner's test recipe
 
 TINY = str(REPO / "tests" / "assets" / "recipes" / "tiny.yaml")
 
@@ -36,7 +39,7 @@ def snapshot(folder):
 
 
 def main(*args):
-    return cli.main(["run", "default", *args])
+    return cli.main(["run", STUDENT, *args])
 
 
 @pytest.fixture()
@@ -48,7 +51,7 @@ def finished_run(teacher_dir, corpus_dir, tmp_path):
 
 def test_cli_end_to_end_in_a_subprocess(teacher_dir, corpus_dir, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli("run", *tiny_args(teacher_dir, corpus_dir, run_dir), cwd=tmp_path)
+    proc = run_cli("run", STUDENT, *tiny_args(teacher_dir, corpus_dir, run_dir), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert f"run directory: {run_dir}" in proc.stdout
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -203,34 +206,35 @@ def test_switching_a_method_keeps_typed_checks(teacher_dir, corpus_dir, tmp_path
 def test_multirun_sweep(teacher_dir, corpus_dir, tmp_path):
     args = tiny_args(teacher_dir, corpus_dir, tmp_path / "ignored")
     args = [a for a in args if not a.startswith(("run_dir=", "stages.student.num_layers"))]
-    assert cli.main(["run", "default", "-m", *args, f"out_dir={tmp_path}", "run_name=sweep1",
+    assert cli.main(["run", STUDENT, "-m", *args, f"out_dir={tmp_path}", "run_name=sweep1",
                      "stages.student.num_layers=1,3"]) == 0
-    sweep = json.loads((tmp_path / "default" / "sweep1" / "sweep.json").read_text())
+    sweep = json.loads((tmp_path / "student" / "sweep1" / "sweep.json").read_text())
     assert len(sweep["jobs"]) == 2
-    layers = sorted(json.loads((tmp_path / "default" / "sweep1" / job / "stages/student/slimforge.json").read_text())
+    layers = sorted(json.loads((tmp_path / "student" / "sweep1" / job / "stages/student/slimforge.json").read_text())
                     ["layers_after"] for job in ("job00", "job01"))
     assert layers == [1, 3]
 
 
 def test_python_api(teacher_dir, corpus_dir, tmp_path):
-    result = slimforge.run("default", tiny_args(teacher_dir, corpus_dir, tmp_path / "api"))
+    result = slimforge.run(STUDENT, tiny_args(teacher_dir, corpus_dir, tmp_path / "api"))
     assert result.run_dir == tmp_path / "api"
     assert set(result.report["models"]) == {"teacher", "student"}
     assert result.artifacts["student"].is_dir()
 
 
 def test_print_config_and_dry_run(capsys):
-    assert cli.main(["run", "--print-config", "stages.student.num_layers=7"]) == 0
+    assert cli.main(["run", "--print-config", "stages.heal.steps=7"]) == 0
     out = capsys.readouterr().out
-    assert "num_layers: 7" in out and "asset: smollm2-135m" in out
+    assert "steps: 7" in out and "asset: smollm2-135m" in out
     assert cli.main(["run", "default", "--dry-run"]) == 0
-    assert "1. student: student/drop_layers" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1. depth: prune/depth" in out and "4. nf4: quantize/bnb_nf4" in out
 
 
 def test_recipes_command_lists_summaries(capsys):
     assert cli.main(["recipes"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("default") and "layer-dropped student" in out
+    assert out.startswith("default") and "pruned, healed, 4-bit student" in out
 
 
 def test_help_is_cheap():

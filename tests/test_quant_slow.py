@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import cli_env, user_cache
@@ -15,6 +16,7 @@ from conftest import cli_env, user_cache
 from slimforge import cli
 from slimforge.errors import AssetError
 
+STUDENT = str(Path(__file__).resolve().parent / "assets" / "recipes" / "student.yaml")  # the runner's test recipe
 pytestmark = pytest.mark.slow
 
 RUNS = {
@@ -42,7 +44,7 @@ def runs(tmp_path_factory):
     out = {}
     with user_cache():
         for name, (method, overrides) in RUNS.items():
-            args = ["run", "default", f"run_dir={root / name}", "~eval.tasks.perplexity",
+            args = ["run", STUDENT, f"run_dir={root / name}", "~eval.tasks.perplexity",
                     f"+quantize@stages.quant={method}", "pipeline=[quant]", *overrides]
             try:
                 code = cli.main(args)
@@ -143,7 +145,7 @@ def test_gguf_export_matches_llama_cpp_conventions_for_smollm(runs):
 def test_group_size_128_is_refused_for_smollm_naming_one_that_fits(tmp_path, capsys):
     """576 (SmolLM2-135M's hidden size) is not a multiple of 128: refused before any weights load."""
     with user_cache():
-        code = cli.main(["run", "default", f"run_dir={tmp_path}", "+quantize@stages.quant=gptq",
+        code = cli.main(["run", STUDENT, f"run_dir={tmp_path}", "+quantize@stages.quant=gptq",
                          "stages.quant.group_size=128", "pipeline=[quant]"])
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2

