@@ -50,7 +50,8 @@ def test_converted_folder_matches_the_gguf(teacher_folder):
     from slimforge.assets import fetch_asset
     from slimforge.models import load_model
 
-    gguf = next(fetch_asset("smollm2-135m").rglob("*.gguf"))
+    with user_cache():
+        gguf = next(fetch_asset("smollm2-135m").rglob("*.gguf"))
     direct, tok = load_model(str(gguf), dtype=torch.float32)
     cached, _ = load_model(str(teacher_folder), dtype=torch.float32)
     ids = tok("Shall I compare thee to a summer's day?", return_tensors="pt")["input_ids"]
