@@ -121,8 +121,9 @@ def solver_threads(device: torch.device | str) -> Iterator[None]:
     """Run a layer's solve on one CPU thread (no-op on other devices).
 
     Each op of the sweep touches a few hundred KB, too little to split across threads; on a
-    CPU shared with other work, two OpenMP threads waiting on each other at every op were
-    measured 100x slower than one thread here.
+    CPU shared with other work, two OpenMP threads wait on each other at every op. Measured on
+    a shared 2-core box: a [1536, 128] rank-1 update 0.2 ms on one thread vs 25 ms on two; the
+    inverse Cholesky of a 1536-wide Hessian 0.9-1.0 s vs 5-16 s. SparseGPT and GPTQ both use it.
     """
     if torch.device(device).type != "cpu":
         yield

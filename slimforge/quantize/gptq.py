@@ -17,9 +17,7 @@ saved layout stays plain contiguous groups (compressed-tensors' ``actorder: weig
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +27,7 @@ from slimforge.prune.hessian import (
     inverse_hessian_cholesky,
     obs_sweep,
     permute_columns,
+    solver_threads,
     unpermute_columns,
     zero_dead_columns,
 )
@@ -40,26 +39,6 @@ from slimforge.quantize.intquant import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def single_thread_on_cpu(device: torch.device) -> Iterator[None]:
-    """Run a layer's solve (a small Cholesky, thousands of small column ops) on one CPU thread.
-
-    Each op touches a few hundred KB; splitting it across threads buys little, and on a busy
-    machine the threads wait on each other. Measured on this 2-core box while other processes
-    shared it: a [1536, 128] rank-1 update 0.2 ms on one thread vs 25 ms on two; the inverse
-    Cholesky of a 1536-wide Hessian 0.9-1.0 s vs 5-16 s.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @dataclass
@@ -115,7 +94,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
             scales[:, j // size] = round_scales(amax / ((2**bits - 1) / 2), scale_dtype)
         return fake_quantize_column(block[:, col], scales[:, group_of[j]], bits)
 
-    with single_thread_on_cpu(w.device):
+    with solver_threads(w.device):
         inverse = inverse_hessian_cholesky(h, percdamp)
         swept = obs_sweep(w, inverse.upper, round_column, block_size=block_size)
     out = swept.weight if perm is None else unpermute_columns(swept.weight, perm)
