@@ -54,9 +54,7 @@ def ensure_teacher_cache(cfg: DistillConfig, session: Any, seed: int) -> Teacher
                                 folder, key, session.device, batch_size=cfg.batch_size,
                                 provenance={"teacher": session.teacher_ref.path, "data": data.stats.get("source")})
             del teacher
-            release = getattr(session, "release_teacher", None)
-            if release is not None:  # training reads the cache: the teacher's memory goes back now
-                release()
+            session.release_teacher()  # training reads the cache: the teacher's memory goes back now
         dist.barrier()
     from slimforge.distill.teacher_cache import open_teacher_cache
 
