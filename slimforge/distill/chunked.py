@@ -36,14 +36,22 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=upcast(weight).dtype, device=weight.device) if needs[1] else None
         grad_bias = torch.zeros(bias.shape, dtype=upcast(bias).dtype, device=bias.device) if bias is not None and needs[2] else None
         total = torch.zeros((), dtype=upcast(hidden).dtype, device=hidden.device)
+        # A chunk loss that forms its own gradient (e.g. FusedForwardKL) skips autograd,
+        # unless a logit transform must be differentiated through.
+        fused = transform is None and hasattr(chunk_loss, "value_and_grad")
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, min(start + chunk_size, hidden.shape[0]))
             h = hidden[rows]
-            with torch.enable_grad():
-                raw = upcast(torch.nn.functional.linear(h, weight, bias)).detach().requires_grad_(True)
-                logits = transform(raw) if transform is not None else raw
-                loss = chunk_loss(logits, rows)
-                (d_logits,) = torch.autograd.grad(loss, raw)
+            if fused:
+                raw = upcast(torch.nn.functional.linear(h, weight, bias))
+                loss, d_logits = chunk_loss.value_and_grad(raw, rows)
+                logits = None
+            else:
+                with torch.enable_grad():
+                    raw = upcast(torch.nn.functional.linear(h, weight, bias)).detach().requires_grad_(True)
+                    logits = transform(raw) if transform is not None else raw
+                    loss = chunk_loss(logits, rows)
+                    (d_logits,) = torch.autograd.grad(loss, raw)
             total += loss.detach()
             if grad_hidden is not None:
                 grad_hidden[rows] = (d_logits.to(weight.dtype) @ weight).to(hidden.dtype)
@@ -52,23 +60,30 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += d_logits.sum(0).to(grad_bias.dtype)
             del raw, logits, loss, d_logits
-        ctx.save_for_backward(
-            grad_hidden if grad_hidden is not None else torch.empty(0),
-            grad_weight if grad_weight is not None else torch.empty(0),
-            grad_bias if grad_bias is not None else torch.empty(0),
-        )
+        # The gradients are kept on ctx, not saved tensors: backward scales them in
+        # place and hands them over, so no second copy of the head's gradient
+        # (vocab x hidden, often the largest tensor of a small model) is made.
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
-        ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):
-        g_hidden, g_weight, g_bias = ctx.saved_tensors
-        has_h, has_w, has_b = ctx.has
+        if ctx.grads is None:
+            raise RuntimeError("chunked_head_loss supports one backward pass; do not use retain_graph=True with it")
+        grads, ctx.grads = ctx.grads, None
+        out = []
+        for g in grads:
+            if g is None:
+                out.append(None)
+                continue
+            g.mul_(grad_out.to(g.dtype))
+            out.append(g)
+        g_hidden, g_weight, g_bias = out
         return (
-            g_hidden * grad_out.to(g_hidden.dtype) if has_h else None,
-            (g_weight * grad_out).to(ctx.weight_dtype) if has_w else None,
-            (g_bias * grad_out).to(ctx.weight_dtype) if has_b else None,
+            g_hidden,
+            g_weight.to(ctx.weight_dtype) if g_weight is not None else None,
+            g_bias.to(ctx.weight_dtype) if g_bias is not None else None,
             None, None, None,
         )
 

@@ -52,29 +52,176 @@ def _mixed_rows(spec: LossSpec, s_logits: torch.Tensor, s_logp: torch.Tensor, t_
 def online_chunk_loss(spec: LossSpec, teacher_hidden: torch.Tensor, teacher_head: torch.nn.Linear,
                       targets: torch.Tensor, mask: torch.Tensor, scale: float,
                       teacher_transform: Callable | None = None) -> ChunkLoss:
-    """A chunk loss against the live teacher: its logits are formed per chunk, without grad."""
+    """A chunk loss against the live teacher: its logits are formed per chunk, without grad.
 
-    def chunk(logits: torch.Tensor, rows: slice) -> torch.Tensor:
+    Forward KL (the default loss) gets :class:`FusedForwardKL`, which forms the
+    gradient in closed form; every other loss runs through autograd.
+    """
+
+    def teacher_logp(rows: slice) -> torch.Tensor:
         with torch.no_grad():
             t_logits = upcast(F.linear(teacher_hidden[rows], teacher_head.weight, teacher_head.bias))
             if teacher_transform is not None:
                 t_logits = teacher_transform(t_logits)
-            t_logp = F.log_softmax(t_logits / spec.temperature, dim=-1)
+            if spec.temperature != 1.0:
+                t_logits.div_(spec.temperature)  # in place: the linear's output is this chunk's own buffer
+            return t_logits.sub_(torch.logsumexp(t_logits, dim=-1, keepdim=True))
+
+    if spec.loss == "forward_kl":
+        return FusedForwardKL(spec, teacher_logp, targets, mask, scale)
+
+    def chunk(logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        t_logp = teacher_logp(rows)
         s_logp = F.log_softmax(logits / spec.temperature, dim=-1)
         return _mixed_rows(spec, logits, s_logp, t_logp, targets[rows], mask[rows]) * scale
 
     return chunk
 
 
+class FusedForwardKL:
+    """Forward KL (+ CE) on one chunk with its gradient in closed form, no autograd graph.
+
+    With q = softmax(z / T) and p the teacher's distribution at T,
+    d[T^2 KL(p || q)]/dz = T (q - p) and d CE/dz = softmax(z) - onehot(target). Working
+    in place on the chunk's logits, the teacher's log-probabilities and p, a chunk
+    holds three [rows x vocab] fp32 buffers (four when CE is mixed in with T != 1),
+    where autograd through log-softmax and the KL keeps about eight.
+    ``tests/test_distill_losses.py`` checks values and gradients against the plain reference.
+    """
+
+    def __init__(self, spec: LossSpec, teacher_logp: Callable[[slice], torch.Tensor],
+                 targets: torch.Tensor, mask: torch.Tensor, scale: float) -> None:
+        self.spec, self.teacher_logp = spec, teacher_logp
+        self.targets, self.mask, self.scale = targets, mask, scale
+
+    def __call__(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The autograd form (used when a logit transform must be differentiated through)."""
+        t_logp = self.teacher_logp(rows)
+        s_logp = F.log_softmax(logits / self.spec.temperature, dim=-1)
+        return _mixed_rows(self.spec, logits, s_logp, t_logp, self.targets[rows], self.mask[rows]) * self.scale
+
+    @torch.no_grad()
+    def value_and_grad(self, z: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, d loss / d z) for fp32 logits ``z`` [n, V], which it overwrites."""
+        temp, ce_w = self.spec.temperature, self.spec.ce_weight
+        weight = (self.mask[rows] * self.scale).to(z.dtype)
+        t_logp = self.teacher_logp(rows).to(z.dtype)
+        total = torch.zeros((), dtype=z.dtype, device=z.device)
+        ce_grad = None
+        if ce_w:
+            targets = self.targets[rows].unsqueeze(-1)
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            ce = (lse - z.gather(-1, targets)).squeeze(-1)
+            total += ce_w * (ce * weight).sum()
+            if temp != 1.0:  # softmax(z) differs from q and needs its own buffer
+                ce_grad = (z - lse).exp_()
+                ce_grad.scatter_add_(-1, targets, -torch.ones_like(targets, dtype=z.dtype))
+        if temp != 1.0:
+            z.div_(temp)
+        z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # z is now log q
+        p = t_logp.exp()
+        # KL rows = sum p (log p - log q); where p underflows to 0 the term is 0, also
+        # when log p is -inf (a masked-out logit), hence the clamp before the product.
+        diff = t_logp.clamp_min_(torch.finfo(z.dtype).min).sub_(z)
+        kl = diff.mul_(p).sum(-1)
+        del diff, t_logp
+        total += (1 - ce_w) * temp**2 * (kl * weight).sum()
+        q = z.exp_()
+        if temp == 1.0:
+            # (1 - c)(q - p) + c (q - onehot) = q - (1 - c) p - c onehot: no extra buffer
+            grad = q.sub_(p, alpha=1 - ce_w)
+            if ce_w:
+                grad.scatter_add_(-1, targets, torch.full_like(targets, -ce_w, dtype=z.dtype))
+        else:
+            grad = q.sub_(p).mul_((1 - ce_w) * temp)
+            if ce_grad is not None:
+                grad.add_(ce_grad, alpha=ce_w)
+        del p, ce_grad
+        grad.mul_(weight.unsqueeze(-1))
+        return total, grad
+
+
 def cached_chunk_loss(spec: LossSpec, topk_ids: torch.Tensor, topk_logp: torch.Tensor,
                       targets: torch.Tensor, mask: torch.Tensor, scale: float) -> ChunkLoss:
-    """A chunk loss against cached teacher buckets ``topk_logp`` [N, k + 1] at ids ``topk_ids`` [N, k]."""
+    """A chunk loss against cached teacher buckets ``topk_logp`` [N, k + 1] at ids ``topk_ids`` [N, k].
+
+    Forward KL gets :class:`FusedCachedForwardKL` (closed-form gradient); other losses use autograd.
+    """
+    if spec.loss == "forward_kl":
+        return FusedCachedForwardKL(spec, topk_ids, topk_logp, targets, mask, scale)
 
     def chunk(logits: torch.Tensor, rows: slice) -> torch.Tensor:
         s_logp = topk_bucket_logprobs(logits, topk_ids[rows], spec.temperature)
         return _mixed_rows(spec, logits, s_logp, upcast(topk_logp[rows]), targets[rows], mask[rows]) * scale
 
     return chunk
+
+
+class FusedCachedForwardKL:
+    """Forward KL over cached top-k buckets (+ CE), gradient in closed form, one [rows x vocab] buffer.
+
+    The student's distribution q = softmax(z / T) is folded onto the teacher's k
+    kept ids and the tail. With p the teacher's bucket probabilities, P_j = p_j for a
+    kept id and p_tail * q_j / Q_tail for any other (its share of the tail bucket),
+    d[T^2 KL(p || q)]/dz_j = T (q_j * sum(p) - P_j). The logits buffer becomes q,
+    then the gradient, in place. Parity with the autograd reference is tested.
+    """
+
+    def __init__(self, spec: LossSpec, topk_ids: torch.Tensor, topk_logp: torch.Tensor,
+                 targets: torch.Tensor, mask: torch.Tensor, scale: float) -> None:
+        self.spec, self.topk_ids, self.topk_logp = spec, topk_ids, topk_logp
+        self.targets, self.mask, self.scale = targets, mask, scale
+
+    def __call__(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The autograd form (used when a logit transform must be differentiated through)."""
+        s_logp = topk_bucket_logprobs(logits, self.topk_ids[rows], self.spec.temperature)
+        return _mixed_rows(self.spec, logits, s_logp, upcast(self.topk_logp[rows]),
+                           self.targets[rows], self.mask[rows]) * self.scale
+
+    @torch.no_grad()
+    def value_and_grad(self, z: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, d loss / d z) for fp32 logits ``z`` [n, V], which it overwrites."""
+        temp, ce_w = self.spec.temperature, self.spec.ce_weight
+        weight = (self.mask[rows] * self.scale).to(z.dtype)
+        ids = self.topk_ids[rows].long()
+        t_logp = self.topk_logp[rows].to(z.dtype)
+        p = t_logp.exp()
+        p_kept, p_tail = p[:, :-1], p[:, -1:]
+        total = torch.zeros((), dtype=z.dtype, device=z.device)
+        ce_grad = None
+        if ce_w:
+            targets = self.targets[rows].unsqueeze(-1)
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            total += ce_w * ((lse - z.gather(-1, targets)).squeeze(-1) * weight).sum()
+            if temp != 1.0:
+                ce_grad = (z - lse).exp_()
+                ce_grad.scatter_add_(-1, targets, -torch.ones_like(targets, dtype=z.dtype))
+        if temp != 1.0:
+            z.div_(temp)
+        z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # log q
+        logq_kept = z.gather(-1, ids)
+        q = z.exp_()
+        q_kept = logq_kept.exp()
+        q_tail = q.scatter_(-1, ids, 0.0).sum(-1, keepdim=True)  # q now holds the tail ids' mass only
+        logq = torch.cat([logq_kept, q_tail.clamp_min(torch.finfo(z.dtype).tiny).log()], dim=-1)
+        log_ratio = torch.where(p > 0, t_logp - logq, torch.zeros_like(p))
+        total += (1 - ce_w) * temp**2 * ((p * log_ratio).sum(-1) * weight).sum()
+        p_sum = p.sum(-1, keepdim=True)
+        share = torch.where(q_tail > 0, p_tail / q_tail, torch.zeros_like(q_tail))
+        # tail ids: T (q_j p_sum - p_tail q_j / Q_tail); kept ids: T (q_j p_sum - p_j)
+        kd_w = (1 - ce_w) * temp
+        same_softmax = ce_w and temp == 1.0  # CE's softmax(z) is q: fold c q_j in directly
+        tail_factor = (p_sum - share) * kd_w + (ce_w if same_softmax else 0.0)
+        kept = (q_kept * p_sum - p_kept) * kd_w + (q_kept * ce_w if same_softmax else 0.0)
+        grad = q.mul_(tail_factor)
+        grad.scatter_(-1, ids, kept)
+        if same_softmax:
+            grad.scatter_add_(-1, targets, torch.full_like(targets, -ce_w, dtype=z.dtype))
+        elif ce_grad is not None:
+            grad.add_(ce_grad, alpha=ce_w)
+        del ce_grad
+        grad.mul_(weight.unsqueeze(-1))
+        return total, grad
 
 
 def teacher_buckets(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
