@@ -15,6 +15,8 @@ from slimforge.quantize.intquant import (
     code_range,
     dequantize_codes,
     fake_quantize,
+    group_scales,
+    mse_scales,
     quantize_codes,
     rtn_quantize,
     symmetric_scales,
@@ -150,6 +152,39 @@ def test_gptq_act_order_scales_come_from_the_original_groups():
     x = correlated_inputs(64)
     result = gptq_quantize_weight(w, x.T @ x / len(x), 4, 32, act_order=True, block_size=32)
     assert torch.equal(result.scales, symmetric_scales(w, 4, 32))
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (3, 16), (4, -1)])
+def test_mse_scales_never_lose_to_minmax_and_win_on_heavy_tails(bits, group_size):
+    torch.manual_seed(3)
+    w = torch.distributions.StudentT(2.0).sample((32, 64)) * 0.02  # heavy tails: clipping pays
+    importance = torch.logspace(-1, 1, 64)
+
+    def err(scales, imp=None):
+        e = (fake_quantize(w, scales, bits, group_size) - w) ** 2
+        return (e * imp if imp is not None else e).reshape(32, -1, 64 if group_size < 0 else group_size).sum(-1)
+
+    minmax = symmetric_scales(w, bits, group_size)
+    plain, weighted = mse_scales(w, bits, group_size), mse_scales(w, bits, group_size, importance=importance)
+    assert (err(plain) <= err(minmax) + 1e-12).all()  # per group: the full range is one of the candidates
+    assert err(plain).sum() < 0.9 * err(minmax).sum()
+    assert (err(weighted, importance) <= err(plain, importance) + 1e-12).all()
+    assert ((plain <= minmax) & (plain >= 0.5 * minmax - 1e-9)).all()  # only ever clips, at most to half
+    assert torch.equal(group_scales(w, bits, group_size, search="minmax"), minmax)
+    with pytest.raises(ValueError, match="scale search must be one of minmax, mse"):
+        group_scales(w, bits, group_size, search="best")
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_mse_scales_lowers_the_output_error(act_order):
+    torch.manual_seed(4)
+    w = torch.distributions.StudentT(2.5).sample((48, 64)) * 0.02
+    x = correlated_inputs(64)
+    h = x.T @ x / len(x)
+    minmax = gptq_quantize_weight(w, h, 4, 32, act_order=act_order, block_size=32)
+    mse = gptq_quantize_weight(w, h, 4, 32, act_order=act_order, block_size=32, scale_search="mse")
+    assert torch.equal(fake_quantize(mse.weight, mse.scales, 4, 32), mse.weight)  # still on its own grid
+    assert output_error(w, mse.weight, x) < output_error(w, minmax.weight, x)
 
 
 # --- GGUF row order ----------------------------------------------------------------------

@@ -190,6 +190,7 @@ def test_meta_reports_bits_size_footprint_and_time(runs):
     assert 8.0 < bits["bnb_int8"] < 10.0  # int8 + an fp32 scale per row
     assert bits["bnb_fp4"] < bits["bnb_nf4"] + 1  # both 4-bit plus per-layer quantization maps
     assert meta_of(runs, "gptq")["quantization"]["calibration_tokens"] == 32 * 32
+    assert meta_of(runs, "gptq")["quantization"]["scale_search"] == "mse"  # the preset's default
     manifest = json.loads((runs["gptq"] / "manifest.json").read_text())
     assert manifest["stages"]["quant"]["metrics"]["bits_per_weight"] == bits["gptq"]
 
@@ -214,6 +215,7 @@ def refused(capsys, args):
     ("rtn", ["stages.quant.bits=5"], "stages.quant.bits=5: rtn writes 3, 4, 8-bit weights"),
     ("gptq", ["stages.quant.group_size=48"], "gptq supports group sizes -1, 32, 64, 128"),
     ("gptq", ["stages.quant.group_size=128", "stages.quant.block_size=64"], "must be a multiple of group_size=128"),
+    ("gptq", ["stages.quant.scale_search=absmax"], "stages.quant.scale_search='absmax': must be one of minmax, mse"),
     ("rtn", ["stages.quant.group_size=64"], "but the teacher has hidden_size=32, num_attention_heads*head_dim=32; pick a group size that divides them (32 does)"),
     ("bnb_nf4", ["stages.quant.cpu_offload=true"], "needs CUDA"),
     ("gguf", ["stages.quant.type=Q5_K"], "stages.quant.type='Q5_K': must be one of F16, Q8_0, Q4_0"),

@@ -165,7 +165,8 @@ def gptq_stage(ctx: StageContext) -> StageOutput:
     ids = calibration_samples(ctx.data(), cfg.num_samples, cfg.seq_len, ctx.seed)
     start = time.perf_counter()
     result = gptq_quantize_model(model, ids, cfg.bits, cfg.group_size, cfg.act_order, cfg.percdamp,
-                                 cfg.block_size, cfg.batch_size, ctx.device, dtype, only=set(linears))
+                                 cfg.block_size, cfg.batch_size, ctx.device, dtype, only=set(linears),
+                                 scale_search=cfg.scale_search)
     seconds = time.perf_counter() - start
     missing = sorted(set(linears) - set(result["scales"]))
     if missing:
@@ -173,5 +174,6 @@ def gptq_stage(ctx: StageContext) -> StageOutput:
     scales = {name: result["scales"][name] for name in linears}
     losses = [result["loss"][name] for name in linears]
     extra = {"calibration_tokens": int(ids.numel()), "percdamp": cfg.percdamp, "block_size": cfg.block_size,
+             "scale_search": cfg.scale_search,
              "mean_layer_loss": sum(losses) / len(losses), "dead_columns": result["dead_columns"]}
     return _finish(ctx, model, tokenizer, linears, scales, dtype, seconds, cfg.act_order, extra)

@@ -33,9 +33,8 @@ from slimforge.prune.hessian import (
 )
 from slimforge.quantize.intquant import (
     fake_quantize_column,
+    group_scales,
     groups_of,
-    round_scales,
-    symmetric_scales,
 )
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ class GptqResult:
 
 def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
                          act_order: bool = False, percdamp: float = 0.01, block_size: int = 128,
-                         scale_dtype: torch.dtype | None = None) -> GptqResult:
+                         scale_dtype: torch.dtype | None = None, scale_search: str = "minmax") -> GptqResult:
     """Quantize one linear weight with GPTQ.
 
     Args:
@@ -65,6 +64,8 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
         percdamp: dampening, as a fraction of the mean Hessian diagonal.
         block_size: columns per lazy-update block; a multiple of ``group_size``.
         scale_dtype: the dtype scales are stored in (they are rounded to it before use).
+        scale_search: ``minmax`` (each group's largest magnitude) or ``mse`` (the clipping
+            that minimises the group's rounding error weighted by ``diag(hessian)``).
 
     Returns:
         A :class:`GptqResult` whose ``weight`` lies exactly on the grid of ``scales``.
@@ -79,7 +80,8 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
     size = cols if group_size <= 0 else group_size
     # Groups whose scale is known before the sweep (per-channel, or act_order's static groups).
     static = group_size <= 0 or act_order
-    scales = (symmetric_scales(w, bits, group_size, scale_dtype) if static
+    energy = torch.diagonal(h).clone()
+    scales = (group_scales(w, bits, group_size, scale_dtype, scale_search, energy) if static
               else torch.empty(rows, groups_of(cols, group_size)))
     perm = None
     if act_order:
@@ -90,8 +92,8 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
         j = start + col
         if not static and j % size == 0:
             # The group's scale from its columns as the sweep left them (errors included).
-            amax = block[:, col:col + size].abs().amax(dim=1)
-            scales[:, j // size] = round_scales(amax / ((2**bits - 1) / 2), scale_dtype)
+            scales[:, j // size] = group_scales(block[:, col:col + size], bits, size, scale_dtype, scale_search,
+                                                energy[j:j + size]).squeeze(1)
         return fake_quantize_column(block[:, col], scales[:, group_of[j]], bits)
 
     with solver_threads(w.device):
@@ -104,7 +106,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
 def gptq_quantize_model(model: Any, input_ids: torch.Tensor, bits: int, group_size: int,
                         act_order: bool, percdamp: float, block_size: int, batch_size: int,
                         device: torch.device, scale_dtype: torch.dtype | None,
-                        only: set[str] | None = None) -> dict[str, Any]:
+                        only: set[str] | None = None, scale_search: str = "minmax") -> dict[str, Any]:
     """Quantize the linear layers of every decoder block in place, block by block.
 
     Each block is calibrated on the outputs of the blocks before it *after* they were
@@ -130,7 +132,8 @@ def gptq_quantize_model(model: Any, input_ids: torch.Tensor, bits: int, group_si
         for local, linear in linears.items():
             result = gptq_quantize_weight(linear.weight, stats[local].hessian, bits, group_size,
                                           act_order=act_order, percdamp=percdamp,
-                                          block_size=block_size, scale_dtype=scale_dtype)
+                                          block_size=block_size, scale_dtype=scale_dtype,
+                                          scale_search=scale_search)
             linear.weight.data.copy_(result.weight.to(linear.weight.dtype))
             name = names[id(linear)]
             scales[name] = result.scales.cpu()

@@ -62,6 +62,48 @@ def symmetric_scales(weight: torch.Tensor, bits: int, group_size: int,
     return round_scales(amax / ((2**bits - 1) / 2), scale_dtype)
 
 
+SCALE_SEARCHES = ("minmax", "mse")
+
+
+def mse_scales(weight: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype | None = None,
+               importance: torch.Tensor | None = None, min_shrink: float = 0.5, steps: int = 26) -> torch.Tensor:
+    """Per-group scales that minimise the (importance-weighted) squared rounding error.
+
+    Each group tries ``steps`` clipping ranges, from its full ``max|w|`` down to
+    ``min_shrink * max|w|``, and keeps the one whose rounded weights are closest to the
+    originals: clipping a few large weights buys a finer grid for all the others. With
+    ``importance`` [cols] (GPTQ passes ``diag(H)``, each input column's energy), an error
+    counts as much as it moves the layer's output. ``min_shrink=1`` gives :func:`symmetric_scales`.
+
+    Returns:
+        fp32 [rows, groups], already rounded to ``scale_dtype``.
+    """
+    grouped = _group_view(weight.float(), group_size)
+    weights = None if importance is None else _group_view(importance.float().reshape(1, -1), group_size)
+    amax = grouped.abs().amax(dim=-1)
+    low, high = code_range(bits)
+    best = symmetric_scales(weight, bits, group_size, scale_dtype)
+    best_err = torch.full_like(amax, float("inf"))
+    for shrink in torch.linspace(1.0, min_shrink, steps).tolist():
+        scales = round_scales(amax * shrink / ((2**bits - 1) / 2), scale_dtype)
+        err = (torch.clamp(torch.round(grouped / scales.unsqueeze(-1)), low, high) * scales.unsqueeze(-1) - grouped) ** 2
+        err = (err * weights if weights is not None else err).sum(-1)
+        better = err < best_err
+        best = torch.where(better, scales, best)
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+def group_scales(weight: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype | None = None,
+                 search: str = "minmax", importance: torch.Tensor | None = None) -> torch.Tensor:
+    """Scales by ``search``: ``minmax`` (:func:`symmetric_scales`) or ``mse`` (:func:`mse_scales`)."""
+    if search == "mse":
+        return mse_scales(weight, bits, group_size, scale_dtype, importance)
+    if search != "minmax":
+        raise ValueError(f"scale search must be one of {', '.join(SCALE_SEARCHES)}, got {search!r}")
+    return symmetric_scales(weight, bits, group_size, scale_dtype)
+
+
 def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Integer codes (int8) of ``weight`` on the grid given by ``scales`` [rows, groups]."""
     low, high = code_range(bits)
@@ -97,6 +139,10 @@ class QuantizedWeight:
 
 def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int,
                  scale_dtype: torch.dtype | None = None) -> QuantizedWeight:
-    """Round to nearest: min-max scales, every weight to its closest grid point."""
+    """Round to nearest: min-max scales, every weight to its closest grid point.
+
+    (Without a Hessian to weight the errors, MSE-searched scales did worse here: SmolLM2-135M
+    int4 g64, perplexity ratio 1.416 against min-max's 1.362, so RTN stays the plain baseline.)
+    """
     scales = symmetric_scales(weight, bits, group_size, scale_dtype)
     return QuantizedWeight(fake_quantize(weight, scales, bits, group_size), scales)
