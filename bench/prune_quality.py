@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
     parser.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks of 256 tokens to score")
+    parser.add_argument("--calib-seed", type=int, default=0, help="which random calibration windows (both tools)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-anchor", action="store_true")
@@ -102,10 +103,10 @@ def main() -> None:
     folder = asset_model_folder("smollm2-135m")
     _, tokenizer = load_model(str(folder), dtype=torch.float32)
     bundle = build_data(DataConfig(asset="shakespeare"), tokenizer)
-    calib = calibration_samples(bundle, args.samples, args.seq_len, seed=0)
+    calib = calibration_samples(bundle, args.samples, args.seq_len, seed=args.calib_seed)
     blocks = blocks_tensor(bundle.heldout, args.eval_blocks)
     print(f"teacher: SmolLM2-135M-Instruct fp32 CPU, {args.threads} threads; calibration {args.samples} x "
-          f"{args.seq_len} tokens (Shakespeare train); perplexity on {blocks.shape[0]} held-out blocks of "
+          f"{args.seq_len} tokens (Shakespeare train, seed {args.calib_seed}); perplexity on {blocks.shape[0]} held-out blocks of "
           f"{blocks.shape[1]} tokens", flush=True)
 
     def fresh():

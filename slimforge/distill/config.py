@@ -228,7 +228,7 @@ class DistillConfig(StageConfig):
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise FieldError("max_grad_norm", self.max_grad_norm, "must be > 0, or null for no clipping")
         check_choice("precision", self.precision, ("auto", "fp32", "bf16"))
-        check_choice("kd_backend", self.kd_backend, ("chunked", "naive", "liger"))
+        check_choice("kd_backend", self.kd_backend, ("chunked", "naive"))
         check_int("top_k", self.top_k, low=1)
         if self.teacher_cache and self.on_policy.fraction > 0:
             raise FieldError("teacher_cache", True, "on-policy batches need the live teacher; "
@@ -236,8 +236,6 @@ class DistillConfig(StageConfig):
         if self.teacher_cache and self.hidden_weight > 0:
             raise FieldError("teacher_cache", True, "hidden-state distillation needs the live teacher; "
                              "set hidden_weight=0 or teacher_cache=false")
-        if self.kd_backend == "liger" and self.loss not in ("forward_kl", "reverse_kl", "jsd"):
-            raise FieldError("kd_backend", "liger", "liger's fused JSD covers forward_kl, reverse_kl and jsd only")
 
     def check_teacher(self, teacher: TeacherInfo) -> None:
         vocab = int(getattr(teacher.config, "vocab_size", 0) or 0)
