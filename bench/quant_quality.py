@@ -1,7 +1,8 @@
 """Quantization quality, size and time on the real SmolLM2-135M teacher, against llm-compressor in the same run.
 
-Variants: bf16 weights; bitsandbytes int8, NF4, FP4; RTN int4; GPTQ int4 and int3; GGUF Q8_0 and
-Q4_0; and the anchor, llm-compressor's GPTQ W4A16 (run in bench/.venv-llmc on the
+Variants: bf16 weights; bitsandbytes int8, NF4, FP4; RTN int4; GPTQ int4 and int3 (MSE-searched
+scales, the preset) and GPTQ int4 with min-max scales (llm-compressor's default, like for like
+with the anchor); GGUF Q8_0 and Q4_0; and the anchor, llm-compressor's GPTQ W4A16 (run in bench/.venv-llmc on the
 same model folder and the same calibration token ids, scored here by the same code). Each
 slimforge variant is made by the shipped quantize stage (``slimforge run`` with one quantize
 stage), so its time, size and bits are the artifact's own report.
@@ -17,8 +18,8 @@ quantized layers, size on disk of the weight files, and the time of the quantiza
 
 This CPU has no native bf16, so every variant *computes* in fp32: the bf16 row is the teacher
 with its weights rounded to bf16, and quantized weights are dequantized into fp32 matmuls
-(what the weights lose, not what a kernel adds). The anchor runs concurrently with slimforge's
-variants (both tools share the cores for part of the run), so times are indicative.
+(what the weights lose, not what a kernel adds). The anchor runs after slimforge's variants,
+so neither tool's time includes the other's work.
 
     bash bench/llmc_venv.sh               # once: the anchor's own virtual environment
     .venv/bin/python bench/quant_quality.py [--samples 64 --seq-len 512 --eval-blocks 16]
@@ -110,7 +111,7 @@ def stage_row(name: str, folder: Path) -> tuple[Row, object]:
 
 
 def start_anchor(teacher_folder: Path, calib: torch.Tensor, args, work: Path) -> tuple[subprocess.Popen, dict] | str:
-    """Start llm-compressor's GPTQ in its own venv (it runs while slimforge's variants are made)."""
+    """Start llm-compressor's GPTQ in its own venv."""
     if not LLMC_PYTHON.is_file():
         return f"{LLMC_PYTHON} is missing: run bash bench/llmc_venv.sh"
     files = {"calib": work / "calib.pt", "weights": work / "llmc.safetensors", "report": work / "llmc.json",
@@ -185,6 +186,8 @@ def main() -> None:
         ("FP4 (bnb)", "bnb_fp4", ["stages.quant.double_quant=true"]),
         (f"RTN int4 g{g}", "rtn", ["stages.quant.bits=4", f"stages.quant.group_size={g}"]),
         (f"GPTQ int4 g{g}", "gptq", ["stages.quant.bits=4", *gptq]),
+        # The same with min-max scales, llm-compressor's default observer: the like-for-like anchor row.
+        (f"GPTQ int4 g{g} minmax", "gptq", ["stages.quant.bits=4", "stages.quant.scale_search=minmax", *gptq]),
         (f"GPTQ int3 g{g}", "gptq", ["stages.quant.bits=3", *gptq]),
         ("GGUF Q8_0", "gguf", ["stages.quant.type=Q8_0"]),
         ("GGUF Q4_0", "gguf", ["stages.quant.type=Q4_0"]),
@@ -192,11 +195,12 @@ def main() -> None:
     anchor_note = "skipped (--skip-anchor)"
     with tempfile.TemporaryDirectory(prefix="quant-bench-") as tmp:
         work = Path(tmp)
-        started_anchor = None if args.skip_anchor else start_anchor(teacher_folder, calib, args, work)
         for name, method, overrides in variants:
             row, model = stage_row(name, run_stage(method, overrides, args, work))
             add(row, model)
             del model
+        # After ours, not beside them: each tool's time is its own on the cores.
+        started_anchor = None if args.skip_anchor else start_anchor(teacher_folder, calib, args, work)
         if started_anchor is not None:
             result = started_anchor if isinstance(started_anchor, str) else finish_anchor(started_anchor)
             if isinstance(result, str):
@@ -245,6 +249,10 @@ def print_table(rows: list[Row], args, anchor_note: str, total: float) -> None:
     if anchor is not None:
         print(f"ours / llm-compressor: perplexity {ours.perplexity / anchor.perplexity:.4f} (target within 1%), "
               f"KL {ours.kl / anchor.kl:.3f}, time {ours.seconds / anchor.seconds:.2f}x")
+        same = next((r for r in rows if r.name == f"GPTQ int4 g{g} minmax"), None)
+        if same is not None:
+            print(f"like for like (both min-max scales): perplexity {same.perplexity / anchor.perplexity:.4f}, "
+                  f"time {same.seconds / anchor.seconds:.2f}x")
     print(f"anchor: {anchor_note}\nbenchmark wall time: {total / 60:.1f} min")
 
 
