@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -50,6 +51,9 @@ from slimforge.pipeline import run_recipe  # noqa: E402
 
 LLMC_PYTHON = HERE / ".venv-llmc" / "bin" / "python"
 MB = 1e6
+# The default recipe's evaluation is off here: this script scores every variant itself.
+_EVAL_TASKS = yaml.safe_load((HERE.parent / "recipes" / "eval" / "default.yaml").read_text())["tasks"]
+NO_EVAL = ["eval.models=[teacher]", *(f"~eval.tasks.{name}" for name in _EVAL_TASKS)]
 
 
 @dataclass
@@ -98,7 +102,7 @@ def weight_files_mb(folder: Path) -> float:
 def run_stage(method: str, overrides: list[str], args, work: Path) -> Path:
     """Quantize the teacher with one shipped stage; returns the artifact folder."""
     run_dir = work / f"run-{method}-{abs(hash(tuple(overrides))) % 10**6}"
-    run_recipe("default", [f"run_dir={run_dir}", "~eval.tasks.perplexity", f"+quantize@stages.quant={method}",
+    run_recipe("default", [f"run_dir={run_dir}", *NO_EVAL, f"+quantize@stages.quant={method}",
                            "pipeline=[quant]", f"data.block_size={args.block_size}", *overrides])
     return run_dir / "stages" / "quant"
 
