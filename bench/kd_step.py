@@ -53,7 +53,8 @@ def build(cfg: dict, dtype, device, seed: int):
     return LlamaForCausalLM(config).to(device=device, dtype=dtype)
 
 
-def run_variant(variant: str, preset: dict, device_name: str, batch: int, seq: int) -> dict:
+def run_variant(variant: str, preset: dict, device_name: str, batch: int, seq: int,
+                loss: str = "forward_kl") -> dict:
     """One variant in this process: warm-up steps, then timed steps; returns throughput and peak memory."""
     import torch
     import torch.nn.functional as F
@@ -74,7 +75,7 @@ def run_variant(variant: str, preset: dict, device_name: str, batch: int, seq: i
     teacher = build(preset["teacher"], dtype, device, seed=1).eval().requires_grad_(False)
     student = build(preset["student"], torch.float32 if device.type == "cpu" else dtype, device, seed=2)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    spec = LossSpec("forward_kl", 1.0)
+    spec = LossSpec(loss, 1.0)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (batch, seq), generator=gen).to(device)
     targets, mask = flatten_batch(ids, None, None)
@@ -137,6 +138,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--variants", default="naive,chunked,cached")
+    parser.add_argument("--loss", default="forward_kl", help="a slimforge.distill loss name")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     args = parser.parse_args()
     import torch
@@ -146,7 +148,7 @@ def main() -> None:
     batch, seq = args.batch or preset["batch"], args.seq or preset["seq"]
     if args.one:
         try:
-            result = run_variant(args.one, preset, device, batch, seq)
+            result = run_variant(args.one, preset, device, batch, seq, args.loss)
         except torch.OutOfMemoryError:
             result = {"variant": args.one, "oom": True}
         print(json.dumps(result))
@@ -154,7 +156,7 @@ def main() -> None:
     rows = []
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--one", variant, "--device", device, "--batch", str(batch),
-               "--seq", str(seq)] + (["--preset", args.preset] if args.preset else [])
+               "--seq", str(seq), "--loss", args.loss] + (["--preset", args.preset] if args.preset else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
@@ -162,7 +164,7 @@ def main() -> None:
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     base = next((r for r in rows if r["variant"] == "naive" and not r.get("oom")), None)
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"KD step on {name}: batch {batch} x {seq} tokens, vocab {VOCAB}, {preset['dtype']}, "
+    print(f"KD step ({args.loss}) on {name}: batch {batch} x {seq} tokens, vocab {VOCAB}, {preset['dtype']}, "
           f"chunks of {preset['chunk']} tokens")
     print(f"{'variant':<10}{'tokens/s':>12}{'peak GiB':>10}{'speed vs naive':>16}{'memory vs naive':>17}")
     for row in rows:

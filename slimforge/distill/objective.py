@@ -54,8 +54,9 @@ def online_chunk_loss(spec: LossSpec, teacher_hidden: torch.Tensor, teacher_head
                       teacher_transform: Callable | None = None) -> ChunkLoss:
     """A chunk loss against the live teacher: its logits are formed per chunk, without grad.
 
-    Forward KL (the default loss) gets :class:`FusedForwardKL`, which forms the
-    gradient in closed form; every other loss runs through autograd.
+    Forward KL (the default loss) and reverse KL get :class:`FusedForwardKL` and
+    :class:`FusedReverseKL`, which form the gradient in closed form; the other losses run
+    through autograd.
     """
 
     def teacher_logp(rows: slice) -> torch.Tensor:
@@ -67,8 +68,9 @@ def online_chunk_loss(spec: LossSpec, teacher_hidden: torch.Tensor, teacher_head
                 t_logits.div_(spec.temperature)  # in place: the linear's output is this chunk's own buffer
             return t_logits.sub_(torch.logsumexp(t_logits, dim=-1, keepdim=True))
 
-    if spec.loss == "forward_kl":
-        return FusedForwardKL(spec, teacher_logp, targets, mask, scale)
+    fused = {"forward_kl": FusedForwardKL, "reverse_kl": FusedReverseKL}.get(spec.loss)
+    if fused is not None:
+        return fused(spec, teacher_logp, targets, mask, scale)
 
     def chunk(logits: torch.Tensor, rows: slice) -> torch.Tensor:
         t_logp = teacher_logp(rows)
@@ -78,7 +80,73 @@ def online_chunk_loss(spec: LossSpec, teacher_hidden: torch.Tensor, teacher_head
     return chunk
 
 
-class FusedForwardKL:
+class FusedOnlineLoss:
+    """A live-teacher chunk loss whose subclasses form d loss / d logits in closed form.
+
+    Calling it is the autograd form of the same loss (used when a logit transform must be
+    differentiated through); :meth:`value_and_grad` is the closed form.
+    """
+
+    def __init__(self, spec: LossSpec, teacher_logp: Callable[[slice], torch.Tensor],
+                 targets: torch.Tensor, mask: torch.Tensor, scale: float) -> None:
+        self.spec, self.teacher_logp = spec, teacher_logp
+        self.targets, self.mask, self.scale = targets, mask, scale
+
+    def __call__(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        t_logp = self.teacher_logp(rows)
+        s_logp = F.log_softmax(logits / self.spec.temperature, dim=-1)
+        return _mixed_rows(self.spec, logits, s_logp, t_logp, self.targets[rows], self.mask[rows]) * self.scale
+
+    def _ce(self, z: torch.Tensor, rows: slice, weight: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(weighted CE sum, softmax(z) - onehot when T != 1 else None, target ids [n, 1]); z untouched."""
+        targets = self.targets[rows].unsqueeze(-1)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        value = ((lse - z.gather(-1, targets)).squeeze(-1) * weight).sum()
+        ce_grad = None
+        if self.spec.temperature != 1.0:  # softmax(z) differs from q and needs its own buffer
+            ce_grad = (z - lse).exp_()
+            ce_grad.scatter_add_(-1, targets, -torch.ones_like(targets, dtype=z.dtype))
+        return value, ce_grad, targets
+
+
+class FusedReverseKL(FusedOnlineLoss):
+    """Reverse KL (+ CE) on one chunk, gradient in closed form: two or three [rows x vocab] buffers.
+
+    With q = softmax(z / T), p the teacher's distribution and d = log q - log p,
+    d[T^2 KL(q || p)]/dz = T q (d - KL). Parity with the autograd reference is tested.
+    """
+
+    @torch.no_grad()
+    def value_and_grad(self, z: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, d loss / d z) for fp32 logits ``z`` [n, V], which it overwrites."""
+        temp, ce_w = self.spec.temperature, self.spec.ce_weight
+        weight = (self.mask[rows] * self.scale).to(z.dtype)
+        total = torch.zeros((), dtype=z.dtype, device=z.device)
+        ce_grad = targets = None
+        if ce_w:
+            ce_value, ce_grad, targets = self._ce(z, rows, weight)
+            total += ce_w * ce_value
+        if temp != 1.0:
+            z.div_(temp)
+        z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # log q
+        d = self.teacher_logp(rows).to(z.dtype).neg_().add_(z)  # log q - log p
+        q = z.exp_()
+        kl = torch.bmm(q.unsqueeze(1), d.unsqueeze(2)).reshape(-1)  # sum_j q_j d_j, no [n, V] temporary
+        total += (1 - ce_w) * temp**2 * (kl * weight).sum()
+        grad = d.sub_(kl.unsqueeze(-1)).mul_(q).mul_((1 - ce_w) * temp)
+        if ce_w:
+            if ce_grad is None:  # T == 1: softmax(z) = q
+                grad.add_(q, alpha=ce_w)
+                grad.scatter_add_(-1, targets, torch.full_like(targets, -ce_w, dtype=z.dtype))
+            else:
+                grad.add_(ce_grad, alpha=ce_w)
+        del q, ce_grad
+        grad.mul_(weight.unsqueeze(-1))
+        return total, grad
+
+
+class FusedForwardKL(FusedOnlineLoss):
     """Forward KL (+ CE) on one chunk with its gradient in closed form, no autograd graph.
 
     With q = softmax(z / T) and p the teacher's distribution at T,
@@ -89,17 +157,6 @@ class FusedForwardKL:
     ``tests/test_distill_losses.py`` checks values and gradients against the plain reference.
     """
 
-    def __init__(self, spec: LossSpec, teacher_logp: Callable[[slice], torch.Tensor],
-                 targets: torch.Tensor, mask: torch.Tensor, scale: float) -> None:
-        self.spec, self.teacher_logp = spec, teacher_logp
-        self.targets, self.mask, self.scale = targets, mask, scale
-
-    def __call__(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
-        """The autograd form (used when a logit transform must be differentiated through)."""
-        t_logp = self.teacher_logp(rows)
-        s_logp = F.log_softmax(logits / self.spec.temperature, dim=-1)
-        return _mixed_rows(self.spec, logits, s_logp, t_logp, self.targets[rows], self.mask[rows]) * self.scale
-
     @torch.no_grad()
     def value_and_grad(self, z: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss, d loss / d z) for fp32 logits ``z`` [n, V], which it overwrites."""
@@ -107,15 +164,10 @@ class FusedForwardKL:
         weight = (self.mask[rows] * self.scale).to(z.dtype)
         t_logp = self.teacher_logp(rows).to(z.dtype)
         total = torch.zeros((), dtype=z.dtype, device=z.device)
-        ce_grad = None
+        ce_grad = targets = None
         if ce_w:
-            targets = self.targets[rows].unsqueeze(-1)
-            lse = torch.logsumexp(z, dim=-1, keepdim=True)
-            ce = (lse - z.gather(-1, targets)).squeeze(-1)
-            total += ce_w * (ce * weight).sum()
-            if temp != 1.0:  # softmax(z) differs from q and needs its own buffer
-                ce_grad = (z - lse).exp_()
-                ce_grad.scatter_add_(-1, targets, -torch.ones_like(targets, dtype=z.dtype))
+            ce_value, ce_grad, targets = self._ce(z, rows, weight)
+            total += ce_w * ce_value
         if temp != 1.0:
             z.div_(temp)
         z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # z is now log q
