@@ -72,14 +72,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("chunked_head_loss supports one backward pass; do not use retain_graph=True with it")
         grads, ctx.grads = ctx.grads, None
-        out = []
-        for g in grads:
-            if g is None:
-                out.append(None)
-                continue
-            g.mul_(grad_out.to(g.dtype))
-            out.append(g)
-        g_hidden, g_weight, g_bias = out
+        g_hidden, g_weight, g_bias = (g.mul_(grad_out.to(g.dtype)) if g is not None else None for g in grads)
         return (
             g_hidden,
             g_weight.to(ctx.weight_dtype) if g_weight is not None else None,

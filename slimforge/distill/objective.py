@@ -97,17 +97,32 @@ class FusedOnlineLoss:
         s_logp = F.log_softmax(logits / self.spec.temperature, dim=-1)
         return _mixed_rows(self.spec, logits, s_logp, t_logp, self.targets[rows], self.mask[rows]) * self.scale
 
-    def _ce(self, z: torch.Tensor, rows: slice, weight: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(weighted CE sum, softmax(z) - onehot when T != 1 else None, target ids [n, 1]); z untouched."""
-        targets = self.targets[rows].unsqueeze(-1)
+
+def _to_log_q(z: torch.Tensor, spec: LossSpec, targets: torch.Tensor, weight: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The shared start of every closed-form chunk loss: CE on the raw logits, then ``z`` -> log q.
+
+    Args:
+        z: fp32 logits [n, V], overwritten with log softmax(z / T).
+        targets: next-token ids [n]; weight: per-row weights [n] (mask times scale).
+
+    Returns:
+        (weighted CE sum, or 0 when ``ce_weight`` is 0; softmax(z) - onehot when CE is mixed
+        in at T != 1, else None, since at T = 1 it equals q - onehot; target ids [n, 1]).
+    """
+    ids = targets.unsqueeze(-1)
+    ce_value = z.new_zeros(())
+    ce_grad = None
+    if spec.ce_weight:
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        value = ((lse - z.gather(-1, targets)).squeeze(-1) * weight).sum()
-        ce_grad = None
-        if self.spec.temperature != 1.0:  # softmax(z) differs from q and needs its own buffer
+        ce_value = ((lse - z.gather(-1, ids)).squeeze(-1) * weight).sum()
+        if spec.temperature != 1.0:  # softmax(z) differs from q and needs its own buffer
             ce_grad = (z - lse).exp_()
-            ce_grad.scatter_add_(-1, targets, -torch.ones_like(targets, dtype=z.dtype))
-        return value, ce_grad, targets
+            ce_grad.scatter_add_(-1, ids, -torch.ones_like(ids, dtype=z.dtype))
+    if spec.temperature != 1.0:
+        z.div_(spec.temperature)
+    z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
+    return ce_value, ce_grad, ids
 
 
 class FusedReverseKL(FusedOnlineLoss):
@@ -122,14 +137,8 @@ class FusedReverseKL(FusedOnlineLoss):
         """(summed loss, d loss / d z) for fp32 logits ``z`` [n, V], which it overwrites."""
         temp, ce_w = self.spec.temperature, self.spec.ce_weight
         weight = (self.mask[rows] * self.scale).to(z.dtype)
-        total = torch.zeros((), dtype=z.dtype, device=z.device)
-        ce_grad = targets = None
-        if ce_w:
-            ce_value, ce_grad, targets = self._ce(z, rows, weight)
-            total += ce_w * ce_value
-        if temp != 1.0:
-            z.div_(temp)
-        z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # log q
+        ce_value, ce_grad, targets = _to_log_q(z, self.spec, self.targets[rows], weight)
+        total = ce_w * ce_value
         d = self.teacher_logp(rows).to(z.dtype).neg_().add_(z)  # log q - log p
         q = z.exp_()
         kl = torch.bmm(q.unsqueeze(1), d.unsqueeze(2)).reshape(-1)  # sum_j q_j d_j, no [n, V] temporary
@@ -163,14 +172,8 @@ class FusedForwardKL(FusedOnlineLoss):
         temp, ce_w = self.spec.temperature, self.spec.ce_weight
         weight = (self.mask[rows] * self.scale).to(z.dtype)
         t_logp = self.teacher_logp(rows).to(z.dtype)
-        total = torch.zeros((), dtype=z.dtype, device=z.device)
-        ce_grad = targets = None
-        if ce_w:
-            ce_value, ce_grad, targets = self._ce(z, rows, weight)
-            total += ce_w * ce_value
-        if temp != 1.0:
-            z.div_(temp)
-        z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # z is now log q
+        ce_value, ce_grad, targets = _to_log_q(z, self.spec, self.targets[rows], weight)  # z is now log q
+        total = ce_w * ce_value
         p = t_logp.exp()
         # KL rows = sum p (log p - log q); where p underflows to 0 the term is 0, also
         # when log p is -inf (a masked-out logit), hence the clamp before the product.
@@ -239,18 +242,8 @@ class FusedCachedForwardKL:
         t_logp = self.topk_logp[rows].to(z.dtype)
         p = t_logp.exp()
         p_kept, p_tail = p[:, :-1], p[:, -1:]
-        total = torch.zeros((), dtype=z.dtype, device=z.device)
-        ce_grad = None
-        if ce_w:
-            targets = self.targets[rows].unsqueeze(-1)
-            lse = torch.logsumexp(z, dim=-1, keepdim=True)
-            total += ce_w * ((lse - z.gather(-1, targets)).squeeze(-1) * weight).sum()
-            if temp != 1.0:
-                ce_grad = (z - lse).exp_()
-                ce_grad.scatter_add_(-1, targets, -torch.ones_like(targets, dtype=z.dtype))
-        if temp != 1.0:
-            z.div_(temp)
-        z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # log q
+        ce_value, ce_grad, targets = _to_log_q(z, self.spec, self.targets[rows], weight)  # z is now log q
+        total = ce_w * ce_value
         logq_kept = z.gather(-1, ids)
         q = z.exp_()
         q_kept = logq_kept.exp()

@@ -81,12 +81,11 @@ def mse_scales(weight: torch.Tensor, bits: int, group_size: int, scale_dtype: to
     grouped = _group_view(weight.float(), group_size)
     weights = None if importance is None else _group_view(importance.float().reshape(1, -1), group_size)
     amax = grouped.abs().amax(dim=-1)
-    low, high = code_range(bits)
     best = symmetric_scales(weight, bits, group_size, scale_dtype)
     best_err = torch.full_like(amax, float("inf"))
     for shrink in torch.linspace(1.0, min_shrink, steps).tolist():
         scales = round_scales(amax * shrink / ((2**bits - 1) / 2), scale_dtype)
-        err = (torch.clamp(torch.round(grouped / scales.unsqueeze(-1)), low, high) * scales.unsqueeze(-1) - grouped) ** 2
+        err = (_group_view(fake_quantize(weight, scales, bits, group_size), group_size) - grouped) ** 2
         err = (err * weights if weights is not None else err).sum(-1)
         better = err < best_err
         best = torch.where(better, scales, best)
