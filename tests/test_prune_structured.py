@@ -174,3 +174,21 @@ def test_hidden_widths_follow_what_transformers_accepts():
     mistral = MistralConfig(vocab_size=64, hidden_size=72, intermediate_size=96, num_hidden_layers=1,
                             num_attention_heads=9, num_key_value_heads=3, head_dim=8)
     assert resolve_width_targets(WidthConfig(hidden_size=64), mistral).hidden_size == 64
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gemma"])
+def test_the_planned_config_of_a_width_prune_is_the_config_it_builds(arch_name, tokenizer):
+    """What later stages are checked against at plan time is exactly what the stage makes."""
+    from slimforge.prune.config import DepthConfig
+    from slimforge.stage import TeacherInfo
+
+    model = build_model(arch_name, tokenizer, layers=2)
+    cfg = WidthConfig(hidden_ratio=0.75, mlp_ratio=0.5, heads_ratio=0.5, round_to=8)
+    planned = cfg.planned_config(TeacherInfo(model.config, tokenizer))
+    pruned, _, _ = prune_width(model, ids_for(tokenizer), resolve_width_targets(cfg, model.config), batch_size=2)
+    fields = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "num_hidden_layers")
+    assert {f: getattr(planned, f) for f in fields} == {f: getattr(pruned.config, f) for f in fields}
+    assert model.config.hidden_size == 32  # the input's config is left alone
+    deeper = DepthConfig(num_remove=1).planned_config(TeacherInfo(planned, tokenizer))
+    assert deeper.num_hidden_layers == 1 and deeper.hidden_size == pruned.config.hidden_size

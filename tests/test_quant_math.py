@@ -220,3 +220,21 @@ def test_safetensors_sizes_reads_the_header(tmp_path):
 
     save_file({"x": torch.zeros(3, 5), "y": torch.zeros(7, dtype=torch.int8)}, tmp_path / "m.safetensors")
     assert safetensors_sizes(tmp_path / "m.safetensors") == {"x": 60, "y": 7}
+
+
+def test_group_size_errors_name_every_supported_size_that_divides():
+    from types import SimpleNamespace
+
+    from slimforge.config import FieldError
+    from slimforge.quantize.config import GptqConfig, dividing_group_sizes_hint
+
+    assert dividing_group_sizes_hint([576, 1536]) == "32 or 64 do"  # SmolLM2-135M
+    assert dividing_group_sizes_hint([32, 64]) == "32 does"
+    assert dividing_group_sizes_hint([48]) == "none of 32, 64, 128 does"
+    smollm = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_attention_heads=9, head_dim=64)
+    with pytest.raises(FieldError) as caught:
+        GptqConfig(group_size=128).check_widths(smollm, "the teacher")
+    assert str(caught.value) == (
+        "group_size=128 is invalid: must divide every linear input width, but the teacher has hidden_size=576, "
+        "num_attention_heads*head_dim=576; pick a group size that divides them (32 or 64 do) or -1 (per channel)")
+    GptqConfig(group_size=64).check_widths(smollm, "the teacher")  # fits: no error

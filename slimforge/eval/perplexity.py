@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from slimforge.eval.config import PerplexityTaskConfig, WordPerplexityTaskConfig
 from slimforge.eval.fidelity import kl_summary, token_kl, top1_agreement
 from slimforge.eval.stats import ItemScores
+from slimforge.progress import progress_bar
 
 
 def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ def block_nll(model: Any, blocks: torch.Tensor, batch_size: int, device: torch.d
     """
     out = torch.empty(len(blocks), dtype=torch.float64)
     batches = range(0, len(blocks), batch_size)
-    for start in tqdm(batches, desc="perplexity", leave=False, disable=not progress):
+    for start in progress_bar(batches, desc="perplexity", total=len(batches), unit="batch", leave=False, enabled=progress):
         ids = blocks[start: start + batch_size].to(device)
         out[start: start + len(ids)] = _next_token_nll(model(input_ids=ids).logits, ids).sum(dim=1).double().cpu()
     return out
@@ -66,7 +66,9 @@ def paired_block_scores(student: Any, teacher: Any, blocks: torch.Tensor, batch_
     n, length = blocks.shape
     out = {"nll": torch.empty(n, dtype=torch.float64), "teacher_nll": torch.empty(n, dtype=torch.float64),
            "kl": torch.empty(n, length - 1), "top1": torch.empty(n, length - 1, dtype=torch.bool)}
-    for start in tqdm(range(0, n, batch_size), desc="perplexity+fidelity", leave=False, disable=not progress):
+    batches = range(0, n, batch_size)
+    for start in progress_bar(batches, desc="perplexity+fidelity", total=len(batches), unit="batch", leave=False,
+                              enabled=progress):
         ids = blocks[start: start + batch_size].to(device)
         s_logits = student(input_ids=ids).logits
         t_logits = teacher(input_ids=ids).logits

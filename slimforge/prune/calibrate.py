@@ -9,8 +9,9 @@ everything is sized by the calibration tensor, never by ``max_position_embedding
 
 API (stable; GPTQ in ``slimforge.quantize`` builds on it):
 
-* :func:`layerwise` ``(model, input_ids, batch_size=8, device=None, offload="cpu")`` yields a
-  :class:`LayerStep` per decoder block, in order. The first step comes after one cheap pass
+* :func:`layerwise` ``(model, input_ids, batch_size=8, device=None, offload="cpu", desc=None)``
+  yields a :class:`LayerStep` per decoder block, in order (with ``desc``, under a progress bar
+  of one tick per block). The first step comes after one cheap pass
   that records the inputs of block 0 and the keyword arguments the model gives each block
   (attention mask, rotary ``position_embeddings``, ``position_ids``: per block, so Gemma's
   sliding/global layers keep their own), taken from the model's own forward.
@@ -169,7 +170,8 @@ class LayerStep:
 
 
 def layerwise(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8,
-              device: torch.device | str | None = None, offload: torch.device | str = "cpu") -> Iterator[LayerStep]:
+              device: torch.device | str | None = None, offload: torch.device | str = "cpu",
+              desc: str | None = None) -> Iterator[LayerStep]:
     """Yield each decoder block with its calibration inputs, propagating block by block.
 
     Args:
@@ -178,13 +180,19 @@ def layerwise(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8,
         batch_size: sequences per block forward.
         device: where each block runs (default: where the model's embeddings are).
         offload: where the inputs wait between blocks.
+        desc: show a progress bar (one tick per block, with an ETA) labelled ``desc``.
     """
+    from slimforge.progress import progress_bar
+
     layers = decoder_layers(model)
     device = torch.device(device) if device is not None else _module_device(model.get_decoder().embed_tokens)
     offload = torch.device(offload)
     captured = capture_block_inputs(model, input_ids, batch_size, device, offload)
     hidden = captured.hidden
-    for index, layer in enumerate(layers):
+    # A block's tick comes when the caller asks for the next one, i.e. once its work is done.
+    blocks = enumerate(layers) if desc is None else progress_bar(enumerate(layers), desc=desc, total=len(layers),
+                                                                 unit="layer")
+    for index, layer in blocks:
         home = _module_device(layer)
         layer.to(device)
         step = LayerStep(index, layer, hidden, [kw[index] for kw in captured.kwargs], device, offload)

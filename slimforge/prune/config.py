@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from slimforge.config import FieldError, StageConfig, check_choice, check_fraction, check_int
 
@@ -54,6 +54,11 @@ def _check_sparsity(cfg: MagnitudeConfig) -> None:
             raise FieldError("n", cfg.n, f"N:M sparsity needs 1 <= N < M (got {cfg.n}:{cfg.m})")
 
 
+def _unchanged_shape(parent: TeacherInfo) -> Any:
+    """Unstructured pruning zeroes weights in place: its output has its input's config."""
+    return parent.config
+
+
 def _preflight_nm(cfg: MagnitudeConfig, teacher: TeacherInfo) -> None:
     _supported(teacher)
     if cfg.m is None:
@@ -87,6 +92,12 @@ class MagnitudeConfig(StageConfig):
     def preflight(self, teacher: TeacherInfo) -> None:
         _preflight_nm(self, teacher)
 
+    def check_input(self, parent: TeacherInfo) -> None:
+        _preflight_nm(self, parent)
+
+    def planned_config(self, parent: TeacherInfo) -> Any:
+        return _unchanged_shape(parent)
+
 
 @dataclass
 class WandaConfig(CalibrationConfig):
@@ -105,6 +116,12 @@ class WandaConfig(CalibrationConfig):
 
     def preflight(self, teacher: TeacherInfo) -> None:
         _preflight_nm(self, teacher)  # type: ignore[arg-type]
+
+    def check_input(self, parent: TeacherInfo) -> None:
+        _preflight_nm(self, parent)  # type: ignore[arg-type]
+
+    def planned_config(self, parent: TeacherInfo) -> Any:
+        return _unchanged_shape(parent)
 
 
 @dataclass
@@ -182,6 +199,17 @@ class DepthConfig(CalibrationConfig):
             raise FieldError(field_name, getattr(self, field_name),
                              f"would remove {self.count(total)} of the model's {total} layers; at least one must stay")
 
+    def check_input(self, parent: TeacherInfo) -> None:
+        self.preflight(parent)
+
+    def planned_config(self, parent: TeacherInfo) -> Any:
+        """The input's config with fewer layers (which ones, the calibration decides)."""
+        import copy
+
+        config = copy.deepcopy(parent.config)
+        config.num_hidden_layers = int(config.num_hidden_layers) - self.count(int(config.num_hidden_layers))
+        return config
+
 
 @dataclass
 class WidthConfig(CalibrationConfig):
@@ -244,3 +272,12 @@ class WidthConfig(CalibrationConfig):
 
         _supported(teacher)
         resolve_width_targets(self, teacher.config)
+
+    def check_input(self, parent: TeacherInfo) -> None:
+        self.preflight(parent)
+
+    def planned_config(self, parent: TeacherInfo) -> Any:
+        """The pruned model's config: the targets are sizes known before calibration."""
+        from slimforge.prune.structured import pruned_config, resolve_width_targets
+
+        return pruned_config(parent.config, resolve_width_targets(self, parent.config))

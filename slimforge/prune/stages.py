@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from slimforge import arch
 from slimforge.models import count_parameters
+from slimforge.progress import progress_bar
 from slimforge.prune.calibrate import layerwise, record_linear_inputs
 from slimforge.prune.config import (
     DepthConfig,
@@ -109,7 +110,8 @@ def magnitude_stage(ctx: StageContext) -> StageOutput:
     model, tokenizer = ctx.load_parent()
     start = time.perf_counter()
     params, nonzero = count_parameters(model), _nonzero(model)
-    for layer in arch.decoder_layers(model):
+    layers = arch.decoder_layers(model)
+    for layer in progress_bar(layers, desc="magnitude", total=len(layers), unit="layer"):
         for module in layer.modules():
             if isinstance(module, nn.Linear):
                 keep = prune_mask(magnitude_scores(module.weight), cfg.sparsity, cfg.per, cfg.n, cfg.m)
@@ -122,7 +124,7 @@ def wanda_prune_model(model: nn.Module, input_ids: torch.Tensor, sparsity: float
                       n: int | None = None, m: int | None = None, batch_size: int = 8,
                       device: torch.device | str | None = None) -> None:
     """Wanda on every linear of every block, block by block, in place."""
-    for step in layerwise(model, input_ids, batch_size=batch_size, device=device):
+    for step in layerwise(model, input_ids, batch_size=batch_size, device=device, desc="wanda"):
         linears = step.linears()
         with record_linear_inputs(linears) as stats:
             step.run()
@@ -138,7 +140,7 @@ def sparsegpt_prune_model(model: nn.Module, input_ids: torch.Tensor, sparsity: f
                           device: torch.device | str | None = None) -> float:
     """SparseGPT on every linear of every block, block by block, in place; returns the summed loss."""
     loss = 0.0
-    for step in layerwise(model, input_ids, batch_size=batch_size, device=device):
+    for step in layerwise(model, input_ids, batch_size=batch_size, device=device, desc="sparsegpt"):
         linears = step.linears()
         with record_linear_inputs(linears, hessian=True) as stats:
             step.run()

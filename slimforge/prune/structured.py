@@ -74,7 +74,7 @@ def depth_scores(model: nn.Module, input_ids: torch.Tensor, criterion: str, span
     total = arch.num_layers(model)
     if criterion == "block_influence":
         scores = []
-        for step in layerwise(model, input_ids, batch_size=batch_size, device=device):
+        for step in layerwise(model, input_ids, batch_size=batch_size, device=device, desc="depth: block influence"):
             acc = _Mean()
             step.run(fn=lambda x, y, acc=acc: acc.add(block_influence(x, y)), keep_outputs=True)
             scores.append(acc.value)
@@ -84,7 +84,7 @@ def depth_scores(model: nn.Module, input_ids: torch.Tensor, criterion: str, span
     history: collections.deque[list[torch.Tensor]] = collections.deque(maxlen=span)
     distances = []
     last: list[torch.Tensor] = []
-    for step in layerwise(model, input_ids, batch_size=batch_size, device=device):
+    for step in layerwise(model, input_ids, batch_size=batch_size, device=device, desc="depth: angular distance"):
         if len(history) == span:
             distances.append(_mean_over_batches(angular_distance, history[0], step.inputs))
         history.append(step.inputs)
@@ -197,13 +197,23 @@ def width_param_count(config: Any, targets: WidthTargets) -> int:
     return total
 
 
+# config JSON -> parameter shapes: a parameter budget's search asks ~30 times for the same config,
+# and building even a meta-device model costs ~0.4 s (SmolLM2-135M: 13 s a search without this).
+_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {}
+
+
 def _param_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     """Shapes of a model of ``config``, built on the meta device (no memory, no init)."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied weights once
+    key = config.to_json_string(use_diff=False)
+    if key not in _SHAPES:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+        if len(_SHAPES) >= 8:
+            _SHAPES.clear()
+        _SHAPES[key] = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied weights once
+    return _SHAPES[key]
 
 
 def _axis_sizes(config: Any, t: WidthTargets) -> dict[str, int]:
@@ -358,7 +368,7 @@ def width_importance(model: nn.Module, input_ids: torch.Tensor, batch_size: int 
         return handles
 
     total = arch.num_layers(model)
-    for step in layerwise(model, input_ids, batch_size=batch_size, device=device):
+    for step in layerwise(model, input_ids, batch_size=batch_size, device=device, desc="width: importance"):
         prefix = f"model.layers.{step.index}."
         mlp, attn = _SampleL2(), _SampleL2()
         down, o_proj = _mlp_down(step.layer), step.layer.self_attn.o_proj
@@ -502,6 +512,17 @@ def _rescale_norms(state: dict[str, torch.Tensor], config: Any, kept: KeptChanne
         state[key] = ((state[key].double() + offset) * factor - offset).to(state[key].dtype)
 
 
+def pruned_config(config: Any, targets: WidthTargets) -> Any:
+    """The config of ``config``'s model pruned to ``targets`` (head_dim stays, stated explicitly)."""
+    new_config = copy.deepcopy(config)
+    new_config.head_dim = arch.head_dim(config)
+    new_config.hidden_size = targets.hidden_size
+    new_config.intermediate_size = targets.intermediate_size
+    new_config.num_attention_heads = targets.num_attention_heads
+    new_config.num_key_value_heads = targets.num_key_value_heads
+    return new_config
+
+
 def build_pruned_model(model: nn.Module, kept: KeptChannels, targets: WidthTargets,
                        energy: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """A new model of the smaller config holding the kept weights.
@@ -529,14 +550,8 @@ def build_pruned_model(model: nn.Module, kept: KeptChannels, targets: WidthTarge
             extra["model.norm"] = 1 / c
     if energy is not None or extra:
         _rescale_norms(state, config, kept, energy or {}, extra)
-    new_config = copy.deepcopy(config)
-    new_config.head_dim = arch.head_dim(config)
-    new_config.hidden_size = targets.hidden_size
-    new_config.intermediate_size = targets.intermediate_size
-    new_config.num_attention_heads = targets.num_attention_heads
-    new_config.num_key_value_heads = targets.num_key_value_heads
     dtype = next(model.parameters()).dtype
-    pruned = AutoModelForCausalLM.from_config(new_config, dtype=dtype)
+    pruned = AutoModelForCausalLM.from_config(pruned_config(config, targets), dtype=dtype)
     if _tied(model):
         state.pop("lm_head.weight", None)
     missing, unexpected = pruned.load_state_dict(state, strict=False)

@@ -10,7 +10,11 @@ import torch.nn as nn
 
 from slimforge.arch import decoder_layers
 from slimforge.errors import ConfigError
-from slimforge.quantize.config import QuantizeConfig, require_full_precision
+from slimforge.quantize.config import (
+    QuantizeConfig,
+    dividing_group_sizes_hint,
+    require_full_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +71,20 @@ def unquantized_linears(model: nn.Module, quantized: dict[str, nn.Linear]) -> li
 
 
 def check_group_widths(linears: dict[str, nn.Linear], group_size: int) -> None:
-    """Every quantized layer's input width must be a multiple of the group size."""
+    """Every quantized layer's input width must be a multiple of the group size.
+
+    The config's widths were checked before the weights loaded; this catches any layer whose
+    width those config fields do not give, still before any calibration.
+    """
     if group_size <= 0:
         return
-    bad = sorted({m.in_features for m in linears.values() if m.in_features % group_size})
+    widths = sorted({m.in_features for m in linears.values()})
+    bad = [w for w in widths if w % group_size]
     if bad:
         raise ConfigError(
             f"group_size={group_size} does not divide the input width of some linear layers "
-            f"({', '.join(map(str, bad))}); pick a group size that divides them or -1 (per channel)"
+            f"({', '.join(map(str, bad))}); pick a group size that divides them "
+            f"({dividing_group_sizes_hint(widths)}) or -1 (per channel)"
         )
 
 

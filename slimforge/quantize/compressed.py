@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
+from slimforge.config import FieldError
 from slimforge.models import count_parameters, write_model_files
+from slimforge.progress import progress_bar
 from slimforge.quantize.common import (
     check_group_widths,
     check_parent,
@@ -116,7 +118,10 @@ def _prepare(ctx: StageContext) -> tuple[Any, Any, dict[str, torch.nn.Linear], t
     cfg: IntWeightConfig = ctx.config
     require_compressed_tensors(cfg.method)
     config = check_parent(ctx.parent, cfg)
-    cfg.check_widths(config, f"its input {ctx.parent.label}")
+    try:  # the plan checks this where it can tell the input's widths; here, for every other input
+        cfg.check_widths(config, f"its input {ctx.parent.label}")
+    except FieldError as err:
+        raise err.at(f"stages.{ctx.name}") from None
     dtype = storage_dtype(cfg.storage_dtype, config)
     model, tokenizer = ctx.load_parent()
     linears = quantizable_linears(model)
@@ -147,7 +152,7 @@ def rtn_stage(ctx: StageContext) -> StageOutput:
     start = time.perf_counter()
     scales = {}
     with torch.no_grad():
-        for name, linear in linears.items():
+        for name, linear in progress_bar(linears.items(), desc="rtn", total=len(linears), unit="linear"):
             result = rtn_quantize(linear.weight, cfg.bits, cfg.group_size, dtype)
             linear.weight.copy_(result.weight.to(linear.weight.dtype))
             scales[name] = result.scales

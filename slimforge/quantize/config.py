@@ -64,10 +64,8 @@ def require_compressed_tensors(method: str) -> None:
         )
 
 
-def width_mismatches(config: Any, group_size: int) -> list[str]:
-    """Linear input widths of a decoder config that ``group_size`` does not divide."""
-    if group_size <= 0:
-        return []
+def linear_input_widths(config: Any) -> dict[str, int]:
+    """The input widths of a decoder config's linear layers, by the config fields they come from."""
     hidden = getattr(config, "hidden_size", None)
     heads = getattr(config, "num_attention_heads", None)
     head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden and heads else None)
@@ -76,7 +74,24 @@ def width_mismatches(config: Any, group_size: int) -> list[str]:
         "intermediate_size": getattr(config, "intermediate_size", None),
         "num_attention_heads*head_dim": heads * head_dim if heads and head_dim else None,
     }
-    return [f"{name}={width}" for name, width in widths.items() if width and width % group_size]
+    return {name: int(width) for name, width in widths.items() if width}
+
+
+def width_mismatches(config: Any, group_size: int) -> list[str]:
+    """Linear input widths of a decoder config that ``group_size`` does not divide."""
+    if group_size <= 0:
+        return []
+    return [f"{name}={width}" for name, width in linear_input_widths(config).items() if width % group_size]
+
+
+def dividing_group_sizes_hint(widths: list[int]) -> str:
+    """Which supported group sizes divide every one of ``widths``, as words for an error message."""
+    fits = [g for g in GROUP_SIZES if g > 0 and all(w % g == 0 for w in widths)]
+    if not fits:
+        return f"none of {', '.join(str(g) for g in GROUP_SIZES if g > 0)} does"
+    if len(fits) == 1:
+        return f"{fits[0]} does"
+    return f"{', '.join(map(str, fits[:-1]))} or {fits[-1]} do"
 
 
 @dataclass
@@ -182,11 +197,19 @@ class IntWeightConfig(QuantizeConfig):
         require_compressed_tensors(self.method)
         self.check_widths(teacher.config, "the teacher")
 
+    def check_input(self, parent: TeacherInfo) -> None:
+        """A later stage's input, as the stages before it plan it (a width prune's sizes)."""
+        self.check_widths(parent.config, "the model the stages before it will make")
+
     def check_widths(self, config: Any, source: str) -> None:
+        """``group_size`` must divide every linear input width of ``config``.
+
+        Raises:
+            FieldError: naming the widths it does not divide and the group sizes that would.
+        """
         bad = width_mismatches(config, self.group_size)
         if bad:
-            fits = [g for g in GROUP_SIZES if g > 0 and not width_mismatches(config, g)]
-            hint = f"{max(fits)} does" if fits else "none of the supported sizes does"
+            hint = dividing_group_sizes_hint(list(linear_input_widths(config).values()))
             raise FieldError("group_size", self.group_size,
                              f"must divide every linear input width, but {source} has {', '.join(bad)}; "
                              f"pick a group size that divides them ({hint}) or -1 (per channel)")

@@ -41,6 +41,7 @@ import torch
 from slimforge.errors import ConfigError
 from slimforge.models import count_parameters, load_model
 from slimforge.pretokenize import detect_pre_tokenizer
+from slimforge.progress import progress_bar
 from slimforge.quantize.common import check_parent, quantizable_linears
 from slimforge.quantize.config import GgufConfig, check_gguf_architecture, rope_settings
 from slimforge.quantize.report import artifact_report, linear_numel
@@ -281,7 +282,8 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, main: str, output: str, n
     add_hyperparameters(writer, config, name, gguf.LlamaFileType[FILE_TYPES[main]])
     add_tokenizer(writer, tokenizer, int(config.vocab_size), pre)
     sizes, hf_types, types = {}, {}, {}
-    for item in plan.tensors:
+    # Quantizing the tensors (numpy, one core) is the slow part of writing the file.
+    for item in progress_bar(plan.tensors, desc="gguf export", total=len(plan.tensors), unit="tensor"):
         stored = quantize_array(item.data, item.qtype)
         if item.qtype in ("F32", "F16"):
             writer.add_tensor(item.name, stored)

@@ -125,7 +125,7 @@ def gptq_quantize_model(model: Any, input_ids: torch.Tensor, bits: int, group_si
     scales: dict[str, torch.Tensor] = {}
     losses: dict[str, float] = {}
     dead = 0
-    for step in layerwise(model, input_ids, batch_size=batch_size, device=device):
+    for step in layerwise(model, input_ids, batch_size=batch_size, device=device, desc="gptq"):
         linears = {local: m for local, m in step.linears().items() if only is None or names[id(m)] in only}
         with record_linear_inputs(linears, hessian=True) as stats:
             step.run()
@@ -139,6 +139,6 @@ def gptq_quantize_model(model: Any, input_ids: torch.Tensor, bits: int, group_si
             scales[name] = result.scales.cpu()
             losses[name] = result.loss
             dead += result.dead_columns
-        log.info("gptq: block %d done (%d linears, mean loss %.4g)", step.index, len(linears),
+        log.debug("gptq: block %d done (%d linears, mean loss %.4g)", step.index, len(linears),
                  sum(losses[names[id(m)]] for m in linears.values()) / max(len(linears), 1))
     return {"scales": scales, "loss": losses, "dead_columns": dead}
