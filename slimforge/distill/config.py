@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from slimforge.config import FieldError, StageConfig, check_choice, check_fraction, check_int
 
@@ -48,6 +48,19 @@ class DropLayersConfig(StageConfig):
             if len(set(self.drop)) >= total:
                 raise FieldError("drop", self.drop, f"would remove all {total} layers")
 
+    def planned_config(self, parent: TeacherInfo) -> Any:
+        """The input's config with the kept layers only (widths unchanged), for later stages' checks."""
+        import copy
+
+        from slimforge.distill.students import layers_to_keep
+
+        config = copy.deepcopy(parent.config)
+        try:
+            config.num_hidden_layers = len(layers_to_keep(self, int(config.num_hidden_layers)))
+        except ValueError:
+            return None  # more layers asked for than the input has: the stage itself says so
+        return config
+
 
 @dataclass
 class CheckpointStudentConfig(StageConfig):
@@ -82,6 +95,19 @@ class CheckpointStudentConfig(StageConfig):
                 f"student checkpoint {self.path} does not share the teacher's tokenizer ({why}); "
                 "distillation compares token distributions, so use a student with the teacher's tokenizer"
             )
+
+    def planned_config(self, parent: TeacherInfo) -> Any:
+        """The checkpoint's own config (None for a GGUF file, whose config needs the weights loaded)."""
+        from transformers import AutoConfig
+
+        source = self.source()
+        if source.gguf_file or source.path.endswith(".gguf"):
+            return None
+        try:
+            return AutoConfig.from_pretrained(source.path, revision=source.revision,
+                                              trust_remote_code=source.trust_remote_code)
+        except Exception:  # noqa: BLE001 - unreachable offline, say: later stages are checked when it loads
+            return None
 
 
 DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
@@ -122,6 +148,82 @@ class FromConfigStudentConfig(StageConfig):
         if self.head_dim is None and (self.hidden_size or self.num_attention_heads) and hidden % heads:
             raise FieldError("hidden_size", hidden, f"must be divisible by num_attention_heads={heads} (or set head_dim)")
         del head_dim
+
+    def size_changes(self, base: Any) -> dict[str, int]:
+        """The sizes this student changes in ``base``; a new width or head count also sets head_dim."""
+        changes = {name: getattr(self, name) for name in TEACHER_ARCH_FIELDS if getattr(self, name) is not None}
+        resized = "hidden_size" in changes or "num_attention_heads" in changes
+        if resized and self.head_dim is None and getattr(base, "head_dim", None) is not None:
+            heads = changes.get("num_attention_heads", base.num_attention_heads)
+            changes["head_dim"] = changes.get("hidden_size", base.hidden_size) // heads
+        return changes
+
+    def student_config(self, base: Any) -> Any:
+        """``base`` (the parent's config) with this student's sizes and initialisation."""
+        changes = self.size_changes(base)
+        fields = {**base.to_dict(), **changes}
+        if "num_hidden_layers" in changes and "layer_types" in fields:
+            fields["layer_types"] = None  # let the config class derive the per-layer pattern for the new depth
+        if self.init_std is not None:
+            fields["initializer_range"] = self.init_std
+        return type(base)(**fields)
+
+    def planned_config(self, parent: TeacherInfo) -> Any:
+        """The fresh student's config, for later stages' checks (None if the config class refuses it)."""
+        try:
+            return self.student_config(parent.config)
+        except (TypeError, ValueError):  # the stage itself reports it, with the config class's reason
+            return None
+
+
+# --- checks against an architecture (its config, built on the meta device: no weights) ----------
+
+
+def meta_model(config: Any) -> Any:
+    """The causal LM ``config`` describes, with parameters on the meta device (no memory, ~0.1 s)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def adapter_module_names(model: Any) -> list[str]:
+    """Full names of the modules LoRA can adapt: linear layers (quantized ones included) and embeddings."""
+    import torch
+
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear | torch.nn.Embedding)]
+
+
+def config_adapter_names(config: Any) -> list[str] | None:
+    """:func:`adapter_module_names` of the model ``config`` describes; None if it cannot be built here."""
+    try:
+        return adapter_module_names(meta_model(config))
+    except Exception:  # noqa: BLE001 - custom code or an odd config: the stage checks the loaded student
+        return None
+
+
+def unmatched_targets(targets: list[str], names: list[str]) -> list[str]:
+    """Targets that name none of ``names`` (peft's rule: the full name, or a suffix after a dot)."""
+    return [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+
+
+def layer_map_problem(layer_map: list[int], teacher_layers: int | None, student_layers: int | None) -> str | None:
+    """Why ``layer_map`` (a teacher layer per student layer) does not fit these layer counts, or None."""
+    if teacher_layers:
+        bad = [j for j in layer_map if not 0 <= j < teacher_layers]
+        if bad:
+            return (f"it names teacher layers {bad}, but the teacher has {teacher_layers} "
+                    f"(valid indices: 0..{teacher_layers - 1})")
+    if student_layers and len(layer_map) != student_layers:
+        return (f"it needs one teacher layer per student layer: the student has {student_layers} layers, "
+                f"the map lists {len(layer_map)}")
+    return None
+
+
+def _layer_count(config: Any) -> int | None:
+    return int(getattr(config, "num_hidden_layers", 0) or 0) or None
 
 
 @dataclass
@@ -238,6 +340,43 @@ class DistillConfig(StageConfig):
                              "set hidden_weight=0 or teacher_cache=false")
 
     def check_teacher(self, teacher: TeacherInfo) -> None:
+        """Checks against the teacher, valid wherever the stage sits in the pipeline."""
         vocab = int(getattr(teacher.config, "vocab_size", 0) or 0)
         if vocab and self.top_k > vocab:
             raise FieldError("top_k", self.top_k, f"exceeds the teacher's vocabulary of {vocab}")
+        if self.layer_map:
+            why = layer_map_problem(list(self.layer_map), _layer_count(teacher.config), None)
+            if why:
+                raise FieldError("layer_map", list(self.layer_map), why)
+
+    def preflight(self, student: TeacherInfo) -> None:
+        """The first stage's input is the student: check it now."""
+        self.check_input(student)
+
+    def check_input(self, student: TeacherInfo) -> None:
+        """Checks against the student, wherever the pipeline knows its config before it exists."""
+        self.check_student(student.config, config_adapter_names(student.config) if self.lora.enabled else None)
+
+    def check_student(self, config: Any, adapter_names: list[str] | None) -> None:
+        """LoRA targets against the student's module names, and the layer map against its depth.
+
+        Args:
+            config: the student's config.
+            adapter_names: its :func:`adapter_module_names` (None: not known, not checked).
+        """
+        if self.lora.enabled and adapter_names is not None:
+            targets = list(self.lora.target_modules)
+            unknown = unmatched_targets(targets, adapter_names)
+            if unknown:
+                valid = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in adapter_names}))
+                raise FieldError("lora.target_modules", targets,
+                                 f"{', '.join(map(repr, unknown))} names no linear or embedding layer of the "
+                                 f"student ({getattr(config, 'model_type', '?')}); valid names: {valid}")
+        if self.hidden_weight and self.layer_map:
+            why = layer_map_problem(list(self.layer_map), None, _layer_count(config))
+            if why:
+                raise FieldError("layer_map", list(self.layer_map), why)
+
+    def planned_config(self, parent: TeacherInfo) -> Any:
+        """Distillation trains its input in place: the output has the input's config."""
+        return parent.config

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from slimforge.arch import decoder_layers
-from slimforge.errors import ConfigError
+from slimforge.config import FieldError
+from slimforge.distill.config import layer_map_problem
 
 
 def default_layer_map(student_layers: int, teacher_layers: int, kept_layers: list[int] | None = None) -> list[int]:
@@ -33,11 +34,10 @@ def default_layer_map(student_layers: int, teacher_layers: int, kept_layers: lis
 
 
 def validate_layer_map(layer_map: list[int], student_layers: int, teacher_layers: int) -> None:
-    if len(layer_map) != student_layers:
-        raise ConfigError(f"distill.layer_map has {len(layer_map)} entries but the student has {student_layers} layers")
-    bad = [j for j in layer_map if not 0 <= j < teacher_layers]
-    if bad:
-        raise ConfigError(f"distill.layer_map names teacher layers {bad}; the teacher has {teacher_layers} (0-based)")
+    """Raise a :class:`FieldError` on ``layer_map`` unless it maps each student layer to a teacher layer."""
+    why = layer_map_problem(layer_map, teacher_layers, student_layers)
+    if why:
+        raise FieldError("layer_map", layer_map, why)
 
 
 def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, kind: str = "mse") -> torch.Tensor:

@@ -9,8 +9,13 @@ from typing import Any
 import torch
 
 from slimforge.distill.config import DistillConfig
-from slimforge.distill.teacher_cache import TeacherCache, build_teacher_cache, cache_key
-from slimforge.distill.trainer import DistillTrainer, block_schedule
+from slimforge.distill.teacher_cache import (
+    TeacherCache,
+    cache_key,
+    ensure_cached,
+    open_teacher_cache,
+)
+from slimforge.distill.trainer import DistillTrainer, block_schedule, require_loss_tokens
 from slimforge.errors import ConfigError
 from slimforge.stage import StageContext, StageOutput
 
@@ -39,25 +44,31 @@ def cache_plan(cfg: DistillConfig, data: Any, seed: int, world: int = 1) -> tupl
 
 
 def ensure_teacher_cache(cfg: DistillConfig, session: Any, seed: int) -> TeacherCache:
-    """The cache for this stage's blocks, built on first use (the only time the teacher loads)."""
+    """The cache holding this stage's blocks; the teacher loads only if some are missing.
+
+    The main rank adds what is missing (under the entry's lock, so concurrent runs wait for
+    each other instead of racing); the other ranks wait at the barrier, then open it.
+    """
     from slimforge import dist
     from slimforge.assets import cache_root
 
     data = session.data()
     train, heldout = cache_plan(cfg, data, seed, dist.world_size())
-    key = cache_key(session.teacher_ref.fingerprint, data.fingerprint, train, heldout, cfg.top_k, cfg.temperature)
+    key = cache_key(session.teacher_ref.fingerprint, data.fingerprint, cfg.top_k, cfg.temperature)
     folder = cache_root() / "teacher_cache" / key
-    if not (folder / "meta.json").is_file():
-        if dist.is_main():
-            teacher, _ = session.teacher()
-            build_teacher_cache(teacher, data.train, data.heldout, train, heldout, cfg.top_k, cfg.temperature,
-                                folder, key, session.device, batch_size=cfg.batch_size,
-                                provenance={"teacher": session.teacher_ref.path, "data": data.stats.get("source")})
-            del teacher
-            session.release_teacher()  # training reads the cache: the teacher's memory goes back now
-        dist.barrier()
-    from slimforge.distill.teacher_cache import open_teacher_cache
+    if dist.is_main():
+        loaded: list[bool] = []
 
+        def load_teacher() -> Any:
+            loaded.append(True)
+            return session.teacher()[0]
+
+        ensure_cached(load_teacher, data.train, data.heldout, train, heldout, cfg.top_k, cfg.temperature, folder,
+                      key, session.device, batch_size=cfg.batch_size,
+                      provenance={"teacher": session.teacher_ref.path, "data": data.stats.get("source")})
+        if loaded:
+            session.release_teacher()  # training reads the cache: the teacher's memory goes back now
+    dist.barrier()
     return open_teacher_cache(folder)
 
 
@@ -73,14 +84,18 @@ def distill_stage(ctx: StageContext) -> StageOutput:
     teacher_cfg = AutoConfig.from_pretrained(ctx.teacher_ref.path) if ctx.teacher_ref.gguf_file is None \
         else ctx.teacher()[0].config
     check_compatible(teacher_tok, tokenizer, teacher_cfg, student.config)
+    check_student(cfg, student, teacher_cfg, ctx.parent.meta.get("kept_layers"), f"stages.{ctx.name}")
+    warn_if_larger_than_teacher(student, teacher_cfg)
     data = ctx.data()
     if len(data.train) == 0:
         raise ConfigError("the training split is empty; add data or lower data.heldout_fraction")
+    require_loss_tokens(cfg, data)
     cache = ensure_teacher_cache(cfg, ctx.session, ctx.seed) if cfg.teacher_cache else None
     teacher = None if cache is not None else ctx.teacher()[0]
     trainer = DistillTrainer(cfg, student, data, ctx.work_dir, ctx.out_dir / "tensorboard", ctx.seed, ctx.device,
-                             teacher=teacher, cache=cache, kept_layers=ctx.parent.meta.get("kept_layers"))
-    before = trainer.evaluate(student) if trainer.latest_checkpoint() is None else None
+                             teacher=teacher, cache=cache, kept_layers=ctx.parent.meta.get("kept_layers"),
+                             provenance={"parent": ctx.parent.fingerprint, "teacher": ctx.teacher_ref.fingerprint})
+    before = trainer.evaluate(student) if trainer.resume_point() is None else None
     result = trainer.train()
     model = result.model
     meta: dict[str, Any] = {"distill": {"teacher_cache": cache.meta["key"] if cache else None,
@@ -97,6 +112,42 @@ def distill_stage(ctx: StageContext) -> StageOutput:
         meta["distill"]["lora"] = "merged"
     model.eval()
     return StageOutput(model=model, tokenizer=tokenizer, meta=meta, metrics=metrics)
+
+
+def check_student(cfg: DistillConfig, student: Any, teacher_config: Any, kept_layers: list[int] | None,
+                  where: str) -> None:
+    """The checks planning could not make without the student: LoRA targets and the layer map.
+
+    Run as soon as the student is loaded, before the teacher or its cache; errors name ``where``.
+    """
+    from slimforge.arch import num_layers
+    from slimforge.config import FieldError
+    from slimforge.distill.config import adapter_module_names
+    from slimforge.distill.hidden import default_layer_map, validate_layer_map
+
+    try:
+        cfg.check_student(student.config, adapter_module_names(student) if cfg.lora.enabled else None)
+        if cfg.hidden_weight:
+            n_s, n_t = num_layers(student), int(teacher_config.num_hidden_layers)
+            validate_layer_map(list(cfg.layer_map) if cfg.layer_map else default_layer_map(n_s, n_t, kept_layers),
+                               n_s, n_t)
+    except FieldError as err:
+        raise err.at(where) from None
+
+
+def warn_if_larger_than_teacher(student: Any, teacher_config: Any) -> None:
+    """One warning when the student has more parameters than its teacher (counted on the meta device)."""
+    from slimforge.distill.config import meta_model
+    from slimforge.models import count_parameters
+
+    try:
+        teacher_params = count_parameters(meta_model(teacher_config))
+    except Exception:  # noqa: BLE001 - a config transformers cannot build here: nothing to compare
+        return
+    student_params = count_parameters(student)
+    if student_params > teacher_params:
+        log.warning("the student has more parameters than its teacher (%s vs %s): distillation will not make it "
+                    "smaller; give the student stage smaller sizes", f"{student_params:,}", f"{teacher_params:,}")
 
 
 def _has_quant_config(path: str) -> bool:

@@ -6,7 +6,6 @@ import logging
 
 from slimforge.arch import keep_layers, num_layers
 from slimforge.distill.config import (
-    TEACHER_ARCH_FIELDS,
     CheckpointStudentConfig,
     DropLayersConfig,
     FromConfigStudentConfig,
@@ -92,17 +91,8 @@ def from_config_stage(ctx: StageContext) -> StageOutput:
 
     cfg: FromConfigStudentConfig = ctx.config
     base = AutoConfig.from_pretrained(ctx.parent.path, trust_remote_code=ctx.parent.trust_remote_code)
-    changes = {name: getattr(cfg, name) for name in TEACHER_ARCH_FIELDS if getattr(cfg, name) is not None}
-    resized = "hidden_size" in changes or "num_attention_heads" in changes
-    if resized and cfg.head_dim is None and getattr(base, "head_dim", None) is not None:
-        heads = changes.get("num_attention_heads", base.num_attention_heads)
-        changes["head_dim"] = changes.get("hidden_size", base.hidden_size) // heads
-    fields = {**base.to_dict(), **changes}
-    if "num_hidden_layers" in changes and "layer_types" in fields:
-        fields["layer_types"] = None  # let the config class derive the per-layer pattern for the new depth
-    if cfg.init_std is not None:
-        fields["initializer_range"] = cfg.init_std
-    config = type(base)(**fields)
+    changes = cfg.size_changes(base)
+    config = cfg.student_config(base)
     torch.manual_seed(ctx.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     tokenizer = ctx.parent.load_tokenizer()

@@ -1,15 +1,26 @@
-"""The distillation trainer: one accelerate loop for CPU, one GPU, DDP and FSDP.
+"""The distillation trainer: one accelerate loop for CPU, one GPU and DDP.
+
+FSDP and DeepSpeed sharding are refused with a clear error: every rank holds a whole
+copy of the student (and of the teacher, unless it trains from the teacher cache).
 
 A step: each rank takes its slice of the step's blocks (a seeded permutation per
 epoch, so the data position is a pure function of the step and resuming needs no
 sampler state); the live teacher, or its cache, gives targets without gradients;
-the student's loss runs inside one wrapped module so DDP/FSDP see an ordinary
+the student's loss runs inside one wrapped module so DDP sees an ordinary
 forward; gradients accumulate, are clipped, the optimizer and the schedule step.
 Every ``checkpoint_every`` steps the model, optimizer, schedule and RNG states
 (accelerate's ``save_state``) plus the step and history are written under a
 temporary name and renamed; a killed run resumes from the newest complete
 checkpoint to the same losses. A non-finite loss stops the run with a clear error
 before any checkpoint of the bad state is written.
+
+A checkpoint records what it was made under (:meth:`DistillTrainer.made_under`: the
+trajectory-relevant config, seed, process count, the student's parameter shapes, the
+data and teacher cache, and the caller's provenance such as the parent model) and the
+size of each of its files. Resuming reuses checkpoints only when that record matches:
+stale ones are moved aside (``checkpoints.stale``) with a warning and training starts
+over; a checkpoint whose files are truncated or unreadable is deleted with a warning
+and the one before it is tried.
 """
 
 from __future__ import annotations
@@ -23,14 +34,13 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from slimforge import dist
 from slimforge.arch import decoder_layers
@@ -51,13 +61,19 @@ from slimforge.distill.objective import (
     naive_loss,
     online_chunk_loss,
 )
-from slimforge.errors import ConfigError, SlimforgeError
-from slimforge.fsutil import atomic_write_json, partial_path, read_json
+from slimforge.errors import ConfigError, DataError, SlimforgeError
+from slimforge.fsutil import atomic_write_json, partial_path, read_json, stable_hash
+from slimforge.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
 # Fault injection for the resume test: SIGKILL this process right after the given step.
 KILL_ENV = "SLIMFORGE_KILL_AFTER_STEP"
+STATE_FILE = "trainer_state.json"
+# Config fields that change how often the run writes or logs, never the weights it reaches, so a
+# checkpoint made under other values continues the same trajectory. Every other field invalidates:
+# `steps` shapes the LR schedule; `eval_every`/`eval_blocks` decide what joins the history.
+RESUME_NEUTRAL_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every")
 
 
 class TrainingDiverged(SlimforgeError):
@@ -82,6 +98,97 @@ def block_schedule(num_blocks: int, total: int, seed: int) -> np.ndarray:
         order.extend(np.random.default_rng([seed, epoch]).permutation(num_blocks).tolist())
         epoch += 1
     return np.asarray(order[:total], dtype=np.int64)
+
+
+def loss_token_count(split: Any) -> int:
+    """How many tokens of a packed split count in the loss (sum of its ``loss_mask``), read from Arrow."""
+    import pyarrow.compute as pc
+
+    total = pc.sum(pc.list_flatten(split.data.column("loss_mask"))).as_py()
+    return int(total or 0)
+
+
+def require_loss_tokens(cfg: DistillConfig, data: Any) -> None:
+    """Refuse training blocks whose loss masks are all zero: the loss would be 0 at every step.
+
+    With ``on_policy.fraction`` 1 every batch is generated and masks its own tokens, so the data's
+    masks do not matter.
+    """
+    if cfg.on_policy.fraction < 1 and loss_token_count(data.train) == 0:
+        raise DataError(
+            f"none of the {len(data.train)} training blocks has a token the loss counts (every loss_mask is 0: "
+            "chat data without assistant turns?), so distillation would learn nothing; add assistant turns to "
+            "the conversations or train on plain text"
+        )
+
+
+def student_signature(model: Any) -> str:
+    """A hash of the student's parameter and buffer names, shapes and dtypes (not their values)."""
+    return stable_hash([(name, list(t.shape), str(t.dtype)) for name, t in model.state_dict().items()])
+
+
+def setup_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two :meth:`DistillTrainer.made_under` records, for a log line."""
+    if not old:
+        return ["made by an earlier slimforge that recorded no setup"]
+    changes = []
+    old_cfg, new_cfg = old.get("config", {}), new.get("config", {})
+    for key in sorted(set(old_cfg) | set(new_cfg)):
+        before, after = old_cfg.get(key), new_cfg.get(key)
+        if before != after:
+            scalar = not isinstance(before, dict | list) and not isinstance(after, dict | list)
+            changes.append(f"{key} {before!r} -> {after!r}" if scalar else key)
+    changes += [key for key in sorted((set(old) | set(new)) - {"config"}) if old.get(key) != new.get(key)]
+    return changes
+
+
+def _json_normal(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists), so records compare equal."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _read_state(folder: Path) -> dict[str, Any] | None:
+    try:
+        state = read_json(folder / STATE_FILE)
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _unreadable_file(path: Path) -> str | None:
+    """Why one checkpoint file would not load, or None; opens it without reading tensor data."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as fh:
+                list(fh.keys())
+        elif path.suffix in (".bin", ".pkl", ".pt"):
+            # Our own files (accelerate's save_state): unpickling them is what resuming does anyway.
+            torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any failure to open means the file is unusable
+        return f"{path.name} does not load ({type(err).__name__}: {str(err).splitlines()[0][:100]})"
+    return None
+
+
+def checkpoint_problem(folder: Path, state: dict[str, Any] | None) -> str | None:
+    """Why a checkpoint (with its parsed ``trainer_state.json``) cannot be loaded, or None."""
+    if state is None:
+        return f"its {STATE_FILE} is missing or unreadable"
+    files = state.get("files")
+    if not isinstance(files, dict) or not files:
+        return "it lists no files"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} holds {path.stat().st_size} bytes, {size} were written"
+    for name in files:
+        problem = _unreadable_file(folder / name)
+        if problem:
+            return problem
+    return None
 
 
 def sparsity_masks(model: Any, min_sparsity: float = 0.01) -> dict[str, torch.Tensor]:
@@ -121,9 +228,9 @@ def ranks_hold_the_same_weights(model: Any) -> bool:
 class StudentWithLoss(torch.nn.Module):
     """The student and its training-only parts; ``forward`` returns the loss.
 
-    Wrapping the whole student-side computation in one module lets DDP and FSDP
-    track every parameter that gets a gradient, including the lm_head used by
-    the chunked loss and the hidden-state projections.
+    Wrapping the whole student-side computation in one module lets DDP track
+    every parameter that gets a gradient, including the lm_head used by the
+    chunked loss and the hidden-state projections.
     """
 
     def __init__(self, student: Any, projections: HiddenProjections | None) -> None:
@@ -170,14 +277,24 @@ class _Run:
 
 
 class DistillTrainer:
-    """Distils ``student`` from a live ``teacher`` or a ``cache`` of its top-k distribution."""
+    """Distils ``student`` from a live ``teacher`` or a ``cache`` of its top-k distribution.
+
+    ``provenance`` names what the student and teacher were made from (the pipeline passes the
+    parent's and the teacher's fingerprints); it joins :meth:`made_under`, so checkpoints of
+    another parent are never resumed.
+    """
 
     def __init__(self, cfg: DistillConfig, student: Any, data: Any, work_dir: Path, log_dir: Path | None,
                  seed: int, device: torch.device, teacher: Any = None, cache: Any = None,
-                 kept_layers: list[int] | None = None) -> None:
+                 kept_layers: list[int] | None = None, provenance: dict[str, Any] | None = None) -> None:
         if teacher is None and cache is None:
             raise ValueError("a live teacher or a teacher cache is required")
         self.cfg = cfg
+        from slimforge.quantize.bnb import keep_4bit_layers_off_cpu_packing
+
+        # A 4-bit (QLoRA) base must never be repacked for bitsandbytes' CPU kernel by an
+        # evaluation: that kernel has no backward, so later gradients would be silently wrong.
+        keep_4bit_layers_off_cpu_packing(student, everywhere=True)
         self.student = student
         self.teacher = teacher
         self.cache = cache
@@ -190,6 +307,18 @@ class DistillTrainer:
         self.kept_layers = kept_layers
         self.train_blocks = self._plan_blocks()
         self.eval_blocks = list(range(min(cfg.eval_blocks, len(data.heldout))))
+        self.made_under = _json_normal(self._made_under(provenance or {}))
+        self.fingerprint = stable_hash(self.made_under)
+        self._resume: Path | None = None
+        self._resume_decided = False
+
+    def _made_under(self, provenance: dict[str, Any]) -> dict[str, Any]:
+        """Everything a checkpoint's trajectory depends on (see ``RESUME_NEUTRAL_FIELDS``)."""
+        config = {k: v for k, v in asdict(self.cfg).items() if k not in RESUME_NEUTRAL_FIELDS}
+        return {"config": config, "seed": self.seed, "world_size": dist.world_size(),
+                "student": student_signature(self.student), "kept_layers": self.kept_layers,
+                "data": getattr(self.data, "fingerprint", None), "train_blocks": len(self.data.train),
+                "teacher_cache": self.cache.meta["key"] if self.cache is not None else None, **provenance}
 
     # -- planning ---------------------------------------------------------------------
 
@@ -375,11 +504,72 @@ class DistillTrainer:
         return self.work_dir / "checkpoints" / f"step-{step:06d}"
 
     def latest_checkpoint(self) -> Path | None:
+        """The newest checkpoint folder that finished writing (not checked further)."""
         root = self.work_dir / "checkpoints"
         if not root.is_dir():
             return None
-        done = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").is_file())
+        done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
         return done[-1] if done else None
+
+    def resume_point(self) -> Path | None:
+        """The checkpoint this run resumes from, or None to start afresh; decided once.
+
+        The main rank decides (and moves stale or broken checkpoints out of the way), then
+        every rank learns the answer, so all of them call this at the same point.
+        """
+        if not self._resume_decided:
+            choice = self._choose_checkpoint() if dist.is_main() else None
+            shared = dist.broadcast_object(str(choice) if choice is not None else None)
+            self._resume = Path(shared) if shared else None
+            self._resume_decided = True
+        return self._resume
+
+    def _choose_checkpoint(self) -> Path | None:
+        root = self.work_dir / "checkpoints"
+        found = sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []
+        states = {folder: _read_state(folder) for folder in found}
+        stale = [s for s in states.values() if s is not None and s.get("fingerprint") != self.fingerprint]
+        if stale:
+            self._set_aside(root, stale[0].get("made_under") or {})
+            return None
+        for folder in found:
+            problem = checkpoint_problem(folder, states[folder])
+            if problem is None:
+                return folder
+            log.warning("distillation checkpoint %s cannot be loaded (%s); deleting it and trying the one before",
+                        folder, problem)
+            shutil.rmtree(folder, ignore_errors=True)
+        if found:
+            log.warning("no distillation checkpoint in %s could be loaded; training from scratch", root)
+        return None
+
+    def _set_aside(self, root: Path, made_under: dict[str, Any]) -> None:
+        """Move checkpoints of another setup to ``checkpoints.stale`` (replacing older stale ones)."""
+        stale = root.with_name("checkpoints.stale")
+        if stale.exists():
+            shutil.rmtree(stale)
+        os.replace(root, stale)
+        log.warning("distillation checkpoints in %s were made under a different setup (%s); moved them to %s "
+                    "and training from scratch", root, "; ".join(setup_changes(made_under, self.made_under)), stale)
+
+    def _load_checkpoint(self, acc: Any, folder: Path) -> dict[str, Any]:
+        """Restore ``folder`` into the accelerator's objects; returns its trainer state.
+
+        Every file was opened and size-checked before, so a failure here is unexpected and may have
+        restored part of the state: the checkpoint is deleted and the run stops, and the next
+        invocation resumes from the one before it (or from scratch).
+        """
+        try:
+            acc.load_state(str(folder))
+        except Exception as err:  # noqa: BLE001 - reported in one line; the half-restored state is unusable
+            if acc.is_main_process:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise SlimforgeError(
+                f"distillation checkpoint {folder} passed its checks but failed to load "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:160]}); it was deleted: run the same "
+                "command again to resume from the checkpoint before it"
+            ) from None
+        return read_json(folder / STATE_FILE)
 
     def _save(self, acc: Any, step: int, state: dict[str, Any]) -> None:
         final = self._checkpoint_dir(step)
@@ -390,7 +580,11 @@ class DistillTrainer:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            atomic_write_json(tmp / "trainer_state.json", state)
+            # The record of what the checkpoint was made under, and the size of each file, so
+            # resuming can tell a stale or truncated checkpoint from a good one.
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            atomic_write_json(tmp / STATE_FILE, {**state, "fingerprint": self.fingerprint,
+                                                 "made_under": self.made_under, "files": files})
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -413,8 +607,8 @@ class DistillTrainer:
         """Run (or resume) the loop to ``cfg.steps``; returns the unwrapped student and its metrics."""
         cfg = self.cfg
         run = self._setup()
-        bar = tqdm(total=cfg.steps, initial=run.step, desc="distill", unit="step",
-                   disable=not run.acc.is_main_process)
+        bar = progress_bar(total=cfg.steps, initial=run.step, desc="distill", unit="step",
+                           enabled=run.acc.is_main_process)
         kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
         try:
             while run.step < cfg.steps:
@@ -457,10 +651,9 @@ class DistillTrainer:
                    on_policy=OnPolicy(self.cfg.on_policy, self.seed) if self.cfg.on_policy.fraction > 0 else None,
                    tokens_per_step=self.cfg.batch_size * self.cfg.grad_accum * dist.world_size()
                    * len(self.data.train[0]["input_ids"]))
-        resume = self.latest_checkpoint()
+        resume = self.resume_point()
         if resume is not None:
-            acc.load_state(str(resume))
-            run.restore(read_json(resume / "trainer_state.json"))
+            run.restore(self._load_checkpoint(acc, resume))
             log.info("resuming distillation from %s (step %d of %d)", resume, run.step, self.cfg.steps)
         run.first_step = run.step
         run.writer = self._tensorboard(acc)

@@ -1,0 +1,65 @@
+"""Bad distillation inputs: data with nothing to learn, layer maps and LoRA targets that do not fit.
+
+The layer-map and LoRA cases fail while planning, so no stage runs: ``after`` checks that.
+"""
+
+from __future__ import annotations
+
+import json
+
+from bad_inputs.harness import TINY_DISTILL, BadInput, Env
+
+
+def distill_run(env: Env, *extra: str, student: str = "stages.student.num_layers=2") -> list[str]:
+    """argv for ``slimforge run`` of the tiny student + distill recipe, two steps, no evaluation."""
+    return ["run", TINY_DISTILL, f"teacher.path={env.teacher_dir}", f"data.path={env.corpus_dir}", student,
+            f"run_dir={env.tmp / 'run'}", "stages.heal.steps=2", "~eval.tasks.perplexity", *extra]
+
+
+def nothing_ran(env: Env) -> None:
+    assert not (env.tmp / "run" / "stages").exists(), "a stage ran before the error"
+
+
+def no_heal_artifact(env: Env) -> None:
+    assert not (env.tmp / "run" / "stages" / "heal").exists()
+
+
+def questions_only(env: Env) -> list[str]:
+    """Chat data whose conversations have no assistant turn: every loss-mask entry is 0."""
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}: who wrote the sonnets, and when?"}]}
+            for i in range(60)]
+    path = env.tmp / "questions.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return [a if not a.startswith("data.path=") else f"data.path={path}" for a in distill_run(env)]
+
+
+CASES = [
+    BadInput("chat-without-assistant-turns", questions_only,
+             r"none of the \d+ training blocks has a token the loss counts .*add assistant turns",
+             after=no_heal_artifact),
+    BadInput("layer-map-beyond-teacher",
+             lambda env: distill_run(env, "stages.heal.hidden_weight=1", "stages.heal.layer_map=[0,9]"),
+             r"invalid value stages\.heal\.layer_map=\[0, 9\]: it names teacher layers \[9\], but the teacher "
+             r"has 4 \(valid indices: 0\.\.3\)", after=nothing_ran),
+    BadInput("layer-map-length",
+             lambda env: distill_run(env, "stages.heal.hidden_weight=1", "stages.heal.layer_map=[0,1,3]"),
+             r"invalid value stages\.heal\.layer_map=\[0, 1, 3\]: it needs one teacher layer per student layer: "
+             r"the student has 2 layers, the map lists 3", after=nothing_ran),
+    BadInput("lora-unknown-target",
+             lambda env: distill_run(env, "stages.heal.lora.enabled=true", "stages.heal.lora.target_modules=[q_proj,q_prj]"),
+             r"invalid value stages\.heal\.lora\.target_modules=\['q_proj', 'q_prj'\]: 'q_prj' names no linear or "
+             r"embedding layer of the student \(llama\); valid names: down_proj, embed_tokens, gate_proj, k_proj, "
+             r"lm_head, o_proj, q_proj, up_proj, v_proj", after=nothing_ran),
+    BadInput("lora-target-not-a-layer",
+             lambda env: distill_run(env, "stages.heal.lora.enabled=true", "stages.heal.lora.target_modules=[self_attn]"),
+             r"stages\.heal\.lora\.target_modules=\['self_attn'\]: 'self_attn' names no linear or embedding layer",
+             after=nothing_ran),
+    BadInput("lora-target-of-a-fresh-student",
+             lambda env: distill_run(env, "stages.heal.lora.enabled=true", "stages.heal.lora.target_modules=[qkv_proj]",
+                                     "stages.student.hidden_size=16", student="student@stages.student=from_config"),
+             r"stages\.heal\.lora\.target_modules=\['qkv_proj'\]: 'qkv_proj' names no linear or embedding layer "
+             r"of the student \(llama\)", after=nothing_ran),
+    BadInput("fsdp-requested", lambda env: distill_run(env),
+             r"the distillation trainer supports one process or DDP .*FSDP and DeepSpeed sharding are not supported",
+             after=no_heal_artifact, env={"ACCELERATE_USE_FSDP": "true"}),
+]
