@@ -171,7 +171,10 @@ class EvalConfig:
     and few-shot sampling, kept apart from the training seed so that a sweep
     over seeds is scored on the same items), ``limit`` and ``num_fewshot`` (the
     defaults of benchmark tasks). ``include_path`` adds folders of lm-eval task
-    YAMLs. ``cache`` reuses results keyed by model content and settings.
+    YAMLs; one that runs Python (``!function``, ``hf_evaluate`` metrics, templates
+    reaching Python internals) is refused unless ``allow_code`` is on, which you
+    should do only for task folders you trust. ``cache`` reuses results keyed by
+    model content and settings.
     """
 
     models: list[str] = field(default_factory=lambda: ["teacher", "all"])
@@ -181,6 +184,7 @@ class EvalConfig:
     limit: int | None = None
     num_fewshot: int | None = None
     include_path: list[str] = field(default_factory=list)
+    allow_code: bool = False
     cache: bool = True
     gate: GateConfig = field(default_factory=GateConfig)
 
@@ -212,6 +216,14 @@ class RecipeConfig:
     def check(self) -> None:
         check_choice("device", self.device, DEVICES)
         check_choice("dtype", self.dtype, DTYPES)
+        from slimforge.fsutil import path_component_problem
+
+        # Both become folder names under out_dir: neither may lead out of it (run_dir chooses a place).
+        for key in ("name", "run_name"):
+            value = getattr(self, key)
+            problem = None if value is None else path_component_problem(value)
+            if problem:
+                raise FieldError(key, value, f"{problem}; to write elsewhere, set run_dir=PATH")
 
 
 # --- stage and task schemas --------------------------------------------------------------
@@ -288,15 +300,76 @@ def _check_tree(obj: Any, prefix: str) -> None:
             raise err.at(prefix) from None
 
 
+def node_schema(node: Any) -> type | None:
+    """The registered schema of a stage node (``kind`` and ``method``) or a task node (``type``), or None."""
+    from omegaconf import DictConfig
+
+    from slimforge.registry import registry
+
+    if not isinstance(node, DictConfig):
+        return None
+    try:
+        if node.get("kind") and node.get("method"):
+            return registry(str(node.kind)).get(str(node.method)).load_schema()
+        if node.get("type"):
+            return registry("eval").get(str(node.type)).load_schema()
+    except ConfigError:  # an unknown kind or method: validation names it
+        return None
+    return None
+
+
+def unknown_key_error(err: Any, prefix: str = "") -> ConfigError | None:
+    """The one-line error for an OmegaConf error about a key that is not there; None for other errors.
+
+    A key no schema has is refused the same way however it came (``key=value``, ``+key=value``,
+    a recipe file): its full path, the nearest known key, and the known keys when none is near.
+    Only a new entry under a free-form mapping (``stages``, ``eval.tasks``) is added with ``+``.
+    """
+    import dataclasses
+    import difflib
+    import typing
+
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    key, parent_node = getattr(err, "key", None), getattr(err, "parent_node", None)
+    if not isinstance(err, ConfigAttributeError | ConfigKeyError) or key is None:
+        return None
+    if parent_node is not None and key in parent_node:
+        return None  # the key exists: some other problem
+    full = str(getattr(err, "full_key", "") or key)
+    path = f"{prefix}.{full}" if prefix else full
+    parent = path.rpartition(".")[0]
+    existing = [str(k) for k in parent_node] if parent_node is not None else []
+    if typing.get_origin(getattr(err, "ref_type", None)) is dict:
+        close = difflib.get_close_matches(str(key), existing, n=1)
+        hint = f"; did you mean {parent}.{close[0]}?" if close else ""
+        return ConfigError(f"{parent} has no entry {key!r}{hint} (to add a new entry there, start the override "
+                           "with +)")
+    object_type = getattr(err, "object_type", None)
+    schema = object_type if dataclasses.is_dataclass(object_type) else node_schema(parent_node)
+    known = [f.name for f in dataclasses.fields(schema)] if schema is not None else existing
+    owner = schema.__name__ if schema is not None else (parent or "the recipe")
+    close = difflib.get_close_matches(str(key), known, n=1)
+    hint = (f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close
+            else f"the keys there are: {', '.join(known)}")
+    return ConfigError(f"unknown key {path}: {owner} has no {str(key)!r}; {hint}")
+
+
 def _to_object(schema: type, node: Any, prefix: str) -> Any:
     """Merge ``node`` into ``schema``, build the dataclass and check its values."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    # As plain data: a typed node merged into its own schema keeps keys the schema lacks
+    # (added with +key=value), and to_object would then drop them without a word.
+    plain = OmegaConf.create(OmegaConf.to_container(node)) if isinstance(node, DictConfig) else node
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), plain)
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
+        unknown = unknown_key_error(err, prefix)
+        if unknown is not None:
+            raise unknown from None
         key = getattr(err, "full_key", "") or ""
         where = f"{prefix}.{key}" if key and prefix else (key or prefix)
         first = str(err).splitlines()[0]
@@ -319,10 +392,26 @@ def _typed_entries(raw: Any, section: str, key_field: str, kind_of: Any) -> dict
         kind = kind_of(node)
         method = node.get(key_field)
         if not kind or not method:
-            raise ConfigError(f"{prefix} needs both 'kind' and '{key_field}'")
+            missing = " and ".join(repr(k) for k, v in (("kind", kind), (key_field, method)) if not v)
+            raise ConfigError(f"{prefix} needs {missing}")
         entry = registry(kind).get(str(method))
         out[str(name)] = _to_object(entry.load_schema(), node, prefix)
     return out
+
+
+def _refuse_stray_stages(stages: Any, pipeline: list[str]) -> None:
+    """A stage entry outside the pipeline is not validated, but one without kind and method is
+    no stage at all: keys given to a misspelled stage name (``+stages.hael.steps=5``)."""
+    import difflib
+
+    from omegaconf import DictConfig
+
+    for name, node in stages.items():
+        if name in pipeline or (isinstance(node, DictConfig) and node.get("kind") and node.get("method")):
+            continue
+        close = difflib.get_close_matches(str(name), [str(n) for n in stages if n != name], n=1)
+        hint = f"did you mean stages.{close[0]}?" if close else f"the stages are: {', '.join(map(str, stages))}"
+        raise ConfigError(f"stages.{name} is not a stage (it has no kind and method); {hint}")
 
 
 def validate_recipe(cfg: Any) -> Recipe:
@@ -343,9 +432,14 @@ def validate_recipe(cfg: Any) -> Recipe:
         )
     if len(set(top.pipeline)) != len(top.pipeline):
         raise ConfigError(f"pipeline lists a stage twice: {top.pipeline}")
+    _refuse_stray_stages(cfg.stages, top.pipeline)
     chosen = OmegaConf.create({name: cfg.stages[name] for name in top.pipeline})
     stages = _typed_entries(chosen, "stages", "method", lambda node: node.get("kind"))
     tasks = _typed_entries(cfg.eval.tasks, "eval.tasks", "type", lambda node: "eval")
+    if top.eval.include_path and not top.eval.allow_code and any(t.type == "lm_eval" for t in tasks.values()):
+        from slimforge.eval.taskcode import refuse_task_code
+
+        refuse_task_code(top.eval.include_path)  # task YAMLs that run Python: refused without eval.allow_code
     for name, stage in stages.items():
         if stage.kind == "student" and name != top.pipeline[0]:
             raise ConfigError(

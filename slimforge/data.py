@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,21 +119,114 @@ def resolve_source(cfg: DataConfig) -> Source:
     return Source("hub", cfg.path, [], stable_hash([cfg.path, cfg.hf_config, cfg.split, cfg.revision]))
 
 
-def _read_jsonl_rows(files: list[str]) -> list[dict[str, Any]]:
-    rows = []
+def not_utf8_error(name: str, offset: int, reason: str) -> DataError:
+    """The one message for a data file that is not UTF-8 text."""
+    return DataError(f"{name} is not UTF-8 text (byte {offset}: {reason}); data files must be UTF-8: re-encode "
+                     "it (e.g. iconv -f latin1 -t utf-8) or move it out of data.path")
+
+
+def first_non_utf8(files: list[str]) -> tuple[str, int, str] | None:
+    """(file, byte offset, reason) of the first byte in ``files`` that is not UTF-8, or None.
+
+    Reads in 1 MiB chunks through an incremental decoder, so a large corpus is never held whole.
+    """
+    import codecs
+
     for name in files:
-        with open(name, encoding="utf-8") as fh:
-            text = fh.read()
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with open(name, "rb") as fh:
+            while True:
+                chunk = fh.read(1 << 20)
+                try:
+                    decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as err:
+                    return name, max(0, offset + err.start - len(err.object) + len(chunk)), err.reason
+                if not chunk:
+                    break
+                offset += len(chunk)
+    return None
+
+
+def _load_text_files(files: list[str]) -> datasets.Dataset:
+    """Plain-text files as one document each.
+
+    Raises:
+        DataError: a file is not UTF-8 text (a binary or Latin-1 file), naming it.
+    """
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        return datasets.load_dataset("text", data_files=files, sample_by="document", split="train")
+    except DatasetGenerationError as err:
+        if not isinstance(err.__cause__, UnicodeDecodeError):
+            raise
+        found = first_non_utf8(files)
+        if found is None:  # the file changed under us: still say what the library saw
+            raise DataError(f"a data file is not UTF-8 text ({err.__cause__.reason}); data files must be UTF-8: "
+                            f"re-encode the files under {Path(files[0]).parent}") from None
+        raise not_utf8_error(*found) from None
+
+
+def _jsonl_rows(files: list[str]) -> Iterator[tuple[str, int, Any]]:
+    """(file, line, row) for every row of jsonl files, or of .json files holding one array (line 0)."""
+    for name in files:
+        try:
+            with open(name, encoding="utf-8") as fh:
+                text = fh.read()
+        except UnicodeDecodeError as err:
+            raise not_utf8_error(name, err.start, err.reason) from None
         if name.endswith(".json") and text.lstrip().startswith("["):
-            rows.extend(json.loads(text))
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{name}:{err.lineno} is not valid JSON ({err.msg}); fix the file") from None
+            yield from ((name, 0, row) for row in rows)
             continue
         for lineno, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    yield name, lineno, json.loads(line)
                 except json.JSONDecodeError as err:
                     raise DataError(f"{name}:{lineno} is not valid JSON ({err.msg}); fix the line") from None
-    return rows
+
+
+def _rows_to_dataset(files: list[str]) -> datasets.Dataset:
+    """jsonl rows as a Dataset.
+
+    Raises:
+        DataError: rows give a field values of different types (text in one, a list or a
+            number in another), which Arrow cannot hold in one column; names the first such row.
+    """
+    import datasets
+    import pyarrow as pa
+
+    rows = [row for _, _, row in _jsonl_rows(files)]
+    try:
+        return datasets.Dataset.from_list(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        index = _first_clashing_row(rows)
+        name, lineno, _ = next(r for i, r in enumerate(_jsonl_rows(files)) if i == index)
+        where = f"{name}:{lineno}" if lineno else f"{name} (item {index})"
+        raise DataError(f"{where}: a field here has another type than elsewhere in the data "
+                        f"({str(err).splitlines()[0]}); give each field one type throughout, e.g. every "
+                        "message's content a string") from None
+
+
+def _first_clashing_row(rows: list[Any]) -> int:
+    """The index of the first row that Arrow cannot put in one table with the rows before it."""
+    import datasets
+    import pyarrow as pa
+
+    good, bad = 0, len(rows)  # rows[:good] convert, rows[:bad] do not
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        try:
+            datasets.Dataset.from_list(rows[:middle])
+            good = middle
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            bad = middle
+    return bad - 1
 
 
 def load_documents(source: Source, cfg: DataConfig) -> datasets.Dataset:
@@ -141,9 +235,9 @@ def load_documents(source: Source, cfg: DataConfig) -> datasets.Dataset:
 
     fmt = cfg.format
     if source.format == "text":
-        ds = datasets.load_dataset("text", data_files=source.files, sample_by="document", split="train")
+        ds = _load_text_files(source.files)
     elif source.format == "jsonl":
-        ds = datasets.Dataset.from_list(_read_jsonl_rows(source.files))
+        ds = _rows_to_dataset(source.files)
     elif source.format == "parquet":
         ds = datasets.load_dataset("parquet", data_files=source.files, split="train")
     elif source.format == "hf":

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slimforge import __version__
-from slimforge.errors import ModelLoadError
+from slimforge.errors import ConfigError, ModelLoadError
 from slimforge.fsutil import atomic_dir, atomic_write_json, read_json, stable_hash, tree_fingerprint
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,13 +39,33 @@ ASSET_CONVERSION_VERSION = 2
 # --- device and dtype --------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
+# Forces the answer of cpu_supports_fast_bf16: 1 or 0. Tests use it to exercise the bf16 path
+# on CPUs without native bf16 (and the fp32 path on CPUs with it).
+CPU_BF16_ENV = "SLIMFORGE_CPU_BF16"
+
+
 def cpu_supports_fast_bf16() -> bool:
     """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX).
 
     Without those instructions torch emulates bf16 matmuls, measured here ~150x
     slower than fp32, so "the CPU can store bf16" is not the right test.
+    ``SLIMFORGE_CPU_BF16=1`` or ``0`` overrides the detection.
+
+    Raises:
+        ConfigError: ``SLIMFORGE_CPU_BF16`` holds something other than 1 or 0.
     """
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if not forced:
+        return _cpu_flags_have_bf16()
+    if forced not in ("0", "1"):
+        raise ConfigError(f"{CPU_BF16_ENV}={forced!r} is not understood; set it to 1 (treat this CPU as "
+                          "having native bf16), 0 (as not having it), or unset it to detect")
+    return forced == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags_have_bf16() -> bool:
+    """Whether /proc/cpuinfo lists AVX512-BF16 or AMX-BF16 (read once per process)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             flags = set(fh.read().split())
@@ -137,9 +157,23 @@ class ModelRef:
     @classmethod
     def from_source(cls, path: str, label: str, gguf_file: str | None = None,
                     revision: str | None = None, trust_remote_code: bool = False,
-                    allow_pickle: bool = False) -> ModelRef:
-        """A reference to a user-given model, fingerprinted cheaply."""
+                    allow_pickle: bool = False, code_setting: str | None = "") -> ModelRef:
+        """A reference to a user-given model, fingerprinted cheaply.
+
+        A local folder is checked first (config, model code, safetensors headers), so a
+        broken or untrusted model fails in one line before any data is read. ``code_setting``
+        names the setting that turns ``trust_remote_code`` on for this model, for that error;
+        empty (the default) derives it from ``label`` (``teacher.trust_remote_code=true`` for
+        the teacher), None says there is none (``slimforge eval``).
+
+        Raises:
+            ModelLoadError: the model is missing, broken or needs code that may not run.
+        """
         kind = classify_source(path, gguf_file)
+        if kind == "folder":
+            if code_setting == "":
+                code_setting = f"{label}.trust_remote_code=true" if label == "teacher" else "trust_remote_code=true"
+            check_model_folder(Path(path).expanduser(), trust_remote_code, code_setting)
         if kind == "hub":
             fingerprint = stable_hash(["hub", path, revision])
         else:
@@ -166,8 +200,117 @@ class ModelRef:
         return load_tokenizer(self.path, gguf_file=self.gguf_file, revision=self.revision,
                               trust_remote_code=self.trust_remote_code)
 
+    def load_config(self) -> Any:
+        return load_config(self.path, revision=self.revision, trust_remote_code=self.trust_remote_code)
+
 
 # --- loading -----------------------------------------------------------------------------
+
+
+def check_model_folder(folder: Path, trust_remote_code: bool = False,
+                       code_setting: str | None = "trust_remote_code=true") -> None:
+    """Refuse a local model folder that cannot load, reading only small files.
+
+    Args:
+        folder: a Hugging Face model folder (or a LoRA adapter folder).
+        trust_remote_code: whether the model's own code may run.
+        code_setting: the setting that allows that code, for the message (None: none exists).
+
+    Raises:
+        ModelLoadError: no or unreadable ``config.json``, a model type that needs code
+            transformers lacks, or a safetensors file that is truncated or corrupt.
+    """
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        if (folder / "adapter_config.json").is_file():
+            return  # a LoRA adapter: its base model is checked when it loads
+        gguf = next(iter(sorted(folder.glob("*.gguf"))), None)
+        if gguf is not None:
+            raise ModelLoadError(f"model folder {folder} has no config.json but holds {gguf.name}; "
+                                 f"give that file ({gguf}) instead of the folder")
+        raise ModelLoadError(f"model folder {folder} has no config.json; give a complete Hugging Face model "
+                             "folder (config.json, weights, tokenizer), a .gguf file or a hub id")
+    check_model_code(folder, read_model_config(config_file), trust_remote_code, code_setting)
+    for shard in sorted(folder.glob("*.safetensors")):
+        check_safetensors(shard)
+
+
+def read_model_config(config_file: Path) -> dict[str, Any]:
+    """A model's ``config.json`` as a dict; a file that is not a JSON object raises :class:`ModelLoadError`."""
+    import json
+
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{config_file} is not valid JSON ({err}); restore the model's config.json") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_file} holds a JSON {type(config).__name__}, not an object; "
+                             "restore the model's config.json")
+    return config
+
+
+def check_model_code(folder: Path, config: dict[str, Any], trust_remote_code: bool,
+                     code_setting: str | None) -> None:
+    """Refuse a model whose type transformers lacks: only its own code (``auto_map``) could build it.
+
+    A known ``model_type`` loads with transformers' class even when ``auto_map`` is present
+    (Phi-3 and others kept theirs after joining transformers), so it is not refused.
+    """
+    from importlib.metadata import version
+
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING or trust_remote_code:
+        return
+    library = f"transformers {version('transformers')}"
+    if not model_type:
+        raise ModelLoadError(f"{folder / 'config.json'} has no model_type, so {library} cannot tell which model "
+                             "it is; restore the model's config.json")
+    if not config.get("auto_map"):
+        raise ModelLoadError(f"{folder} is a {model_type!r} model, a type {library} does not know; "
+                             "upgrade transformers, or check that the folder holds a Hugging Face causal LM")
+    if code_setting is None:
+        raise ModelLoadError(f"{folder} needs its own model code ({model_type!r} is not in {library}; config.json "
+                             "names its classes in auto_map), which slimforge eval does not run; in a recipe, set "
+                             "trust_remote_code=true for it (teacher.trust_remote_code=true for a teacher) only if "
+                             "you trust that code")
+    raise ModelLoadError(f"{folder} needs its own model code ({model_type!r} is not in {library}; config.json "
+                         f"names its classes in auto_map); set {code_setting} only if you trust that code")
+
+
+def check_safetensors(shard: Path) -> None:
+    """Open a safetensors file's header: a truncated or corrupt file raises :class:`ModelLoadError`."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(shard), "pt"):
+            pass
+    except SafetensorError as err:
+        raise broken_weights_error(str(shard), err) from None
+
+
+def broken_weights_error(where: str, err: BaseException) -> ModelLoadError:
+    """The one message for weights that safetensors cannot read."""
+    return ModelLoadError(f"{where}: the safetensors weights are truncated or corrupt ({err}); "
+                          "copy or download the model again")
+
+
+def _unpickling_error(path: str, err: BaseException) -> ModelLoadError:
+    """A pickle that ``torch.load(weights_only=True)`` refused (objects, not tensors) or could not read."""
+    import re
+
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return ModelLoadError(f"{path}: the pickle weights hold non-tensor objects (such as {found.group(1)}), so "
+                              "they were not loaded: allow_pickle=true reads plain tensors only; convert the "
+                              "checkpoint to safetensors")
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    why = detail.group(1).strip() if detail else text.strip().splitlines()[0]
+    return ModelLoadError(f"{path}: the pickle weights are not a checkpoint of plain tensors ({why}), so they were "
+                          "not loaded: the file is corrupt or holds something else; copy it again or convert the "
+                          "checkpoint to safetensors")
 
 
 def _refuse_pickle_only(folder: Path, allow_pickle: bool) -> None:
@@ -186,6 +329,25 @@ def _gguf_location(path: str, gguf_file: str | None) -> tuple[str, str]:
     if local.is_file():
         return str(local.parent), local.name
     return str(local), str(gguf_file)
+
+
+def load_config(path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """A model's transformers config (no weights) from a hub id or an HF folder.
+
+    Raises:
+        ModelLoadError: the config cannot be read (missing files, the model's own code
+            absent with ``trust_remote_code`` on, an unreachable hub).
+    """
+    from transformers import AutoConfig
+
+    kind = classify_source(path)
+    location = path if kind == "hub" else str(Path(path).expanduser())
+    try:
+        return AutoConfig.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = "; if this machine is offline, give a local folder" if kind == "hub" else ""
+        raise ModelLoadError(f"could not read the model config of {path}: {first}{hint}") from None
 
 
 def load_tokenizer(path: str, gguf_file: str | None = None, revision: str | None = None,
@@ -207,7 +369,8 @@ def load_tokenizer(path: str, gguf_file: str | None = None, revision: str | None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(Path(path).expanduser()) if kind != "hub" else path, **kwargs)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"could not load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+        hint = "; if this machine is offline, give a local folder" if kind == "hub" else ""
+        raise ModelLoadError(f"could not load a tokenizer from {path}: {str(err).splitlines()[0]}{hint}") from None
     if kind == "gguf" and "gguf_file" in kwargs:
         from slimforge.pretokenize import gguf_pre_tokenizer_name, restore_pre_tokenizer
 
@@ -237,7 +400,10 @@ def load_model(path: str, device: Any = "cpu", dtype: Any = None, gguf_file: str
         ``(model, tokenizer)``, or the model alone when ``with_tokenizer`` is False.
         The model is in eval mode with gradients enabled on its parameters.
     """
+    import pickle
+
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     kind = classify_source(path, gguf_file)
@@ -262,6 +428,10 @@ def load_model(path: str, device: Any = "cpu", dtype: Any = None, gguf_file: str
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = "; if this machine is offline, give a local folder" if kind == "hub" else ""
         raise ModelLoadError(f"could not load a causal LM from {path}: {first}{hint}") from None
+    except SafetensorError as err:
+        raise broken_weights_error(path, err) from None
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True), reached only with allow_pickle
+        raise _unpickling_error(path, err) from None
     if getattr(model, "hf_quantizer", None) is not None and kind == "gguf":
         # GGUF weights arrive dequantized; drop the marker so the model saves and trains.
         model.hf_quantizer.remove_quantization_config(model)
@@ -270,6 +440,9 @@ def load_model(path: str, device: Any = "cpu", dtype: Any = None, gguf_file: str
         model = model.to(device=device, dtype=dtype)
     elif getattr(model, "hf_quantizer", None) is not None:
         _cast_unquantized(model, dtype)
+        from slimforge.quantize.bnb import keep_4bit_layers_off_cpu_packing
+
+        keep_4bit_layers_off_cpu_packing(model)  # else widths like 432 crash on AVX512-BF16 CPUs
     model.eval()
     if not with_tokenizer:
         return model

@@ -87,12 +87,13 @@ def compose_recipe(recipe: str, overrides: list[str], with_hydra: bool = False) 
     Raises:
         ConfigError: unknown recipe, bad override syntax, unknown key or wrong type.
     """
+    import yaml
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from slimforge.config import register_schemas
+    from slimforge.config import register_schemas, unknown_key_error
 
     register_schemas()
     config_dir, name = locate_recipe(recipe)
@@ -104,9 +105,29 @@ def compose_recipe(recipe: str, overrides: list[str], with_hydra: bool = False) 
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="slimforge"):
             return compose(config_name=name, overrides=overrides, return_hydra_config=with_hydra)
     except (HydraException, OmegaConfBaseException) as err:
+        # Hydra chains OmegaConf's error as the cause (an override) or the context (a recipe file).
+        origin = (err.__cause__ or err.__context__) if isinstance(err, HydraException) else err
+        unknown = unknown_key_error(origin)
+        if unknown is not None:
+            raise unknown from None
         raise ConfigError(f"recipe {recipe!r}: {_hydra_message(err)}") from None
+    except yaml.YAMLError as err:  # Hydra reads each recipe and preset file with PyYAML
+        raise ConfigError(_yaml_message(err)) from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def _yaml_message(err: Any) -> str:
+    """A YAML syntax error as one line: the file, the line and column, what the parser expected."""
+    mark, context_mark = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if mark is None:
+        return f"a recipe file is not valid YAML ({problem}); fix its syntax"
+    context = getattr(err, "context", None)
+    if context and context_mark is not None and context_mark.line != mark.line:
+        problem += f" ({context} that starts on line {context_mark.line + 1})"
+    return (f"{mark.name} is not valid YAML: line {mark.line + 1}, column {mark.column + 1}: {problem}; "
+            "fix the syntax there")
 
 
 def expand_sweep(recipe: str, overrides: list[str]) -> list[list[str]]:

@@ -70,11 +70,83 @@ def test_invalid_values_fail_validation(override, expected):
     assert "\n" not in str(info.value)
 
 
-def test_wrong_type_and_unknown_key_fail_at_composition():
+def test_wrong_type_fails_at_composition():
     with pytest.raises(ConfigError, match="could not be converted to Integer"):
         prepare(STUDENT, ["data.block_size=big"])
-    with pytest.raises(ConfigError, match="Key 'blocksize' not in 'DataConfig'"):
-        prepare(STUDENT, ["data.blocksize=64"])
+
+
+@pytest.mark.parametrize("plus", ["", "+"])
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("data.blocksize", r"^unknown key data\.blocksize: DataConfig has no 'blocksize'; did you mean data\.block_size\?$"),
+        ("teacher.foo", r"^unknown key teacher\.foo: TeacherConfig has no 'foo'; the keys there are: path, asset, "),
+        ("foo", r"^unknown key foo: RecipeConfig has no 'foo'; the keys there are: name, "),
+        ("stages.student.num_layerz", r"^unknown key stages\.student\.num_layerz: DropLayersConfig has no "
+                                      r"'num_layerz'; did you mean stages\.student\.num_layers\?$"),
+        ("eval.tasks.perplexity.max_blockz", r"^unknown key eval\.tasks\.perplexity\.max_blockz: "
+                                             r"PerplexityTaskConfig has no 'max_blockz'; did you mean "),
+        ("eval.gate.max_kll", r"^unknown key eval\.gate\.max_kll: GateConfig has no 'max_kll'; did you mean "
+                              r"eval\.gate\.max_kl\?$"),
+    ],
+)
+def test_a_key_no_schema_has_is_refused_with_or_without_plus(plus, key, expected):
+    """``+key=value`` used to compose, pass validation and be ignored; it now fails like a misspelling."""
+    with pytest.raises(ConfigError, match=expected) as info:
+        prepare(STUDENT, [f"{plus}{key}=5"])
+    assert "+" not in str(info.value)  # adding the key with + would not help: no schema has it
+
+
+def test_a_key_no_schema_has_in_a_recipe_file_fails_the_same_way(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("defaults:\n  - slimforge_recipe\n  - data: shakespeare\n  - _self_\nname: mine\n"
+                    "data:\n  blocksize: 64\n")
+    with pytest.raises(ConfigError, match=r"^unknown key data\.blocksize: DataConfig has no 'blocksize'; "
+                                          r"did you mean data\.block_size\?$"):
+        prepare(str(path), [])
+    path.write_text("defaults:\n  - slimforge_recipe\n  - _self_\nname: mine\npipeline: [s]\n"
+                    "stages:\n  s: {kind: student, method: drop_layers, num_layerz: 2}\n")
+    with pytest.raises(ConfigError, match=r"^unknown key stages\.s\.num_layerz: DropLayersConfig has no "
+                                          r"'num_layerz'; did you mean stages\.s\.num_layers\?$"):
+        prepare(str(path), ["teacher.path=some/model", "data.path=notes"])
+
+
+def test_new_entries_of_a_mapping_still_take_plus():
+    """``stages`` and ``eval.tasks`` map names to entries: a new name needs +, and says so."""
+    with pytest.raises(ConfigError, match=r"^eval\.tasks has no entry 'ppl2' \(to add a new entry there, start "
+                                          r"the override with \+\)$"):
+        prepare(STUDENT, ["eval.tasks.ppl2={type: perplexity}"])
+    with pytest.raises(ConfigError, match=r"^eval\.tasks has no entry 'perplexty'; did you mean eval\.tasks\.perplexity\?"):
+        prepare(STUDENT, ["eval.tasks.perplexty.max_blocks=3"])
+    recipe = prepare(STUDENT, ["+eval.tasks.ppl2={type: perplexity, max_blocks: 3}", "+eval.gate.min_retained_tasks.ppl2=0.5"])
+    assert recipe.tasks["ppl2"].max_blocks == 3 and recipe.config.eval.gate.min_retained_tasks == {"ppl2": 0.5}
+
+
+def test_keys_given_to_a_misspelled_stage_are_refused():
+    """``+stages.studnet.num_layers=2`` made a stray entry that no stage read."""
+    with pytest.raises(ConfigError, match=r"^stages\.studnet is not a stage \(it has no kind and method\); "
+                                          r"did you mean stages\.student\?$"):
+        prepare(STUDENT, ["+stages.studnet.num_layers=2"])
+    with pytest.raises(ConfigError, match=r"^eval\.tasks\.extra needs 'type'$"):
+        prepare(STUDENT, ["+eval.tasks.extra.max_blocks=2"])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("pipeline: [student\ndata:\n  block_size: 32\n",
+         r"mine\.yaml is not valid YAML: line 3, column 5: expected ',' or '\]', but got ':' \(while parsing a flow "
+         r"sequence that starts on line 2\); fix the syntax there$"),
+        ("data:\n  block_size: 32\n   x: 1\n", r"mine\.yaml is not valid YAML: line 4, column 5: mapping values"),
+        ("\tdata: 1\n", r"mine\.yaml is not valid YAML: line 2, column 1: found character '\\t'"),
+    ],
+)
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, text, expected):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\n" + text)
+    with pytest.raises(ConfigError, match=expected) as info:
+        prepare(str(path), [])
+    assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
 
 
 def test_unknown_recipe_lists_valid_ones():
@@ -123,3 +195,16 @@ def test_sweep_expansion_is_hydras():
     jobs = expand_sweep(STUDENT, ["stages.student.num_layers=2,3", "seed=0,1"])
     assert len(jobs) == 4
     assert ["stages.student.num_layers=2", "seed=0"] in jobs
+
+
+def test_an_include_path_that_runs_code_needs_eval_allow_code(tmp_path):
+    """Caught by validation (so by --dry-run), before anything loads; the shipped default is off."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mine.yaml").write_text("task: mine\nprocess_docs: !function utils.prepare\n")
+    args = [f"eval.include_path=[{tasks}]", "+eval.tasks.mine={type: lm_eval, task: mine}"]
+    with pytest.raises(ConfigError, match=rf"^{tasks / 'mine.yaml'} runs Python \(!function utils\.prepare\); .*"
+                                          r"eval\.allow_code=true"):
+        prepare(STUDENT, args)
+    assert prepare(STUDENT, [*args, "eval.allow_code=true"]).config.eval.allow_code is True
+    assert prepare(STUDENT, [f"eval.include_path=[{tasks}]"]).config.eval.allow_code is False  # no lm-eval task

@@ -127,6 +127,47 @@ def test_bad_sources_fail_with_one_line(tmp_path, tokenizer, corpus_dir):
         build_data(cfg(path=str(bad)), tokenizer, cache_dir=tmp_path / "c")
 
 
+@pytest.mark.parametrize("content", [("Caf\u00e9 cr\u00e8me " * 50).encode("latin-1"), bytes(range(256)) * 8])
+def test_a_text_file_that_is_not_utf8_is_named(tmp_path, tokenizer, corpus_dir, content):
+    """A Latin-1 or binary .txt beside good ones: datasets' UnicodeDecodeError becomes one line naming it."""
+    import shutil
+
+    folder = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, folder)
+    (folder / "zz_notes.txt").write_bytes(content)
+    offset = 3 if content.startswith(b"Caf") else 128
+    with pytest.raises(DataError, match=rf"^{folder / 'zz_notes.txt'} is not UTF-8 text \(byte {offset}: .+\); "
+                                        r"data files must be UTF-8: re-encode it"):
+        build_data(cfg(path=str(folder)), tokenizer, cache_dir=tmp_path / "c")
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=rf"^{jsonl} is not UTF-8 text \(byte 28: "):
+        build_data(cfg(path=str(jsonl)), tokenizer, cache_dir=tmp_path / "c")
+
+
+def test_first_non_utf8_reads_in_chunks_and_counts_bytes_exactly(tmp_path):
+    """A two-byte character split across the 1 MiB read boundary is valid; the bad byte after it is found."""
+    path = tmp_path / "big.txt"
+    path.write_bytes(b"a" * ((1 << 20) - 1) + "\u00e9".encode() + b"\xff")
+    assert data_mod.first_non_utf8([str(path)]) == (str(path), (1 << 20) + 1, "invalid start byte")
+    path.write_bytes(b"a" * 10 + "\u00e9".encode()[:1])  # cut inside the last character
+    assert data_mod.first_non_utf8([str(path)])[1] == 10
+    path.write_bytes("fine \u00e9".encode())
+    assert data_mod.first_non_utf8([str(path)]) is None
+
+
+@pytest.mark.parametrize("odd", [[{"type": "text", "text": "hi"}], 5, {"text": "hi"}])
+def test_chat_rows_of_mixed_types_name_the_first_clashing_row(tmp_path, tokenizer, odd):
+    """Arrow cannot hold a field that is text in one row and a list, number or object in another."""
+    good = {"messages": [{"role": "user", "content": "Who wrote it?"}, {"role": "assistant", "content": "He did."}]}
+    bad = {"messages": [{"role": "user", "content": odd}, {"role": "assistant", "content": "Yes."}]}
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in [good] * 7 + [bad] + [good] * 3) + "\n")
+    with pytest.raises(DataError, match=rf"^{path}:8: a field here has another type than elsewhere in the data "
+                                        r"\(.+\); give each field one type throughout"):
+        build_data(cfg(path=str(path)), tokenizer, cache_dir=tmp_path / "c")
+
+
 def test_calibration_samples_are_seeded_windows_of_the_stream(corpus_dir, tokenizer, tmp_path):
     bundle = build_data(cfg(path=str(corpus_dir)), tokenizer, cache_dir=tmp_path)
     a = calibration_samples(bundle, num_samples=8, seq_len=50, seed=3)

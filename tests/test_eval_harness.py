@@ -253,6 +253,104 @@ def test_task_lookup_errors(tmp_path):
     assert "mmlu_anatomy" in manager.all_tasks and "openbookqa" in manager.all_tasks
 
 
+# --- code in task YAMLs: refused unless allowed ---------------------------------------------
+
+UTILS_PY = """
+import pathlib
+pathlib.Path(__file__).with_name("IMPORTED").write_text("ran")  # importing this module is running code
+
+
+def first_two(dataset):
+    return dataset.select(range(2))
+"""
+
+
+def code_task(root, extra, name="coded"):
+    """A multiple-choice task over MC_ROWS in ``root`` plus ``extra`` YAML lines, and a utils.py beside it."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MC_ROWS))
+    (root / "utils.py").write_text(UTILS_PY)
+    (root / f"{name}.yaml").write_text(f"""
+task: {name}
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {root / 'mc.jsonl'}}}}}
+output_type: multiple_choice
+test_split: test
+doc_to_target: answer
+doc_to_choice: "{{{{choices}}}}"
+""" + extra + ("" if "doc_to_text" in extra else '\ndoc_to_text: "Question: {{question}}\\nAnswer:"\n'))
+    return root
+
+
+@pytest.mark.parametrize(("extra", "what"), [
+    ("process_docs: !function utils.first_two", r"!function utils\.first_two"),
+    ("metric_list: [{metric: !function utils.first_two, aggregation: mean}]", r"!function utils\.first_two"),
+    ("filter_list: [{name: f, filter: [{function: custom, filter_fn: !function utils.first_two}]}]",
+     r"!function utils\.first_two"),
+    ("class: !function utils.first_two", r"!function utils\.first_two"),
+    ("custom_dataset: !!python/name:os.system", r"the YAML tag !!python/name:os\.system, which names a Python object"),
+    ("metric_list: [{metric: exact_match, hf_evaluate: true}]", r"hf_evaluate metric 'exact_match'"),
+    ('doc_to_text: "{{question.__class__}}"', r"a template that reads \.__class__"),
+    ("doc_to_text: \"{{question['__class__']}}\"", r"a template that reads \['__class__'\]"),
+    ("doc_to_text: \"{{question|attr('upper')}}\"", r"a template that uses the attr filter"),
+])
+def test_task_yaml_that_runs_python_is_refused_before_anything_loads(tmp_path, extra, what):
+    root = code_task(tmp_path / "tasks", extra)
+    with pytest.raises(ConfigError, match=rf"^{root / 'coded.yaml'} runs Python \({what}.*?\); task YAMLs from an "
+                                          r"include path may run code only when you allow it \(eval\.allow_code="
+                                          r"true in a recipe, --allow-code for slimforge eval\)"):
+        check_task_data(["coded"], [str(root)])
+    assert not (root / "IMPORTED").exists()
+
+
+def test_ordinary_templates_are_not_code():
+    from slimforge.eval.taskcode import template_problem
+
+    for text in ("Question: {{question}}\nAnswer:", "{{choices.label.index(answerKey)}}", "{{doc._id}}",
+                 "{{row['_id']}}", "{{' '+text.split(' ')[-1]}}", "{{text.split(' ')[:-1]|join(' ')}}", "no template"):
+        assert template_problem(text) is None, text
+
+
+def test_code_in_an_included_file_is_found_and_installed_tasks_are_trusted(tmp_path):
+    from slimforge.eval.harness import shipped_tasks_dir
+
+    shared = tmp_path / "elsewhere" / "shared.yaml"  # outside the include path, reached by include:
+    shared.parent.mkdir()
+    shared.write_text("process_docs: !function utils.first_two\n")
+    root = code_task(tmp_path / "tasks", f"include: {shared}")
+    with pytest.raises(ConfigError, match=rf"^{shared} runs Python \(!function utils\.first_two\)"):
+        task_manager(["coded"], [str(root)])
+    # The shipped template's !function is slimforge's own installed code: including it is fine.
+    trusted = code_task(tmp_path / "trusted", f"include: {shipped_tasks_dir() / '_multiple_choice_template_yaml'}")
+    assert "coded" in task_manager(["coded"], [str(trusted)]).all_tasks
+
+
+def test_allowed_code_runs(teacher, tokenizer, tmp_path):
+    root = code_task(tmp_path / "tasks", "process_docs: !function utils.first_two\n"
+                     "metric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]")
+    with pytest.raises(ConfigError, match="runs Python"):
+        harness_task(teacher, tokenizer, HarnessTaskConfig(task="coded"), ctx_for(include=[root]))
+    ctx = ModelEvalContext(None, BATCH, SEED, include_path=(str(root),), allow_code=True)
+    result = harness_task(teacher, tokenizer, HarnessTaskConfig(task="coded"), ctx)
+    assert result["items"] == 2 and (root / "IMPORTED").read_text() == "ran"
+
+
+def test_templates_render_in_jinjas_sandbox_unless_code_is_allowed(teacher, tokenizer, tmp_path):
+    """A key built while rendering escapes the static look; the sandbox stops it there."""
+    sneaky = "doc_to_text: \"{% set k = '_' ~ '_class__' %}{{question[k]}}\"\n" \
+             "metric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]"
+    root = code_task(tmp_path / "tasks", sneaky)
+    check_task_data(["coded"], [str(root)])  # nothing the static look can see
+    with pytest.raises(ConfigError, match=r"^lm-eval task 'coded': a prompt template reaches Python internals "
+                                          r"\(.*__class__.*\); templates may do that only when you allow code"):
+        harness_task(teacher, tokenizer, HarnessTaskConfig(task="coded"), ctx_for(include=[root]))
+    import lm_eval.utils
+
+    assert type(lm_eval.utils.env).__name__ == "Environment"  # the sandbox is put back
+    ctx = ModelEvalContext(None, BATCH, SEED, include_path=(str(root),), allow_code=True)
+    assert harness_task(teacher, tokenizer, HarnessTaskConfig(task="coded"), ctx)["items"] == 3
+
+
 # --- generation ----------------------------------------------------------------------------
 
 

@@ -124,6 +124,105 @@ def test_offline_hub_id_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match=r"could not load a causal LM from nobody/no-such-model.*offline"):
         load_model("nobody/no-such-model")
+    with pytest.raises(ModelLoadError, match=r"could not load a tokenizer from nobody/no-such-model.*offline"):
+        models.load_tokenizer("nobody/no-such-model")
+    with pytest.raises(ModelLoadError, match=r"could not read the model config of nobody/no-such-model.*offline"):
+        models.load_config("nobody/no-such-model")
+
+
+# --- a broken or untrusted folder: one line, before anything loads -------------------------
+
+
+def copy_of(folder, dest):
+    import shutil
+
+    return shutil.copytree(folder, dest)
+
+
+def edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_a_folder_without_config_json_is_refused(tmp_path, teacher_dir):
+    folder = copy_of(teacher_dir, tmp_path / "m")
+    (folder / "config.json").unlink()
+    with pytest.raises(ModelLoadError, match=rf"^model folder {folder} has no config\.json; give a complete"):
+        ModelRef.from_source(str(folder), "teacher")
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=r"config\.json is not valid JSON"):
+        ModelRef.from_source(str(folder), "teacher")
+    (folder / "config.json").unlink()
+    (folder / "tiny.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError, match=rf"no config\.json but holds tiny\.gguf; give that file \({folder / 'tiny.gguf'}\)"):
+        ModelRef.from_source(str(folder), "teacher")
+    adapter = tmp_path / "adapter"  # a LoRA adapter folder has adapter_config.json instead
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    models.check_model_folder(adapter)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "random"])
+def test_broken_safetensors_fail_in_one_line_early_and_at_load(tmp_path, teacher_dir, damage):
+    folder = copy_of(teacher_dir, tmp_path / "m")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else bytes(range(256)) * 64)
+    expected = r"the safetensors weights are truncated or corrupt \(Error while deserializing header"
+    with pytest.raises(ModelLoadError, match=rf"^{weights}: {expected}"):
+        ModelRef.from_source(str(folder), "teacher")
+    with pytest.raises(ModelLoadError, match=rf"^{folder}: {expected}"):  # the loader itself, without the check
+        load_model(str(folder), dtype=torch.float32)
+
+
+def test_a_model_type_transformers_lacks_needs_trusted_code(tmp_path, teacher_dir):
+    folder = copy_of(teacher_dir, tmp_path / "m")
+    edit_config(folder, model_type="fancy_llm")
+    with pytest.raises(ModelLoadError, match=r"'fancy_llm' model, a type transformers [\d.]+ does not know; upgrade"):
+        ModelRef.from_source(str(folder), "teacher")
+    edit_config(folder, auto_map={"AutoConfig": "configuration_fancy.FancyConfig",
+                                  "AutoModelForCausalLM": "modeling_fancy.FancyForCausalLM"})
+    with pytest.raises(ModelLoadError, match=r"needs its own model code \('fancy_llm' is not in transformers .*auto_map\); "
+                                             r"set teacher\.trust_remote_code=true only if you trust that code$"):
+        ModelRef.from_source(str(folder), "teacher")
+    with pytest.raises(ModelLoadError, match=r"set trust_remote_code=true only if you trust"):
+        ModelRef.from_source(str(folder), "student")
+    with pytest.raises(ModelLoadError, match=r"which slimforge eval does not run"):
+        ModelRef.from_source(str(folder), "teacher", code_setting=None)
+    ref = ModelRef.from_source(str(folder), "teacher", trust_remote_code=True)  # trusted: checked no further
+    with pytest.raises(ModelLoadError, match=r"could not read the model config of .*configuration_fancy\.py"):
+        ref.load_config()  # ... until the code it names is missing
+
+
+def test_auto_map_beside_a_known_model_type_loads_the_library_class(tmp_path, teacher_dir):
+    """Phi-3 and others kept ``auto_map`` after joining transformers: nothing of theirs runs, and they load."""
+    folder = copy_of(teacher_dir, tmp_path / "m")
+    edit_config(folder, auto_map={"AutoModelForCausalLM": "modeling_x.XForCausalLM"})
+    model, _ = ModelRef.from_source(str(folder), "teacher").load(dtype=torch.float32)
+    assert type(model).__name__ == "LlamaForCausalLM"
+
+
+class NotATensor:
+    """Pickled into a checkpoint: ``torch.load(weights_only=True)`` refuses it."""
+
+
+@pytest.mark.parametrize("payload", ["object", "garbage"])
+def test_a_pickle_weights_only_refuses_fails_in_one_line(tmp_path, teacher_dir, payload):
+    from safetensors.torch import load_file
+
+    folder = copy_of(teacher_dir, tmp_path / "m")
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    if payload == "object":
+        torch.save({**state, "extra": NotATensor()}, folder / "pytorch_model.bin")
+        expected = (r"the pickle weights hold non-tensor objects \(such as [\w.]*NotATensor\), so they were not "
+                    r"loaded: allow_pickle=true reads plain tensors only; convert the checkpoint to safetensors$")
+    else:
+        (folder / "pytorch_model.bin").write_bytes(bytes(range(256)) * 16)
+        expected = r"the pickle weights are not a checkpoint of plain tensors \(.+\), so they were not loaded"
+    with pytest.raises(ModelLoadError, match=rf"^{folder}: {expected}"):
+        load_model(str(folder), dtype=torch.float32, allow_pickle=True)
 
 
 def test_tokenizer_mismatch(tokenizer):

@@ -62,6 +62,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=256, help="tokens per perplexity block (default 256)")
     p.add_argument("--max-blocks", type=int, default=64, help="perplexity blocks (default 64)")
     p.add_argument("--include-path", action="append", default=[], metavar="DIR", help="folder of lm-eval task YAMLs")
+    p.add_argument("--allow-code", action="store_true",
+                   help="let --include-path task YAMLs run Python (!function, hf_evaluate); only for tasks you trust")
     p.add_argument("--min-retained", action="append", default=[], metavar="X|TASK=X",
                    help="gate: retained share overall or per task (repeatable)")
     p.add_argument("--max-kl", type=float, metavar="X", help="gate: mean per-token KL(teacher || student)")
@@ -138,7 +140,7 @@ def resolve_model(spec: str, label: str) -> Any:
         return ModelRef.from_artifact(path, label)
     if not path.exists() and spec in ASSETS and ASSETS[spec].kind == "model":
         return ModelRef.from_artifact(asset_model_folder(spec), label)
-    return ModelRef.from_source(spec, label)
+    return ModelRef.from_source(spec, label, code_setting=None)  # eval never runs a checkpoint's own code
 
 
 def student_labels(ns: argparse.Namespace) -> list[str]:
@@ -210,7 +212,8 @@ def evaluate(ns: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     from slimforge.models import resolve_device, resolve_dtype
 
     eval_cfg = EvalConfig(batch_size=ns.batch_size, seed=ns.seed, limit=ns.limit, num_fewshot=ns.num_fewshot,
-                          include_path=ns.include_path, cache=not ns.no_cache)
+                          include_path=ns.include_path, allow_code=getattr(ns, "allow_code", False),
+                          cache=not ns.no_cache)
     try:
         eval_cfg.check()
     except Exception as err:  # FieldError: name the flag

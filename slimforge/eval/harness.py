@@ -72,17 +72,27 @@ def _task_manager(include_paths: tuple[str, ...], include_defaults: bool) -> Any
         return TaskManager(include_path=list(include_paths), include_defaults=include_defaults)
 
 
-def task_manager(names: list[str], include_path: list[str] | tuple[str, ...] = ()) -> Any:
+def task_manager(names: list[str], include_path: list[str] | tuple[str, ...] = (), allow_code: bool = False) -> Any:
     """A TaskManager that knows every name in ``names``.
 
+    Args:
+        names: lm-eval task, group or tag names.
+        include_path: folders of task YAMLs beside the shipped ones.
+        allow_code: let those YAMLs run Python (``!function`` and the like); off, they are refused.
+
     Raises:
-        ConfigError: a name is unknown even to lm-eval's built-in index (with near matches).
+        ConfigError: a name is unknown even to lm-eval's built-in index (with near matches), or
+            an include path's YAML would run code that is not allowed.
     """
+    from slimforge.eval.taskcode import refuse_task_code
+
     paths = [str(shipped_tasks_dir())]
     for folder in include_path:
         if not Path(folder).expanduser().is_dir():
             raise ConfigError(f"eval include path {folder} is not a folder; give a folder of lm-eval task YAMLs")
         paths.append(str(Path(folder).expanduser().resolve()))
+    if not allow_code:
+        refuse_task_code(include_path)
     manager = _task_manager(tuple(paths), False)
     local = set(manager.all_tasks)
     missing = [name for name in names if name not in local]
@@ -129,11 +139,12 @@ def uses_offline_data(manager: Any, name: str) -> bool:
     return any(uses_offline_data(manager, member) for member in entry.tags)
 
 
-def check_task_data(names: list[str], include_path: list[str] | tuple[str, ...] = ()) -> None:
-    """Fail early, in one line, when a name is unknown or its offline data is not fetched."""
+def check_task_data(names: list[str], include_path: list[str] | tuple[str, ...] = (), allow_code: bool = False) -> None:
+    """Fail early, in one line, when a name is unknown, a task would run code that is not
+    allowed, or its offline data is not fetched."""
     from slimforge.eval.offline import data_root
 
-    manager = task_manager(names, include_path)
+    manager = task_manager(names, include_path, allow_code)
     if any(uses_offline_data(manager, name) for name in names):
         data_root()
 
@@ -283,12 +294,23 @@ def default_metric(result: dict[str, Any]) -> str | None:
 
 def harness_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str, Any]:
     """Registered as ``lm_eval``: one lm-eval task, group or tag on an in-memory model."""
-    manager = task_manager([cfg.task], getattr(ctx, "include_path", ()))
-    loaded = load_tasks(manager, [cfg.task], cfg.num_fewshot, ctx.seed)
-    reported = sorted({m for task in loaded["tasks"].values() for m in task.higher_is_better()})
-    if cfg.metric is not None and cfg.metric not in reported:
-        raise ConfigError(f"lm-eval task {cfg.task!r} has no metric {cfg.metric!r}; it reports {', '.join(reported)}")
-    out = run_loaded(model, tokenizer, loaded, ctx.batch_size, cfg.limit, ctx.seed)
+    from jinja2.exceptions import SecurityError
+
+    from slimforge.eval.taskcode import ALLOW_CODE_HINT, sandboxed_templates
+
+    allow_code = bool(getattr(ctx, "allow_code", False))
+    manager = task_manager([cfg.task], getattr(ctx, "include_path", ()), allow_code)
+    try:
+        with sandboxed_templates(enabled=not allow_code):
+            loaded = load_tasks(manager, [cfg.task], cfg.num_fewshot, ctx.seed)
+            reported = sorted({m for task in loaded["tasks"].values() for m in task.higher_is_better()})
+            if cfg.metric is not None and cfg.metric not in reported:
+                raise ConfigError(f"lm-eval task {cfg.task!r} has no metric {cfg.metric!r}; "
+                                  f"it reports {', '.join(reported)}")
+            out = run_loaded(model, tokenizer, loaded, ctx.batch_size, cfg.limit, ctx.seed)
+    except SecurityError as err:
+        raise ConfigError(f"lm-eval task {cfg.task!r}: a prompt template reaches Python internals ({err}); "
+                          f"templates may do that only when you allow code ({ALLOW_CODE_HINT})") from None
     result = harness_result(cfg.task, loaded, out)
     result["metric"] = cfg.metric or default_metric(result)
     result["num_fewshot"] = {leaf: loaded["tasks"][leaf].get_config("num_fewshot") for leaf in result["subtasks"]}
