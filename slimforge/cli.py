@@ -2,7 +2,8 @@
 
 Imports stay lazy: ``slimforge --help`` loads no torch, transformers or Hydra.
 Exit codes: 0 success, 2 a user error (one line on stderr), 1 an unexpected
-error (with its traceback), 130 interrupted.
+error (inside a stage or an evaluation: one line naming the log file that holds
+the traceback; elsewhere the traceback itself), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -82,8 +83,11 @@ def _configure_logging(verbose: bool) -> None:
     logger.propagate = False
     for old in [h for h in logger.handlers if isinstance(h, _ConsoleHandler)]:
         logger.removeHandler(old)
+    from slimforge.runlog import not_file_only
+
     handler = _ConsoleHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("slimforge: %(message)s"))
+    handler.addFilter(not_file_only)  # a crash's traceback goes to the log file; the console gets one line
     logger.addHandler(handler)
     # Per-call casting warnings from bitsandbytes' int8 path flood the log.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -203,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     except SlimforgeError as err:
         print(f"slimforge: error: {err}", file=sys.stderr)
         return err.exit_code
+    except PermissionError as err:  # the places slimforge writes to raise OutputError; this is the rest
+        where = err.filename or "an output folder"
+        print(f"slimforge: error: permission denied writing {where}; choose a writable location "
+              "(run_dir or out_dir for a run, --out for slimforge eval, SLIMFORGE_CACHE for the cache)",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("slimforge: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -2,7 +2,9 @@
 
 A :class:`SlimforgeError` is a user mistake or an unmet precondition: the CLI
 prints its message as one line and exits with status 2, with no stack trace.
-Anything else is a bug and keeps its traceback.
+Anything else is a bug and keeps its traceback, except inside a stage or an
+evaluation: there it becomes a :class:`StageCrash` (one line, exit status 1) and
+the traceback goes to the run's log.
 """
 
 from __future__ import annotations
@@ -36,3 +38,17 @@ class DataError(SlimforgeError):
 
 class RunDirError(SlimforgeError):
     """The run directory holds results this run would overwrite."""
+
+
+class OutputError(SlimforgeError):
+    """An output folder (run directory, ``--out``, the cache) cannot be written there."""
+
+
+class StageCrash(SlimforgeError):
+    """A stage or an evaluation failed unexpectedly: a bug, not bad input.
+
+    The message names what crashed and the log file that holds the traceback; the
+    finished work is kept, so the same command resumes. Exit status 1, as for any bug.
+    """
+
+    exit_code = 1

@@ -16,7 +16,15 @@ fingerprint (and the data's, where it uses data). Re-running into the same
 directory skips every stage whose fingerprint and artifact are unchanged, redoes
 an interrupted one (its artifact only appears, by rename, once complete), and
 refuses to replace a finished artifact made from a different config unless
-``overwrite=true``.
+``overwrite=true``. An artifact is reused only while its files still match the
+sha256 digests recorded in its ``checksums.json`` when it was published; a
+damaged one is made again, with a warning.
+
+``run_name`` and the recipe's ``name`` are single folder names, and a run only
+writes into a new or empty folder or an earlier run's directory, so no run
+touches files that are not its own. A bug inside a stage or an evaluation ends
+the run with one line naming ``run.log`` (which holds the traceback); the
+finished work stays, and the same command resumes.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import logging
+import os
+import re
 import shutil
 import sys
 import tempfile
@@ -36,11 +46,16 @@ from slimforge import __version__, dist
 from slimforge.config import Recipe, validate_recipe
 from slimforge.errors import ConfigError, RunDirError
 from slimforge.fsutil import (
+    CHECKSUMS_FILE,
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
+    checksum_problem,
+    ensure_writable_dir,
     read_json,
+    read_json_or_none,
     stable_hash,
+    write_checksums,
 )
 from slimforge.models import META_FILE, RECIPE_FILE, ModelRef
 from slimforge.recipes import compose_recipe, compose_run, expand_sweep
@@ -52,6 +67,10 @@ DATA_KINDS = ("prune", "distill", "quantize")
 # Stage kinds that run on every rank under `accelerate launch`; the rest run on the main rank.
 TRAINING_KINDS = ("distill",)
 MANIFEST = "manifest.json"
+RUN_LOG = "run.log"
+SWEEP_FILE = "sweep.json"
+# What a first invocation leaves in its run directory before the manifest exists.
+STARTUP_FILES = frozenset({".lock", RUN_LOG})
 
 
 def _now() -> str:
@@ -110,12 +129,10 @@ class RunSession:
 
 def model_info(ref: ModelRef, tokenizer: Any = None, load: Any = None) -> TeacherInfo:
     """A model's config and tokenizer, for preflight checks; a GGUF file is loaded (``load``) for its config."""
-    from transformers import AutoConfig
-
     if ref.gguf_file or ref.path.endswith(".gguf"):
         config = (load() if load is not None else ref.load()[0]).config
     else:
-        config = AutoConfig.from_pretrained(ref.path, revision=ref.revision, trust_remote_code=ref.trust_remote_code)
+        config = ref.load_config()
     return TeacherInfo(config=config, tokenizer=tokenizer if tokenizer is not None else ref.load_tokenizer())
 
 
@@ -155,7 +172,12 @@ class Manifest:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.data: dict[str, Any] = read_json(path) if path.is_file() else {}
+        self.data: dict[str, Any] = {}
+        if path.is_file():
+            # Derived data: when a crash or a full disk garbled it, the stage folders still say what was made.
+            loaded = read_json_or_none(path, instead="rebuilding it from the stage folders' slimforge.json "
+                                                      "(the history of earlier invocations is lost)")
+            self.data = loaded if loaded is not None else {"stages": recovered_stages(path.parent)}
 
     def stage(self, name: str) -> dict[str, Any] | None:
         return self.data.get("stages", {}).get(name)
@@ -169,6 +191,21 @@ class Manifest:
             return
         self.data["updated"] = _now()
         atomic_write_json(self.path, self.data)
+
+
+def recovered_stages(run_dir: Path) -> dict[str, Any]:
+    """Manifest records of the finished stages in ``run_dir``, rebuilt from their ``slimforge.json``."""
+    stages: dict[str, Any] = {}
+    for meta_file in sorted((run_dir / "stages").glob(f"*/{META_FILE}")):
+        meta = read_json_or_none(meta_file, instead="leaving that stage out of the rebuilt manifest")
+        if meta is None or "fingerprint" not in meta:
+            continue
+        folder = meta_file.parent
+        record = StageRecord(folder.name, str(meta.get("kind", "")), str(meta.get("method", "")), status="done",
+                             config_hash=str(meta.get("config_hash", "")), fingerprint=str(meta["fingerprint"]),
+                             parent=meta.get("parent") or {}, artifact=str(folder), metrics=meta.get("metrics") or {})
+        stages[folder.name] = asdict(record)
+    return stages
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -210,6 +247,65 @@ def resolve_run_dir(cfg: Any, job: int | None = None, sweep_name: str | None = N
     return base / f"job{job:02d}" if job is not None else base
 
 
+def _leftover_temp_file(name: str) -> bool:
+    """A temporary file of an atomic write that a killed process never renamed."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a run directory that would mean writing over files no slimforge run made.
+
+    Accepted: a missing or empty folder, an earlier run's directory (it has
+    ``manifest.json``), or what a first invocation killed before its manifest leaves
+    (``.lock``, ``run.log``, temporary files). Checked before anything loads.
+
+    Raises:
+        RunDirError: ``run_dir`` is a file, or a folder of other files.
+        OutputError: the folder, or the nearest existing folder above it, is not writable.
+    """
+    from slimforge.errors import OutputError
+
+    how = "choose another run_name, or a run_dir that is new, empty or an earlier run's directory"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"the run directory {run_dir} is a file; {how}")
+    if run_dir.is_dir() and not (run_dir / MANIFEST).is_file():
+        foreign = sorted(e.name for e in run_dir.iterdir()
+                         if e.name not in STARTUP_FILES and not _leftover_temp_file(e.name))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise RunDirError(f"{run_dir} is not a slimforge run directory (no {MANIFEST}) and holds other "
+                              f"files ({shown}), which a run would overwrite; {how}")
+    existing = _nearest_existing(run_dir)
+    if not existing.is_dir():
+        raise OutputError(f"cannot create the run directory {run_dir}: {existing} is a file; "
+                          "choose another run_dir or out_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):  # fail now, not after the teacher has loaded
+        raise OutputError(f"cannot write to {existing} (permission denied or read-only); "
+                          "choose a writable run_dir or out_dir")
+
+
+def check_sweep_dir(sweep_dir: Path) -> None:
+    """Refuse a sweep folder that holds anything but a sweep's jobs and reports.
+
+    Raises:
+        RunDirError: ``sweep_dir`` is a file, or a folder of other files (a single run's directory, say).
+    """
+    how = "choose another run_name, or a run_dir that is new, empty or an earlier sweep's folder"
+    if sweep_dir.exists() and not sweep_dir.is_dir():
+        raise RunDirError(f"the sweep folder {sweep_dir} is a file; {how}")
+    if sweep_dir.is_dir() and not (sweep_dir / SWEEP_FILE).is_file():
+        foreign = sorted(e.name for e in sweep_dir.iterdir() if not re.fullmatch(r"job\d{2,}", e.name))
+        if foreign:
+            raise RunDirError(f"{sweep_dir} is not a slimforge sweep folder (no {SWEEP_FILE}) and holds other "
+                              f"files ({', '.join(foreign[:3])}), which the sweep report would overwrite; {how}")
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
     """Refuse a second concurrent run in the same directory."""
@@ -231,20 +327,24 @@ def run_lock(run_dir: Path):
         handle.close()
 
 
-@contextlib.contextmanager
-def run_logging(run_dir: Path):
+def run_logging(run_dir: Path) -> contextlib.AbstractContextManager[None]:
     """Also log to ``run.log`` in the run directory while the run lasts."""
-    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger(), logging.getLogger("slimforge")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
-        handler.close()
+    from slimforge.runlog import file_logging
+
+    return file_logging(run_dir / RUN_LOG)
+
+
+def artifact_damage(folder: Path) -> str | None:
+    """What in a finished artifact no longer matches its ``checksums.json``, or None.
+
+    An artifact published before slimforge recorded checksums gets them now, from the
+    files as they are: from then on, a change is noticed.
+    """
+    if not (folder / CHECKSUMS_FILE).exists():
+        log.info("recording the checksums of %s (made before slimforge recorded them)", folder)
+        write_checksums(folder)
+        return None
+    return checksum_problem(folder)
 
 
 class Run:
@@ -269,6 +369,9 @@ class Run:
 
     def plan(self, session: RunSession) -> list[PlannedStage]:
         """Fingerprint every stage and run each method's preflight checks."""
+        from slimforge.eval.runner import check_eval_models
+
+        check_eval_models(self.recipe)  # names only: before the data is built
         info = source_info = None
         data_fp = None
         planned: list[PlannedStage] = []
@@ -280,25 +383,38 @@ class Run:
             preflight_run(self.recipe, session)  # task names and data, gate targets: before any stage
         first = self.source or session.teacher_ref
         parent_fp = first.fingerprint
+        known: TeacherInfo | None = None  # the next stage's input, where planned_config tells it
         for index, name in enumerate(self.recipe.pipeline):
             stage_cfg = self.recipe.stages[name]
             from slimforge.registry import registry
 
             entry = registry(stage_cfg.kind).get(stage_cfg.method)
-            # preflight: checks against the stage's input, known now only when it is the teacher;
-            # check_teacher: checks against the teacher alone, valid at any position.
-            hooks = [h for h in ("check_teacher", "preflight" if index == 0 else None) if h and hasattr(stage_cfg, h)]
+            # check_teacher: checks against the teacher alone, valid at any position;
+            # preflight: checks against the stage's input when it is the first stage's;
+            # check_input: the same for a later stage, when the stages before it say what they make
+            # (planned_config: the config of a stage's output, e.g. a width prune's stated sizes).
+            hooks = [h for h in ("check_teacher", "preflight" if index == 0 else "check_input", "planned_config")
+                     if hasattr(stage_cfg, h)]
+            planned_input, known = known, None
             for hook in hooks:
-                if hook == "preflight" and self.source is not None:
+                if hook == "check_teacher":
+                    target = info = info or session.teacher_info()
+                elif index > 0:
+                    target = planned_input
+                elif self.source is not None:
                     target = source_info = source_info or model_info(self.source)
                 else:
                     target = info = info or session.teacher_info()
+                if target is None:
+                    continue
                 try:
-                    getattr(stage_cfg, hook)(target)
+                    result = getattr(stage_cfg, hook)(target)
                 except ConfigError as err:
                     from slimforge.config import FieldError
 
                     raise (err.at(f"stages.{name}") if isinstance(err, FieldError) else err) from None
+                if hook == "planned_config" and result is not None:
+                    known = TeacherInfo(result, target.tokenizer)
             chash = config_hash(stage_cfg)
             parts = [stage_cfg.kind, stage_cfg.method, chash, parent_fp, self.cfg.seed]
             if self.source is not None:
@@ -318,10 +434,10 @@ class Run:
             return
         for stage in planned:
             folder = self.stage_dir(stage.name)
-            if not (folder / META_FILE).is_file():
+            meta = read_json_or_none(folder / META_FILE, instead=None)
+            if meta is None:  # no artifact, or a damaged one that will be made again
                 continue
-            existing = read_json(folder / META_FILE).get("fingerprint")
-            if existing != stage.fingerprint:
+            if meta.get("fingerprint") != stage.fingerprint:
                 raise RunDirError(
                     f"{folder} holds stage {stage.name!r} made from a different config or input; "
                     "re-run with overwrite=true to replace it, or use a new run_name"
@@ -333,28 +449,42 @@ class Run:
     # -- executing --
 
     def execute(self, session: RunSession, planned: list[PlannedStage]) -> RunResult:
+        """Run (or reuse) every planned stage, then the evaluation.
+
+        Raises:
+            StageCrash: a stage or the evaluation failed unexpectedly; its traceback is in
+                ``run.log``, the finished stages are kept and the same command resumes.
+        """
+        from slimforge.runlog import crash_boundary
+
         main = dist.is_main()
         if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ensure_writable_dir(self.run_dir, "run_dir or out_dir")
         dist.barrier()
         lock = run_lock(self.run_dir) if main else contextlib.nullcontext()
         logs = run_logging(self.run_dir) if main else contextlib.nullcontext()
+
+        def boundary(what: str) -> contextlib.AbstractContextManager[None]:
+            # Only the main rank logs to run.log; other ranks keep their tracebacks on the console.
+            return crash_boundary(what, self.run_dir / RUN_LOG) if main else contextlib.nullcontext()
+
         with lock, logs:
             dist.on_main(self._start_invocation, session)
             artifacts: dict[str, ModelRef] = {}
             parent = self.source or session.teacher_ref
             for stage in planned:
                 stage.parent = parent
-                parent = self.run_stage(session, stage, len(planned))
+                with boundary(f"stage {stage.name!r}"):
+                    parent = self.run_stage(session, stage, len(planned))
                 artifacts[stage.name] = parent
             from slimforge.eval.runner import evaluate_run
 
-            report = dist.on_main(evaluate_run, self, session, artifacts)
+            with boundary("the evaluation"):
+                report = dist.on_main(evaluate_run, self, session, artifacts)
             dist.on_main(self._end_invocation)
         return RunResult(self.run_dir, self.manifest.data, report or {})
 
     def _start_invocation(self, session: RunSession) -> None:
-        atomic_write_text(self.run_dir / "config.yaml", self.recipe_yaml)
         self.manifest.data.update({
             "recipe": self.cfg.name, "slimforge_version": __version__,
             "config_hash": stable_hash(self.recipe_yaml),
@@ -366,7 +496,8 @@ class Run:
         self.manifest.data.setdefault("created", _now())
         self.manifest.data.setdefault("invocations", []).append(
             {"started": _now(), "argv": sys.argv[1:], "world_size": dist.world_size()})
-        self.manifest.save()
+        self.manifest.save()  # first: a folder with a manifest is a run directory (see check_run_dir)
+        atomic_write_text(self.run_dir / "config.yaml", self.recipe_yaml)
         log.info("run directory: %s", self.run_dir)
 
     def _end_invocation(self) -> None:
@@ -390,8 +521,20 @@ class Run:
         return ModelRef.from_artifact(folder, stage.name)
 
     def _reuse(self, stage: PlannedStage, folder: Path, record: StageRecord, label: str) -> bool:
-        """Whether a finished artifact with this fingerprint exists (then mark it skipped)."""
-        if not ((folder / META_FILE).is_file() and read_json(folder / META_FILE).get("fingerprint") == stage.fingerprint):
+        """Whether an undamaged finished artifact with this fingerprint exists (then mark it skipped).
+
+        A damaged one (a file changed, missing or truncated since it was published) is
+        reported and made again: the config is the same, so nothing worth keeping is lost,
+        and its replacement only takes its place once complete.
+        """
+        if not (folder / META_FILE).is_file():
+            return False
+        meta = read_json_or_none(folder / META_FILE, instead=None)
+        if meta is not None and meta.get("fingerprint") != stage.fingerprint:
+            return False
+        damage = f"{META_FILE} is unreadable" if meta is None else artifact_damage(folder)
+        if damage:
+            log.warning("%s: the finished artifact %s is damaged (%s); making it again", label, folder, damage)
             return False
         previous = self.manifest.stage(stage.name) or {}
         record.status, record.metrics = "skipped", previous.get("metrics", {})
@@ -429,6 +572,8 @@ class Run:
                     from slimforge.models import try_write_model_card
 
                     try_write_model_card(Path(tmp), location=folder)  # README.md, part of the atomic artifact
+                    # Hashed now, while the files are fresh in the page cache; checked on every reuse.
+                    write_checksums(Path(tmp))
         except BaseException as err:
             record.status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
             record.error = f"{type(err).__name__}: {err}".splitlines()[0]
@@ -482,7 +627,41 @@ class Run:
 
 def prepare(recipe_name: str, overrides: list[str]) -> Recipe:
     """Compose and validate a recipe; raises ConfigError before anything loads."""
-    return validate_recipe(compose_recipe(recipe_name, overrides))
+    from slimforge.eval.runner import check_eval_models
+
+    recipe = validate_recipe(compose_recipe(recipe_name, overrides))
+    check_eval_models(recipe)
+    return recipe
+
+
+@dataclass
+class PlannedRun:
+    """A run checked and planned up to its first stage: nothing written, the teacher's weights not loaded."""
+
+    run: Run
+    session: RunSession
+    stages: list[PlannedStage]
+
+    def execute(self) -> RunResult:
+        return self.run.execute(self.session, self.stages)
+
+
+def plan_run(recipe: Recipe, run_dir: Path, source: ModelRef | None = None) -> PlannedRun:
+    """Every check that can fail before a stage runs: the run directory, each stage's plan, conflicts.
+
+    In one process, or on every rank of ``accelerate launch``.
+    ``source``: the first stage's input when it is not the teacher (see :class:`Run`).
+    """
+    dist.ensure_process_group()
+    if not dist.is_main():
+        log.setLevel(logging.WARNING)  # one rank reports progress
+    run_dir = Path(dist.broadcast_object(str(run_dir)))  # one timestamped name for all ranks
+    dist.on_main(check_run_dir, run_dir)
+    run = Run(recipe, run_dir, source)
+    session = RunSession(recipe, dist.main_then_others(resolve_teacher, recipe))
+    planned = dist.main_then_others(run.plan, session)
+    dist.on_main(run.check_conflicts, planned)
+    return PlannedRun(run, session, planned)
 
 
 def run_one(recipe: Recipe, run_dir: Path, source: ModelRef | None = None) -> RunResult:
@@ -490,15 +669,7 @@ def run_one(recipe: Recipe, run_dir: Path, source: ModelRef | None = None) -> Ru
 
     ``source``: the first stage's input when it is not the teacher (see :class:`Run`).
     """
-    dist.ensure_process_group()
-    if not dist.is_main():
-        log.setLevel(logging.WARNING)  # one rank reports progress
-    run_dir = Path(dist.broadcast_object(str(run_dir)))  # one timestamped name for all ranks
-    run = Run(recipe, run_dir, source)
-    session = RunSession(recipe, dist.main_then_others(resolve_teacher, recipe))
-    planned = dist.main_then_others(run.plan, session)
-    dist.on_main(run.check_conflicts, planned)
-    return run.execute(session, planned)
+    return plan_run(recipe, run_dir, source).execute()
 
 
 def run_recipe(recipe_name: str = "default", overrides: list[str] | None = None,
@@ -524,16 +695,44 @@ def run_recipe(recipe_name: str = "default", overrides: list[str] | None = None,
     jobs = expand_sweep(recipe_name, overrides)
     recipes = [prepare(recipe_name, job) for job in jobs]  # validate every job before running any
     sweep_name = _dt.datetime.now().strftime("%Y%m%d-%H%M%S") + "-sweep"
-    results = []
-    for index, (job, recipe) in enumerate(zip(jobs, recipes)):
-        run_dir = resolve_run_dir(recipe.config, job=index, sweep_name=sweep_name)
-        log.info("sweep job %d/%d: %s", index + 1, len(jobs), " ".join(job))
-        results.append(run_one(recipe, run_dir))
-    sweep_dir = results[0].run_dir.parent
-    atomic_write_json(sweep_dir / "sweep.json", {
-        "recipe": recipe_name, "jobs": [{"overrides": job, "run_dir": str(r.run_dir)} for job, r in zip(jobs, results)],
+    sweep_dir = resolve_run_dir(recipes[0].config, sweep_name=sweep_name)
+    dist.on_main(check_sweep_dir, sweep_dir)
+    plans: list[PlannedRun] = []
+    for index, recipe in enumerate(recipes):  # plan every job (teacher config, data, preflight) before running any
+        plans.append(plan_run(recipe, resolve_run_dir(recipe.config, job=index, sweep_name=sweep_name)))
+        if index:
+            plans[-1].session.release_teacher()  # loaded while planning only for a GGUF teacher; one at a time
+    results: list[RunResult] = []
+    try:
+        for index, (job, plan) in enumerate(zip(jobs, plans)):
+            log.info("sweep job %d/%d: %s", index + 1, len(jobs), " ".join(job))
+            results.append(plan.execute())
+    except BaseException as err:
+        if results and dist.is_main():  # the finished jobs still get their report
+            try:
+                write_sweep(sweep_dir, recipe_name, jobs, plans, results, failure=err)
+            except Exception as write_err:  # noqa: BLE001 - the job's own error matters more
+                log.warning("could not write the sweep report in %s: %s", sweep_dir, write_err)
+        raise
+    if dist.is_main():
+        write_sweep(sweep_dir, recipe_name, jobs, plans, results)
+    return results
+
+
+def write_sweep(sweep_dir: Path, recipe_name: str, jobs: list[list[str]], plans: list[PlannedRun],
+                results: list[RunResult], failure: BaseException | None = None) -> None:
+    """``sweep.json`` (every job, with its status) and the sweep report over the finished jobs.
+
+    Jobs run in order, so the first ``len(results)`` finished; the next one stopped with ``failure``.
+    """
+    stopped = "interrupted" if isinstance(failure, KeyboardInterrupt) else "failed"
+    statuses = ["done"] * len(results) + ([stopped] if failure is not None else [])
+    statuses += ["not run"] * (len(jobs) - len(statuses))
+    atomic_write_json(sweep_dir / SWEEP_FILE, {
+        "recipe": recipe_name,
+        "jobs": [{"overrides": job, "run_dir": str(plan.run.run_dir), "status": status}
+                 for job, plan, status in zip(jobs, plans, statuses)],
     })
     from slimforge.eval.report import write_sweep_report
 
     write_sweep_report(sweep_dir, [(r.run_dir.name, r.report) for r in results])
-    return results

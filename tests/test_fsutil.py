@@ -7,13 +7,19 @@ import time
 
 import pytest
 
+from slimforge.errors import OutputError
 from slimforge.fsutil import (
     atomic_dir,
     atomic_write_json,
+    checksum_problem,
+    ensure_writable_dir,
     partial_path,
+    path_component_problem,
     read_json,
+    read_json_or_none,
     stable_hash,
     tree_fingerprint,
+    write_checksums,
 )
 
 
@@ -78,3 +84,94 @@ def test_tree_fingerprint_tracks_content_changes(tmp_path):
     time.sleep(0.01)
     (tmp_path / "f").write_text("two!")
     assert tree_fingerprint(tmp_path) != first
+
+
+def _artifact(folder):
+    """A model-like folder: content files, descriptions, a training log and a dotfile."""
+    (folder / "tensorboard").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "slimforge.json").write_text('{"created": "now"}')
+    (folder / "README.md").write_text("card")
+    (folder / "tensorboard" / "events").write_text("log")
+    (folder / ".lock").write_text("")
+    return folder
+
+
+def test_checksums_cover_content_files_only(tmp_path):
+    folder = _artifact(tmp_path / "a")
+    digests = write_checksums(folder)
+    assert sorted(digests) == ["config.json", "model.safetensors"]
+    assert read_json(folder / "checksums.json") == {"algorithm": "sha256", "files": digests}
+    # What the evaluation rewrites, provenance and logs may change freely.
+    for name in ("README.md", "slimforge.json", "tensorboard/events"):
+        (folder / name).write_text("rewritten")
+    assert checksum_problem(folder) is None
+    # Deterministic: the same content gives the same file, byte for byte.
+    twin = _artifact(tmp_path / "b")
+    write_checksums(twin)
+    assert (twin / "checksums.json").read_bytes() == (folder / "checksums.json").read_bytes()
+
+
+def test_checksum_problem_sees_changed_bytes_behind_an_old_mtime(tmp_path):
+    folder = _artifact(tmp_path / "a")
+    write_checksums(folder)
+    weights = folder / "model.safetensors"
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, same mtime
+    assert checksum_problem(folder) == "model.safetensors differs from the sha256 recorded when it was written"
+    weights.unlink()
+    assert checksum_problem(folder) == "model.safetensors is missing"
+    (folder / "checksums.json").write_text('{"algorithm": "sha2')
+    assert checksum_problem(folder) == "checksums.json is missing or unreadable"
+
+
+def test_read_json_or_none_warns_about_garbled_files(tmp_path, caplog):
+    assert read_json_or_none(tmp_path / "missing.json") is None
+    assert not caplog.records
+    (tmp_path / "cut.json").write_text('{"key": "ab')
+    assert read_json_or_none(tmp_path / "cut.json", instead="recomputing") is None
+    assert "cut.json is unreadable (JSONDecodeError" in caplog.text and caplog.text.rstrip().endswith("recomputing")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert read_json_or_none(tmp_path / "list.json") is None
+    assert "holds a JSON list, not an object" in caplog.text
+    (tmp_path / "ok.json").write_text('{"a": 1}')
+    assert read_json_or_none(tmp_path / "ok.json") == {"a": 1}
+
+
+@pytest.mark.parametrize("name", ["../..", "../../etc", "/abs", ".", "..", "", " ", "a/b", "a\\b", "C:", ".hidden",
+                                  "~", "a\nb"])
+def test_path_component_problem_refuses_names_that_leave_their_folder(name):
+    assert path_component_problem(name)
+
+
+@pytest.mark.parametrize("name", ["exp1", "sweep 2", "2026-11-28_run", "qlora.kd"])
+def test_path_component_problem_accepts_plain_names(name):
+    assert path_component_problem(name) is None
+
+
+def test_ensure_writable_dir_names_the_path(tmp_path):
+    assert ensure_writable_dir(tmp_path / "new" / "out", "--out folder") == tmp_path / "new" / "out"
+    assert [p.name for p in (tmp_path / "new" / "out").iterdir()] == []  # the write check leaves nothing
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match=r"cannot write to .*file/out \(Not a directory\); choose a writable --out"):
+        ensure_writable_dir(tmp_path / "file" / "out", "--out folder")
+
+
+def test_content_fingerprint_rehashes_bytes_rewritten_behind_an_old_mtime(tmp_path):
+    """The eval cache's file-hash memo is keyed by ctime too, which ``touch -r`` cannot set back."""
+    from slimforge.eval.fingerprint import content_fingerprint
+
+    folder = _artifact(tmp_path / "a")
+    first = content_fingerprint(str(folder))
+    weights = folder / "model.safetensors"
+    stat = weights.stat()
+    time.sleep(0.01)
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert content_fingerprint(str(folder)) != first

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -200,7 +202,7 @@ def test_switching_a_method_keeps_typed_checks(teacher_dir, corpus_dir, tmp_path
     code = cli.main(["run", TINY, f"teacher.path={teacher_dir}", f"data.path={corpus_dir}",
                      "student@stages.student=checkpoint", "stages.student.num_layers=2"])
     assert code == 2
-    _assert_one_line_error(capsys, r"Key 'num_layers' not in 'CheckpointStudentConfig'")
+    _assert_one_line_error(capsys, r"unknown key stages\.student\.num_layers: CheckpointStudentConfig has no 'num_layers'")
 
 
 def test_multirun_sweep(teacher_dir, corpus_dir, tmp_path):
@@ -271,3 +273,275 @@ def test_wheel_carries_the_recipes(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0] == str(target / "slimforge" / "_recipes")
     assert "'default'" in proc.stdout.splitlines()[1]
+
+
+# --- finished work that cannot silently lie ---------------------------------------------------
+
+
+def _flip_a_byte_keeping_mtime(path: Path) -> None:
+    """Change one byte and set the modification time back, as ``touch -r`` would: only the bytes tell."""
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+DAMAGES = {
+    "flipped-byte": (lambda a: _flip_a_byte_keeping_mtime(a / "model.safetensors"),
+                     "model.safetensors differs from the sha256 recorded when it was written"),
+    "truncated-weights": (lambda a: (a / "model.safetensors").write_bytes((a / "model.safetensors").read_bytes()[:999]),
+                          "model.safetensors differs from the sha256 recorded when it was written"),
+    "garbled-meta": (lambda a: (a / "slimforge.json").write_text('{"stage": "stud'), "slimforge.json is unreadable"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_damaged_artifact_is_made_again(finished_run, teacher_dir, corpus_dir, capsys, damage):
+    artifact = finished_run / "stages" / "student"
+    weights = (artifact / "model.safetensors").read_bytes()
+    report = json.loads((finished_run / "report.json").read_text())
+    spoil, why = DAMAGES[damage]
+    spoil(artifact)
+    capsys.readouterr()
+    assert main(*tiny_args(teacher_dir, corpus_dir, finished_run)) == 0
+    err = capsys.readouterr().err
+    assert f"the finished artifact {artifact} is damaged ({why}); making it again" in err
+    assert (artifact / "model.safetensors").read_bytes() == weights  # the same config makes the same bytes
+    manifest = json.loads((finished_run / "manifest.json").read_text())
+    assert manifest["stages"]["student"]["status"] == "done"
+    again = json.loads((finished_run / "report.json").read_text())
+    assert again["models"] == report["models"] and again["retained"] == report["retained"]
+    assert not any(p.name.startswith(".") and p.is_dir() for p in (finished_run / "stages").iterdir())
+
+
+def test_checksums_are_deterministic_and_backfilled(finished_run, teacher_dir, corpus_dir, tmp_path):
+    """Same seed, same bytes, same checksums.json; an artifact made before checksums gets them on reuse."""
+    from slimforge.fsutil import sha256_file
+
+    artifact = finished_run / "stages" / "student"
+    recorded = json.loads((artifact / "checksums.json").read_text())["files"]
+    assert recorded["model.safetensors"] == sha256_file(artifact / "model.safetensors")
+    assert "config.json" in recorded and not {"slimforge.json", "recipe.yaml", "README.md"} & set(recorded)
+    other = tmp_path / "other"
+    assert main(*tiny_args(teacher_dir, corpus_dir, other)) == 0
+    assert (other / "stages/student/checksums.json").read_bytes() == (artifact / "checksums.json").read_bytes()
+
+    before = (artifact / "checksums.json").read_bytes()
+    (artifact / "checksums.json").unlink()
+    assert main(*tiny_args(teacher_dir, corpus_dir, finished_run)) == 0
+    assert json.loads((finished_run / "manifest.json").read_text())["stages"]["student"]["status"] == "skipped"
+    assert (artifact / "checksums.json").read_bytes() == before
+
+
+def test_garbled_eval_record_is_recomputed(finished_run, teacher_dir, corpus_dir, capsys):
+    record = finished_run / "eval" / "student.json"
+    tasks = json.loads(record.read_text())["tasks"]
+    record.write_text(record.read_text()[:40])
+    capsys.readouterr()
+    assert main(*tiny_args(teacher_dir, corpus_dir, finished_run)) == 0
+    assert f"{record} is unreadable (JSONDecodeError" in capsys.readouterr().err
+    assert json.loads(record.read_text())["tasks"] == tasks
+
+
+def test_truncated_manifest_is_rebuilt_from_the_stages(finished_run, teacher_dir, corpus_dir, capsys):
+    path = finished_run / "manifest.json"
+    original = json.loads(path.read_text())
+    stages = snapshot(finished_run / "stages")
+    path.write_text(path.read_text()[:100])
+    capsys.readouterr()
+    assert main(*tiny_args(teacher_dir, corpus_dir, finished_run)) == 0
+    assert "rebuilding it from the stage folders" in capsys.readouterr().err
+    manifest = json.loads(path.read_text())
+    student = manifest["stages"]["student"]
+    assert student["status"] == "skipped" and student["fingerprint"] == original["stages"]["student"]["fingerprint"]
+    assert student["metrics"] == original["stages"]["student"]["metrics"]
+    assert len(manifest["invocations"]) == 1  # the earlier invocations' history is what is lost
+    assert snapshot(finished_run / "stages") == stages
+
+
+# --- crashes: one line, the traceback in the log, finished work kept --------------------------
+
+
+def _error_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if ln.startswith("slimforge: error:")]
+
+
+def test_crash_in_a_stage_is_one_line_and_resumes(teacher_dir, corpus_dir, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    real = students.drop_layers_stage
+
+    def crashing(ctx):
+        raise RuntimeError("shape '[576, 6]' is invalid for input of size 3888")
+
+    monkeypatch.setattr(students, "drop_layers_stage", crashing)
+    assert main(*tiny_args(teacher_dir, corpus_dir, run_dir)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = _error_lines(err)
+    assert len(lines) == 1, err
+    assert lines[0] == (f"slimforge: error: stage 'student' crashed (RuntimeError: shape '[576, 6]' is invalid for "
+                        f"input of size 3888); the traceback is in {run_dir / 'run.log'}. Finished work is kept; "
+                        "the same command resumes from it")
+    log = (run_dir / "run.log").read_text()
+    assert "Traceback (most recent call last)" in log and "in crashing" in log
+    assert json.loads((run_dir / "manifest.json").read_text())["stages"]["student"]["status"] == "failed"
+
+    monkeypatch.setattr(students, "drop_layers_stage", real)
+    assert main(*tiny_args(teacher_dir, corpus_dir, run_dir)) == 0
+    assert json.loads((run_dir / "manifest.json").read_text())["stages"]["student"]["status"] == "done"
+
+
+def test_crash_in_the_evaluation_keeps_the_stages(teacher_dir, corpus_dir, tmp_path, monkeypatch, capsys):
+    from slimforge.eval import perplexity
+
+    run_dir = tmp_path / "run"
+    real = perplexity.perplexity_task
+
+    def crashing(model, tokenizer, cfg, ctx):
+        if ctx.label == "student":
+            raise ValueError("boom")
+        return real(model, tokenizer, cfg, ctx)
+
+    monkeypatch.setattr(perplexity, "perplexity_task", crashing)
+    args = tiny_args(teacher_dir, corpus_dir, run_dir, "eval.cache=false")
+    assert main(*args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert _error_lines(err) == [f"slimforge: error: evaluating 'student' crashed (ValueError: boom); the traceback "
+                                 f"is in {run_dir / 'run.log'}. Finished work is kept; the same command resumes from it"]
+    assert "ValueError: boom" in (run_dir / "run.log").read_text()
+    assert (run_dir / "eval" / "teacher.json").is_file() and not (run_dir / "report.json").exists()
+
+    monkeypatch.setattr(perplexity, "perplexity_task", real)
+    assert main(*args) == 0
+    err = capsys.readouterr().err
+    assert "unchanged, reusing" in err and "eval teacher: unchanged, reusing" in err
+    assert json.loads((run_dir / "manifest.json").read_text())["stages"]["student"]["status"] == "skipped"
+
+
+def test_crash_in_slimforge_eval_names_its_log(teacher_dir, corpus_dir, model_dirs, tmp_path, monkeypatch, capsys):
+    from slimforge.eval import perplexity
+
+    def crashing(model, tokenizer, cfg, ctx):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(perplexity, "perplexity_task", crashing)
+    out = tmp_path / "out"
+    code = cli.main(["eval", "--teacher", str(teacher_dir), "--students", str(model_dirs["qwen2"]), "--tasks",
+                     "perplexity", "--data", str(corpus_dir), "--block-size", "32", "--max-blocks", "2",
+                     "--out", str(out), "--no-cache"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert _error_lines(err) == [f"slimforge: error: evaluating 'teacher' crashed (ValueError: boom); the traceback "
+                                 f"is in {out / 'eval.log'}. Finished work is kept; the same command resumes from it"]
+    assert "Traceback (most recent call last)" in (out / "eval.log").read_text()
+
+
+def test_crash_in_a_sweep_job_keeps_the_report_of_the_finished_ones(teacher_dir, corpus_dir, tmp_path, monkeypatch):
+    real = students.drop_layers_stage
+
+    def second_crashes(ctx):
+        if ctx.config.num_layers == 3:
+            raise RuntimeError("boom")
+        return real(ctx)
+
+    monkeypatch.setattr(students, "drop_layers_stage", second_crashes)
+    args = [a for a in tiny_args(teacher_dir, corpus_dir, tmp_path / "x") if not a.startswith(("run_dir=", "stages."))]
+    argv = ["run", STUDENT, "-m", *args, f"out_dir={tmp_path}", "run_name=sw", "stages.student.num_layers=1,3"]
+    assert cli.main(argv) == 1
+    sweep_dir = tmp_path / "student" / "sw"
+    assert [job["status"] for job in json.loads((sweep_dir / "sweep.json").read_text())["jobs"]] == ["done", "failed"]
+    assert [m for m in json.loads((sweep_dir / "report.json").read_text())["models"]] == ["teacher", "job00/student"]
+
+    monkeypatch.setattr(students, "drop_layers_stage", real)
+    assert cli.main(argv) == 0
+    assert [job["status"] for job in json.loads((sweep_dir / "sweep.json").read_text())["jobs"]] == ["done", "done"]
+    assert json.loads((sweep_dir / "job00" / "manifest.json").read_text())["stages"]["student"]["status"] == "skipped"
+
+
+# --- where a run may write --------------------------------------------------------------------
+
+
+def test_run_dir_check_accepts_only_new_empty_or_run_folders(tmp_path):
+    from slimforge.errors import RunDirError
+    from slimforge.pipeline import check_run_dir
+
+    check_run_dir(tmp_path / "new" / "run")
+    (tmp_path / "empty").mkdir()
+    check_run_dir(tmp_path / "empty")
+    started = tmp_path / "started"  # a first invocation killed before it wrote its manifest
+    started.mkdir()
+    for name in (".lock", "run.log", ".manifest.json.abc123.tmp"):
+        (started / name).write_text("")
+    check_run_dir(started)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "manifest.json").write_text("{}")
+    (earlier / "config.yaml").write_text("")
+    check_run_dir(earlier)
+    (started / "config.yaml").write_text("mine")
+    with pytest.raises(RunDirError, match=r"started is not a slimforge run directory .*\(config\.yaml\)"):
+        check_run_dir(started)
+
+
+def test_unwritable_run_dir_is_one_line_before_anything_loads(teacher_dir, corpus_dir, tmp_path, monkeypatch, capsys):
+    """A read-only parent folder stops the run before the teacher loads.
+
+    As root, chmod does not stop writes, so there the refusal the kernel would give is
+    simulated at the check; as any other user the folder really is read-only.
+    """
+    from slimforge import pipeline
+
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    if os.geteuid() == 0:
+        real_access = os.access
+        monkeypatch.setattr(pipeline.os, "access", lambda p, mode: Path(p) != parent and real_access(p, mode))
+    else:
+        parent.chmod(0o500)
+    monkeypatch.setattr(pipeline.RunSession, "teacher", lambda self: pytest.fail("the teacher was loaded"))
+    try:
+        code = main(*tiny_args(teacher_dir, corpus_dir, parent / "run"))
+    finally:
+        parent.chmod(0o700)
+    assert code == 2
+    assert _error_lines(capsys.readouterr().err) == [
+        f"slimforge: error: cannot write to {parent} (permission denied or read-only); "
+        "choose a writable run_dir or out_dir"]
+    assert not (parent / "run").exists()
+
+
+def test_refused_writes_are_one_line(teacher_dir, corpus_dir, tmp_path, monkeypatch, capsys):
+    """PermissionError where the run directory is made, and anywhere else (the cache, here), is exit 2.
+
+    Simulated (tests may run as root, where chmod does not stop writes): the same error the
+    kernel raises, at the same call.
+    """
+    from slimforge import fsutil
+    from slimforge.eval import runner
+
+    run_dir = tmp_path / "run"
+    real_mkstemp = fsutil.tempfile.mkstemp
+
+    def refusing_mkstemp(*args, dir=None, **kwargs):  # noqa: A002 - mkstemp's own keyword
+        if dir is not None and Path(dir) == run_dir:
+            raise PermissionError(13, "Permission denied", str(Path(dir) / ".probe"))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(fsutil.tempfile, "mkstemp", refusing_mkstemp)
+    assert main(*tiny_args(teacher_dir, corpus_dir, run_dir)) == 2
+    assert _error_lines(capsys.readouterr().err) == [
+        f"slimforge: error: cannot write to {run_dir} (Permission denied); choose a writable run_dir or out_dir"]
+    monkeypatch.setattr(fsutil.tempfile, "mkstemp", real_mkstemp)
+
+    def refusing_put(self, key, result):
+        raise PermissionError(13, "Permission denied", str(self.root / f"{key}.json"))
+
+    monkeypatch.setattr(runner.ResultCache, "put", refusing_put)
+    assert main(*tiny_args(teacher_dir, corpus_dir, run_dir, "eval.tasks.perplexity.max_blocks=3")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and re.search(r"permission denied writing .*/eval/results/\w+\.json; choose a writable "
+                                         r"location .*SLIMFORGE_CACHE for the cache", lines[0]), err

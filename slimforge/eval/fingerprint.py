@@ -4,7 +4,9 @@ A run's stage fingerprint says how a model was made; the eval cache needs what
 it contains, so that the same weights reached by two routes (a sweep's shared
 teacher, a copied folder) are evaluated once. Hashing gigabytes on every
 invocation would cost seconds to minutes, so each file's sha256 is remembered
-under the slimforge cache, keyed by its path, size and modification time.
+under the slimforge cache, keyed by its path, size, modification time, inode and
+change time. The change time (ctime) cannot be set back by hand, as ``touch -r``
+sets back the modification time, so rewritten bytes are always hashed again.
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slimforge.fsutil import atomic_write_json, read_json, sha256_file, stable_hash
+from slimforge.fsutil import (
+    atomic_write_json,
+    content_files,
+    read_json_or_none,
+    sha256_file,
+    stable_hash,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from slimforge.models import ModelRef
 
-# Files that describe provenance, not the model: timestamps differ between identical copies.
-_NOT_CONTENT = {"slimforge.json", "recipe.yaml", "README.md", ".lock"}
-# Folders of training logs inside an artifact (distillation's TensorBoard events carry timestamps).
-_NOT_CONTENT_DIRS = {"tensorboard"}
 _MEMO_LOCK = threading.Lock()
 
 
@@ -33,14 +37,15 @@ def _memo_path() -> Path:
 
 
 def file_digest(path: Path, memo: dict[str, Any]) -> str:
-    """sha256 of a file, reusing ``memo`` while its size and mtime are unchanged."""
+    """sha256 of a file, reusing ``memo`` while its size, mtime, inode and ctime are unchanged."""
     stat = path.stat()
     key = str(path.resolve())
+    state = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
     known = memo.get(key)
-    if known and known[0] == stat.st_size and known[1] == stat.st_mtime_ns:
-        return known[2]
+    if isinstance(known, list) and known[:-1] == state:
+        return known[-1]
     digest = sha256_file(path)
-    memo[key] = [stat.st_size, stat.st_mtime_ns, digest]
+    memo[key] = [*state, digest]
     return digest
 
 
@@ -49,9 +54,7 @@ def _content_files(location: Path, gguf_file: str | None) -> list[Path]:
         return [location]
     if gguf_file:
         return [location / gguf_file]
-    return sorted(p for p in location.rglob("*")
-                  if p.is_file() and p.name not in _NOT_CONTENT and not p.name.startswith(".")
-                  and _NOT_CONTENT_DIRS.isdisjoint(p.relative_to(location).parts[:-1]))
+    return content_files(location)
 
 
 def _adapter_base(location: Path) -> str | None:
@@ -71,7 +74,7 @@ def content_fingerprint(path: str, gguf_file: str | None = None, revision: str |
         return stable_hash(["hub", path, revision])
     memo_file = _memo_path()
     with _MEMO_LOCK:
-        memo = read_json(memo_file) if memo_file.is_file() else {}
+        memo = read_json_or_none(memo_file, instead="hashing the files again") or {}
         before = dict(memo)
         root = location if location.is_dir() else location.parent
         digests = [(str(p.relative_to(root)), file_digest(p, memo)) for p in _content_files(location, gguf_file)]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slimforge.errors import ConfigError
-from slimforge.fsutil import atomic_write_json, read_json, stable_hash
+from slimforge.fsutil import atomic_write_json, read_json_or_none, stable_hash
 from slimforge.stage import EvalContext
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 # Bump when a task's computation changes, so cached results are recomputed.
 EVAL_VERSION = 2
 TEACHER = "teacher"
+# Where ``slimforge eval`` logs, in its --out folder (a run logs to its run.log).
+EVAL_LOG = "eval.log"
 # Task types whose results are never reused from an earlier invocation.
 FRESH_TYPES = ("efficiency",)
 
@@ -53,11 +55,12 @@ class EvalSettings:
     num_fewshot: int | None = None
     include_path: list[str] = field(default_factory=list)
     cache: bool = True
+    allow_code: bool = False  # may include_path's task YAMLs run Python
 
     @classmethod
     def from_config(cls, cfg: EvalConfig, device: torch.device, dtype: torch.dtype) -> EvalSettings:
         return cls(device, dtype, cfg.batch_size, cfg.seed, cfg.limit, cfg.num_fewshot,
-                   [str(Path(p).expanduser().resolve()) for p in cfg.include_path], cfg.cache)
+                   [str(Path(p).expanduser().resolve()) for p in cfg.include_path], cfg.cache, cfg.allow_code)
 
     def key(self) -> dict[str, Any]:
         return {"device": self.device.type, "dtype": str(self.dtype), "batch_size": self.batch_size,
@@ -71,6 +74,7 @@ class ModelEvalContext(EvalContext):
     label: str = ""
     ref: Any = None
     include_path: tuple[str, ...] = ()
+    allow_code: bool = False
     task_name: str = ""
     teacher_pair: Callable[[], tuple[Any, Any]] | None = None
     teacher_results: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -141,7 +145,7 @@ def preflight(tasks: dict[str, Any], settings: EvalSettings, session: Any, gate:
 
     harness = [cfg.task for cfg in tasks.values() if isinstance(cfg, HarnessTaskConfig)]
     if harness:
-        check_task_data(harness, settings.include_path)
+        check_task_data(harness, settings.include_path, settings.allow_code)
     for cfg in tasks.values():
         if isinstance(cfg, GenerationTaskConfig):
             read_examples(cfg)
@@ -207,8 +211,9 @@ class ResultCache:
         self.root = cache_root() / "eval" / "results"
 
     def get(self, key: str) -> dict[str, Any] | None:
-        path = self.root / f"{key}.json"
-        return read_json(path) if self.enabled and path.is_file() else None
+        if not self.enabled:
+            return None
+        return read_json_or_none(self.root / f"{key}.json", instead="computing the result again")
 
     def put(self, key: str, result: dict[str, Any]) -> None:
         if self.enabled:
@@ -286,9 +291,10 @@ def evaluate_model(ev: Evaluation, label: str, ref: ModelRef, is_teacher: bool) 
     fresh = {name for name, cfg in ev.tasks.items() if cfg.type in FRESH_TYPES}
     record_key = stable_hash([keys, info_key, bool(problem), ev.invocation if fresh else None])
     record_path = ev.out_dir / "eval" / f"{label}.json"
-    if record_path.is_file() and read_json(record_path).get("key") == record_key:
+    previous = read_json_or_none(record_path, instead="evaluating the model again")
+    if previous is not None and previous.get("key") == record_key:
         log.info("eval %s: unchanged, reusing %s", label, record_path)
-        return read_json(record_path)
+        return previous
     loaded: tuple[Any, Any] | None = None
 
     def model_and_tokenizer() -> tuple[Any, Any]:
@@ -309,7 +315,8 @@ def evaluate_model(ev: Evaluation, label: str, ref: ModelRef, is_teacher: bool) 
             continue
         model, tokenizer = model_and_tokenizer()
         ctx = ModelEvalContext(ev.session, ev.settings.batch_size, ev.settings.seed, label=label, ref=ref,
-                               include_path=tuple(ev.settings.include_path), task_name=name,
+                               include_path=tuple(ev.settings.include_path), allow_code=ev.settings.allow_code,
+                               task_name=name,
                                teacher_pair=None if is_teacher or problem else ev.session.teacher,
                                teacher_results=ev.teacher_results)
         log.info("eval %s / %s (%s)", label, name, cfg.type)
@@ -337,35 +344,75 @@ def evaluate_model(ev: Evaluation, label: str, ref: ModelRef, is_teacher: bool) 
 
 def evaluate_models(session: Any, students: list[tuple[str, ModelRef]], tasks: dict[str, Any],
                     settings: EvalSettings, out_dir: Path, title: str,
-                    gate: GateConfig | None = None) -> dict[str, Any]:
+                    gate: GateConfig | None = None, log_file: Path | None = None) -> dict[str, Any]:
     """Evaluate the session's teacher and ``students`` alike; write ``eval/`` and the reports.
+
+    Args:
+        log_file: the log file already being written (a run's ``run.log``); None: log to
+            ``<out_dir>/eval.log`` for this call. A crash's traceback goes there.
 
     Returns:
         The report (``report.json``'s content), with the gate's verdict under ``gate``.
-    """
-    from slimforge.eval.fingerprint import ref_fingerprint
-    from slimforge.eval.gate import check_gate
-    from slimforge.eval.report import build_report, write_report
 
+    Raises:
+        ConfigError: a task, its data or the gate is wrong (before any model loads).
+        OutputError: ``out_dir`` cannot be written.
+        StageCrash: evaluating a model failed unexpectedly (the one line names ``log_file``).
+    """
     tasks = resolve_tasks(tasks, settings)
     preflight(tasks, settings, session, gate)
     if TEACHER in {label for label, _ in students}:
         raise ConfigError(f"a student cannot be labelled {TEACHER!r}; that label is the teacher's")
-    ev = Evaluation(session, tasks, settings, Path(out_dir), ResultCache(settings.cache))
-    ev.teacher_fp = ref_fingerprint(session.teacher_ref)
-    if any(getattr(type(cfg), "USES_DATA", False) for cfg in tasks.values()):
-        ev.data_fp = session.data().fingerprint
-    records = {TEACHER: evaluate_model(ev, TEACHER, session.teacher_ref, is_teacher=True)}
-    ev.teacher_results.update(records[TEACHER]["tasks"])
-    for label, ref in students:
-        records[label] = evaluate_model(ev, label, ref, is_teacher=False)
-    report = build_report(title, records, settings, ev.warnings)
-    report["gate"] = check_gate(report, gate)
-    write_report(Path(out_dir), report)
+    if log_file is not None:
+        return _evaluate_all(session, students, tasks, settings, Path(out_dir), title, gate, log_file)
+    from slimforge.fsutil import ensure_writable_dir
+    from slimforge.runlog import file_logging
+
+    log_file = ensure_writable_dir(out_dir, "--out folder") / EVAL_LOG
+    with file_logging(log_file):
+        return _evaluate_all(session, students, tasks, settings, Path(out_dir), title, gate, log_file)
+
+
+def _evaluate_all(session: Any, students: list[tuple[str, ModelRef]], tasks: dict[str, Any],
+                  settings: EvalSettings, out_dir: Path, title: str, gate: GateConfig | None,
+                  log_file: Path) -> dict[str, Any]:
+    """:func:`evaluate_models` once its arguments are checked: each model in turn, then the reports."""
+    from slimforge.eval.fingerprint import ref_fingerprint
+    from slimforge.eval.gate import check_gate
+    from slimforge.eval.report import build_report, write_report
+    from slimforge.runlog import crash_boundary
+
+    ev = Evaluation(session, tasks, settings, out_dir, ResultCache(settings.cache))
+    with crash_boundary("the evaluation", log_file):
+        ev.teacher_fp = ref_fingerprint(session.teacher_ref)
+        if any(getattr(type(cfg), "USES_DATA", False) for cfg in tasks.values()):
+            ev.data_fp = session.data().fingerprint
+        records: dict[str, dict[str, Any]] = {}
+        for label, ref in [(TEACHER, session.teacher_ref), *students]:
+            with crash_boundary(f"evaluating {label!r}", log_file):
+                records[label] = evaluate_model(ev, label, ref, is_teacher=label == TEACHER)
+            if label == TEACHER:
+                ev.teacher_results.update(records[TEACHER]["tasks"])
+        report = build_report(title, records, settings, ev.warnings)
+        report["gate"] = check_gate(report, gate)
+        write_report(out_dir, report)
     return report
 
 
 # --- the pipeline's eval stage -----------------------------------------------------------
+
+
+def _unknown_model(name: str, stages: list[str]) -> ConfigError:
+    return ConfigError(f"eval.models names {name!r}, which is not 'teacher', 'all' or a stage of the pipeline; "
+                       f"valid names: {', '.join([TEACHER, 'all', *stages])}")
+
+
+def check_eval_models(recipe: Any) -> None:
+    """Every ``eval.models`` name is "teacher", "all" or a pipeline stage: checked before any stage runs."""
+    valid = {TEACHER, "all", *recipe.pipeline}
+    for name in recipe.config.eval.models:
+        if name not in valid:
+            raise _unknown_model(name, list(recipe.pipeline))
 
 
 def select_models(wanted: list[str], teacher: ModelRef, artifacts: dict[str, ModelRef]) -> list[tuple[str, ModelRef]]:
@@ -379,7 +426,7 @@ def select_models(wanted: list[str], teacher: ModelRef, artifacts: dict[str, Mod
         elif name in artifacts:
             chosen[name] = artifacts[name]
         else:
-            raise ConfigError(f"eval.models names {name!r}, which is not 'teacher', 'all' or a stage: {sorted(artifacts)}")
+            raise _unknown_model(name, list(artifacts))
     return list(chosen.items())
 
 
@@ -391,7 +438,10 @@ def evaluate_run(run: Run, session: RunSession, artifacts: dict[str, ModelRef]) 
     students = [(label, ref) for label, ref in select_models(cfg.models, session.teacher_ref, artifacts)
                 if label != TEACHER]
     settings = EvalSettings.from_config(cfg, session.device, session.dtype)
-    report = evaluate_models(session, students, run.recipe.tasks, settings, Path(run.run_dir), run.cfg.name, cfg.gate)
+    from slimforge.pipeline import RUN_LOG
+
+    report = evaluate_models(session, students, run.recipe.tasks, settings, Path(run.run_dir), run.cfg.name, cfg.gate,
+                             log_file=Path(run.run_dir) / RUN_LOG)
     from slimforge.models import try_write_model_card
 
     for label, ref in students:  # each evaluated artifact's card gains its results
