@@ -1,6 +1,7 @@
 # slimforge: the two set-up commands of the README.
 #   make run    install everything into .venv, then run the default recipe
 #   make test   install everything into .venv, then run the test suite
+#   make test-slow  the slow tier (real teacher) and the browser test; installs Chromium if missing
 # Extra arguments for the recipe: make run ARGS="stages.student.num_layers=16"
 
 PYTHON ?= python3
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-slow lint clean
+.PHONY: install run test test-slow browser lint clean
 
 install: $(STAMP)
 
@@ -28,8 +29,17 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
-test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow $(ARGS)
+test-slow: $(STAMP) browser
+	$(BIN)/python -m pytest -q -m "slow or browser" $(ARGS)
+
+# The browser test opens the HTML report in headless Chromium (tests/test_eval_runner.py).
+# sudo only where we are not root; env carries DEBIAN_FRONTEND past sudo's reset environment.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  SUDO=""; [ "$$(id -u)" -ne 0 ] && SUDO="sudo"; \
+	  $$SUDO apt-get update -q && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -395,6 +395,13 @@ def results_section(inp: CardInput) -> list[str]:
 # --- loading -----------------------------------------------------------------------------
 
 
+def _bnb_cpu_lines() -> list[str]:
+    """The snippet lines that keep bitsandbytes' 4-bit layers of untileable widths off its packed CPU path."""
+    from slimforge.quantize.bnb import PLAIN_PATH_SNIPPET
+
+    return PLAIN_PATH_SNIPPET
+
+
 def load_section(inp: CardInput) -> list[str]:
     fmt, where = inp.files.get("format", "hf"), inp.location
     packages = ["transformers", *FORMAT_PACKAGES.get(fmt, [])]
@@ -416,7 +423,8 @@ def load_section(inp: CardInput) -> list[str]:
                   "(named in `adapter_config.json`; keep both folders):", "",
                   "```python", "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
                   f'path = "{where}"', "tokenizer = AutoTokenizer.from_pretrained(path)",
-                  "model = AutoPeftModelForCausalLM.from_pretrained(path)", "```", ""]
+                  "model = AutoPeftModelForCausalLM.from_pretrained(path)",
+                  *(_bnb_cpu_lines() if inp.files.get("adapter_base_format") == "bitsandbytes" else []), "```", ""]
         return lines
     note = {"bitsandbytes": "The bitsandbytes settings are in `config.json`; transformers applies them while loading.",
             "compressed-tensors": "Packed integer weights (compressed-tensors); transformers decompresses them "
@@ -426,6 +434,7 @@ def load_section(inp: CardInput) -> list[str]:
     lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f'path = "{where}"', "tokenizer = AutoTokenizer.from_pretrained(path)",
               "model = AutoModelForCausalLM.from_pretrained(path)",
+              *(_bnb_cpu_lines() if fmt == "bitsandbytes" else []),
               'inputs = tokenizer("Once upon a time", return_tensors="pt")',
               "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))", "```", ""]
     return lines

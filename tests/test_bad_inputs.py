@@ -11,9 +11,8 @@ import importlib
 import pkgutil
 import re
 
-import pytest
-
 import bad_inputs
+import pytest
 from bad_inputs.harness import BadInput, Env
 
 

@@ -48,7 +48,8 @@ def run_dir(teacher_dir, corpus_dir, tmp_path_factory):
             "+prune@stages.sp=magnitude", "+distill@stages.heal=kd", "+quantize@stages.q=rtn",
             "pipeline=[sp,heal,q]", "stages.sp.sparsity=0.5", "stages.heal.steps=2", "stages.heal.batch_size=2",
             "stages.heal.eval_blocks=2", "stages.heal.keep_sparsity=true", "stages.q.group_size=32",
-            "eval.tasks.perplexity.max_blocks=2", "eval.batch_size=4"]
+            "eval.tasks.perplexity.max_blocks=2", "eval.batch_size=4",
+            "dtype=float32"]  # the card's "Weights stored as float32"; auto is bf16 on native-bf16 CPUs
     assert cli.main(args) == 0
     return run
 
@@ -131,7 +132,7 @@ def test_rewriting_a_card_changes_no_fingerprint_and_a_rerun_reuses_everything(r
             "+prune@stages.sp=magnitude", "+distill@stages.heal=kd", "+quantize@stages.q=rtn",
             "pipeline=[sp,heal,q]", "stages.sp.sparsity=0.5", "stages.heal.steps=2", "stages.heal.batch_size=2",
             "stages.heal.eval_blocks=2", "stages.heal.keep_sparsity=true", "stages.q.group_size=32",
-            "eval.tasks.perplexity.max_blocks=2", "eval.batch_size=4"]
+            "eval.tasks.perplexity.max_blocks=2", "eval.batch_size=4", "dtype=float32"]  # as run_dir made it
     assert cli.main(args) == 0
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert {s["status"] for s in manifest["stages"].values()} == {"skipped"}

@@ -14,6 +14,7 @@ from conftest import REPO, build_model, build_tokenizer, run_cli
 
 from slimforge import cli
 from slimforge.config import DataConfig, EvalConfig, GateConfig
+from slimforge.errors import StageCrash
 from slimforge.eval.config import (
     EfficiencyTaskConfig,
     HarnessTaskConfig,
@@ -173,12 +174,12 @@ def test_results_are_cached_by_content(evaluated, zoo, teacher_dir, corpus_dir, 
     for task in quality:
         assert again["models"]["pruned"]["tasks"][task] == report["models"]["pruned"]["tasks"][task]
     assert again["models"]["teacher"]["tasks"] == report["models"]["teacher"]["tasks"]
-    # Other settings are other results: a new batch size recomputes.
-    with pytest.raises(AssertionError, match="a model was loaded"):
+    # Other settings are other results: a new batch size recomputes (the refused load is a crash: one line).
+    with pytest.raises(StageCrash, match="a model was loaded"):
         evaluate_models(session, students, quality, EvalSettings.from_config(
             EvalConfig(batch_size=3, include_path=[str(zoo / "tasks")]), CPU, torch.float32), tmp_path / "o2", "x")
     # Timings are never reused from an earlier invocation: every model is timed again, together.
-    with pytest.raises(AssertionError, match="a model was loaded"):
+    with pytest.raises(StageCrash, match="a model was loaded"):
         evaluate_models(session, students, {"speed": TASKS["speed"]}, settings(zoo), tmp_path / "o3", "x")
 
 
@@ -191,24 +192,34 @@ def test_report_markdown_has_every_section(evaluated):
     assert report["gate"]["status"] == "fail"
 
 
-def test_html_report_renders_in_a_headless_browser(evaluated, tmp_path):
-    """Chromium opens the page from disk with no network and shows both plots."""
+def test_html_report_is_self_contained(evaluated):
+    """No network, no scripts: the page opens from disk anywhere (the browser test shows it renders)."""
     out, _, _ = evaluated
     page = (out / "report.html").read_text()
     assert "http://" not in page and "https://" not in page and "<script" not in page and "<link" not in page
-    chromium, driver = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-    assert chromium.exists() and driver.exists(), (
-        "this test needs Chromium: apt-get install chromium chromium-driver (.ci/run does)")
+
+
+@pytest.mark.browser
+def test_html_report_renders_in_a_headless_browser(evaluated, tmp_path):
+    """Chromium opens the page from disk with no network and shows both plots.
+
+    Marked ``browser``: ``make test-slow`` installs Chromium and runs it; here a missing browser
+    is a failure, never a skip, so that tier cannot pass without having looked at the page.
+    """
+    out, _, _ = evaluated
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver, (
+        "this test needs Chromium: run make test-slow (it installs chromium and chromium-driver)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    options.binary_location = str(chromium)
+    options.binary_location = chromium
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(str(driver)), options=options)
+    browser = webdriver.Chrome(service=Service(driver), options=options)
     try:
         browser.get((out / "report.html").as_uri())
         assert browser.title == "slimforge report: zoo"

@@ -27,6 +27,8 @@ NO_EVAL = "~eval.tasks.perplexity"
 # the others are scored below from the fresh-process reload.
 RUNS = {
     "rtn": ("rtn", ["stages.quant.bits=3", "stages.quant.group_size=32", NO_EVAL]),
+    # What dtype: auto gives on a CPU with native bf16: the parent is loaded in bf16.
+    "rtn_bf16": ("rtn", ["stages.quant.bits=3", "stages.quant.group_size=32", NO_EVAL, "dtype=bfloat16"]),
     "gptq": ("gptq", ["stages.quant.bits=3", "stages.quant.group_size=32", "stages.quant.block_size=32",
                       "stages.quant.num_samples=32", "stages.quant.seq_len=32", NO_EVAL]),
     "gptq8": ("gptq", ["stages.quant.bits=8", "stages.quant.group_size=-1", "stages.quant.act_order=false",
@@ -39,9 +41,10 @@ RUNS = {
 
 
 def quant_args(teacher_dir, corpus_dir, run_dir, method, *extra):
+    """fp32 unless ``extra`` says otherwise (a later ``dtype=`` wins): the expected values are fp32 math."""
     return [
         "run", STUDENT, f"teacher.path={teacher_dir}", "data=text", f"data.path={corpus_dir}",
-        "data.block_size=32", "eval.batch_size=4", f"run_dir={run_dir}",
+        "data.block_size=32", "eval.batch_size=4", f"run_dir={run_dir}", "dtype=float32",
         f"+quantize@stages.quant={method}", "pipeline=[quant]", *extra,
     ]
 
@@ -69,11 +72,15 @@ RELOAD = r"""
 import json, logging, sys, torch
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 from transformers import AutoModelForCausalLM
+from slimforge.quantize.bnb import keep_4bit_layers_off_cpu_packing
 items, prompt, blocks, out_file = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
 out = {}
 for name, folder, gguf in items:
     kwargs = {"gguf_file": gguf} if gguf else {}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    # On AVX512-BF16 CPUs bitsandbytes cannot repack these tiny 4-bit widths for its kernel:
+    # the one thing slimforge's loader adds to plain transformers (a no-op elsewhere).
+    keep_4bit_layers_off_cpu_packing(model)
     with torch.no_grad():
         prompt_logits = model(input_ids=torch.tensor([prompt])).logits[0].float()
         block_logits = model(input_ids=torch.tensor(blocks)).logits.float()
@@ -128,17 +135,19 @@ def test_every_method_reloads_in_a_fresh_process_and_generates(reloaded):
     assert all(reloaded[n]["quantized"] for n in ("rtn", "gptq", "gptq8", "bnb_int8", "bnb_nf4", "bnb_fp4"))
 
 
-def test_rtn_artifact_reloads_as_exactly_the_rtn_weights(reloaded, teacher_dir):
-    """Our RTN math on the teacher, with everything else rounded to the bf16 storage, gives the reloaded logits."""
+@pytest.mark.parametrize("name,run_dtype", [("rtn", torch.float32), ("rtn_bf16", torch.bfloat16)])
+def test_rtn_artifact_reloads_as_exactly_the_rtn_weights(reloaded, teacher_dir, name, run_dtype):
+    """Our RTN math on the teacher as the run loaded it (fp32, or bf16), with everything else rounded
+    to the bf16 storage, gives the reloaded logits: the codes times the scales, exactly."""
     expected = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     with torch.no_grad():
-        for name, param in expected.named_parameters():
-            if ".layers." in name and name.endswith("proj.weight"):
-                param.copy_(rtn_quantize(param, 3, 32, torch.bfloat16).weight)
+        for param_name, param in expected.named_parameters():
+            if ".layers." in param_name and param_name.endswith("proj.weight"):
+                param.copy_(rtn_quantize(param.to(run_dtype).float(), 3, 32, torch.bfloat16).weight)
             else:
                 param.copy_(param.to(torch.bfloat16).float())
         logits = expected(input_ids=torch.tensor([PROMPT])).logits[0]
-    assert torch.allclose(reloaded["rtn"]["prompt_logits"], logits, atol=1e-5)
+    assert torch.allclose(reloaded[name]["prompt_logits"], logits, atol=1e-5)
 
 
 def test_quantized_artifacts_stay_close_to_the_teacher_in_order_of_precision(kl_to_teacher):
