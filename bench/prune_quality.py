@@ -33,16 +33,12 @@ from slimforge import arch  # noqa: E402
 from slimforge.config import DataConfig  # noqa: E402
 from slimforge.data import blocks_tensor, build_data, calibration_samples  # noqa: E402
 from slimforge.eval.perplexity import block_nll  # noqa: E402
-from slimforge.models import asset_model_folder, count_parameters, load_model  # noqa: E402
+from slimforge.models import asset_model_folder, load_model  # noqa: E402
 from slimforge.prune.config import WidthConfig  # noqa: E402
-from slimforge.prune.stages import sparsegpt_prune_model, sparsity_report, wanda_prune_model  # noqa: E402
-from slimforge.prune.structured import (  # noqa: E402
-    depth_scores,
-    layers_to_remove,
-    prune_width,
-    resolve_width_targets,
-)
+from slimforge.prune.depth import depth_scores, drop_layers, layers_to_remove  # noqa: E402
+from slimforge.prune.sparsify import sparsegpt_prune_model, sparsity_report, wanda_prune_model  # noqa: E402
 from slimforge.prune.unstructured import apply_mask, magnitude_scores, prune_mask  # noqa: E402
+from slimforge.prune.width import prune_width  # noqa: E402
 
 LLMC_PYTHON = HERE / ".venv-llmc" / "bin" / "python"
 
@@ -130,7 +126,7 @@ def main() -> None:
         prune(model)
         seconds = time.perf_counter() - start
         rows.append(Row(name, "slimforge", perplexity(model, blocks, args.batch_size), seconds,
-                        count_parameters(model), sparsity_report(model)["overall"]))
+                        arch.count_parameters(model), sparsity_report(model)["overall"]))
         print(_line(rows[-1]), flush=True)
 
     if not only or "depth -25%" in only:
@@ -139,19 +135,19 @@ def main() -> None:
         total = arch.num_layers(model)
         drop = layers_to_remove(depth_scores(model, calib, "block_influence", batch_size=args.batch_size),
                                 round(total * 0.25), "block_influence")
-        arch.keep_layers(model, [i for i in range(total) if i not in set(drop)])
+        drop_layers(model, drop)
         rows.append(Row(f"depth -25% (drop {drop})", "slimforge", perplexity(model, blocks, args.batch_size),
-                        time.perf_counter() - start, count_parameters(model), 0.0))
+                        time.perf_counter() - start, arch.count_parameters(model), 0.0))
         print(_line(rows[-1]), flush=True)
     if not only or "width 60%" in only:
         model = fresh()
         start = time.perf_counter()
-        targets = resolve_width_targets(WidthConfig(param_ratio=0.6), model.config)
+        targets = WidthConfig(param_ratio=0.6).targets(model.config)
         pruned, _, _ = prune_width(model, calib, targets, batch_size=args.batch_size)
         label = (f"width 60% (hidden {targets.hidden_size}, mlp {targets.intermediate_size}, "
                  f"heads {targets.num_attention_heads}/{targets.num_key_value_heads})")
         rows.append(Row(label, "slimforge", perplexity(pruned, blocks, args.batch_size),
-                        time.perf_counter() - start, count_parameters(pruned), 0.0))
+                        time.perf_counter() - start, arch.count_parameters(pruned), 0.0))
         print(_line(rows[-1]), flush=True)
 
     anchor_notes = []
@@ -176,7 +172,7 @@ def main() -> None:
                 model.load_state_dict(load_file(weights), strict=False)
                 rows.append(Row(name, f"llm-compressor {report['llmcompressor']}",
                                 perplexity(model, blocks, args.batch_size), report["seconds"],
-                                count_parameters(model), sparsity_report(model)["overall"]))
+                                arch.count_parameters(model), sparsity_report(model)["overall"]))
                 print(_line(rows[-1]), flush=True)
     print()
     print(markdown(rows))

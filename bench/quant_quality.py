@@ -43,10 +43,11 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from slimforge.arch import count_parameters  # noqa: E402
 from slimforge.config import DataConfig  # noqa: E402
 from slimforge.data import blocks_tensor, build_data, calibration_samples  # noqa: E402
 from slimforge.eval.fidelity import token_kl, top1_agreement  # noqa: E402
-from slimforge.models import asset_model_folder, count_parameters, load_model  # noqa: E402
+from slimforge.models import asset_model_folder, load_model  # noqa: E402
 from slimforge.pipeline import run_recipe  # noqa: E402
 
 LLMC_PYTHON = HERE / ".venv-llmc" / "bin" / "python"

@@ -2,8 +2,9 @@
 
 Llama, Mistral, Qwen2/3, Phi-3 and Gemma (1-3) all keep their blocks in
 ``model.model.layers`` and index their KV cache by each attention module's
-``layer_idx``. Code that restructures a model goes through here instead of
-hard-coding attribute paths per model.
+``layer_idx``. Code that restructures or measures a model goes through here instead of
+hard-coding attribute paths per model: the block list, each block's attention and MLP
+output projections, the final norm, parameter names and the axes width pruning slices.
 """
 
 from __future__ import annotations
@@ -31,8 +32,54 @@ def decoder_layers(model: Any) -> Any:
     return layers
 
 
+def set_decoder_layers(model: Any, layers: Any) -> None:
+    """Put ``layers`` (an ``nn.ModuleList``) in place of the model's decoder blocks."""
+    model.get_decoder().layers = layers
+
+
 def num_layers(model: Any) -> int:
     return len(decoder_layers(model))
+
+
+# Where each block keeps the projections that write into the residual stream: the same
+# path in every supported family (Phi-3 fuses q/k/v and gate/up, but not these two).
+_ATTENTION_OUTPUT = "self_attn.o_proj"
+_MLP_OUTPUT = "mlp.down_proj"
+# State-dict names outside the blocks (the same in every supported family).
+EMBEDDING_WEIGHT = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm"
+LM_HEAD_WEIGHT = "lm_head.weight"
+
+
+def attention_output(layer: Any) -> Any:
+    """A decoder block's attention output projection (``[hidden, heads * head_dim]``)."""
+    return layer.get_submodule(_ATTENTION_OUTPUT)
+
+
+def mlp_output(layer: Any) -> Any:
+    """A decoder block's MLP down projection (``[hidden, intermediate]``)."""
+    return layer.get_submodule(_MLP_OUTPUT)
+
+
+def final_norm(model: Any) -> Any:
+    """The norm between the last block and the LM head."""
+    return model.get_submodule(FINAL_NORM)
+
+
+def tied_embeddings(model: Any) -> bool:
+    """Whether the LM head is the input embedding table itself."""
+    out = model.get_output_embeddings()
+    return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+def count_parameters(model: Any) -> int:
+    """Parameters of the model, counting tied weights once."""
+    seen, total = set(), 0
+    for param in model.parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            total += param.numel()
+    return total
 
 
 def keep_layers(model: Any, keep: list[int]) -> Any:
@@ -56,7 +103,7 @@ def keep_layers(model: Any, keep: list[int]) -> Any:
         for module in block.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_idx
-    model.get_decoder().layers = kept
+    set_decoder_layers(model, kept)
     config = model.config
     for key, value in list(vars(config).items()):
         if key not in _NOT_PER_LAYER and isinstance(value, list | tuple) and len(value) == total and total > 1:
@@ -127,9 +174,9 @@ _LAYER_PARAM_AXES: list[tuple[str, dict[int, str]]] = [
     (r"mlp\.down_proj\.bias", {0: "hidden"}),
 ]
 _TOP_PARAM_AXES = {
-    "model.embed_tokens.weight": {1: "hidden"},
-    "model.norm.weight": {0: "hidden"},
-    "lm_head.weight": {1: "hidden"},
+    EMBEDDING_WEIGHT: {1: "hidden"},
+    f"{FINAL_NORM}.weight": {0: "hidden"},
+    LM_HEAD_WEIGHT: {1: "hidden"},
     "lm_head.bias": {},
 }
 _LAYER_PARAM = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -154,11 +201,12 @@ def param_axes(name: str, model_type: str | None = None) -> tuple[int | None, di
     )
 
 
-def hidden_norm_names(param_names: list[str]) -> list[str]:
-    """Module names of the RMSNorms over the hidden size (per block, and the final one)."""
-    out = []
-    for name in param_names:
-        layer, axes = param_axes(name)
+def hidden_norms(model: Any) -> dict[str, int | None]:
+    """The RMSNorms over the hidden size: module name -> index of the block holding it
+    (``None`` for the final norm)."""
+    out = {}
+    for name, _ in model.named_parameters():
+        layer, axes = param_axes(name, getattr(model.config, "model_type", None))
         if axes == {0: "hidden"} and name.endswith("norm.weight"):
-            out.append(name[: -len(".weight")])
+            out[name[: -len(".weight")]] = layer
     return out

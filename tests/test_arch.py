@@ -1,4 +1,5 @@
-"""Layer dropping on every supported family: parity, reload with plain transformers, cached generation."""
+"""The architecture adapter on every supported family: layer dropping (parity, reload, cached generation),
+the modules and parameters pruning reads."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import torch
 from conftest import ARCHS, build_model
 from transformers import AutoModelForCausalLM
 
+from slimforge import arch
 from slimforge.arch import decoder_layers, keep_layers
 from slimforge.errors import ConfigError
-from slimforge.prune.depth import evenly_spaced_keep, keep_from_drop, keep_from_ratio
 
 
 def _identity_reference(model, keep):
@@ -56,13 +57,22 @@ def test_keep_layers_rejects_bad_indices(tokenizer):
             keep_layers(model, keep)
 
 
-def test_layer_choice_math():
-    assert evenly_spaced_keep(30, 20)[0] == 0 and evenly_spaced_keep(30, 20)[-1] == 29
-    assert len(set(evenly_spaced_keep(30, 20))) == 20
-    assert evenly_spaced_keep(10, 4) == [0, 3, 6, 9]
-    assert evenly_spaced_keep(5, 5) == [0, 1, 2, 3, 4]
-    assert evenly_spaced_keep(5, 1) == [0]
-    assert keep_from_drop(6, [1, 4]) == [0, 2, 3, 5]
-    assert keep_from_ratio(30, 0.5) == evenly_spaced_keep(30, 15)
-    with pytest.raises(ValueError):
-        evenly_spaced_keep(4, 5)
+@pytest.mark.parametrize("arch_name", ARCHS)
+def test_adapter_finds_the_projections_norms_and_parameters(arch_name, tokenizer):
+    model = build_model(arch_name, tokenizer, layers=2)
+    config = model.config
+    q_width = config.num_attention_heads * arch.head_dim(config)
+    for index, block in enumerate(decoder_layers(model)):
+        attn_out, mlp_out = arch.attention_output(block), arch.mlp_output(block)
+        assert (attn_out.in_features, attn_out.out_features) == (q_width, config.hidden_size)
+        assert (mlp_out.in_features, mlp_out.out_features) == (config.intermediate_size, config.hidden_size)
+        assert model.get_submodule(f"model.layers.{index}") is block
+    assert arch.final_norm(model).weight.shape == (config.hidden_size,)
+    norms = arch.hidden_norms(model)
+    assert norms[arch.FINAL_NORM] is None
+    assert sorted({layer for layer in norms.values() if layer is not None}) == [0, 1]
+    assert all(model.get_submodule(name).weight.shape == (config.hidden_size,) for name in norms)
+    names = {name for name, _ in model.named_parameters()}
+    assert arch.EMBEDDING_WEIGHT in names
+    assert arch.tied_embeddings(model) == (arch.LM_HEAD_WEIGHT not in names) == config.tie_word_embeddings
+    assert arch.count_parameters(model) == sum(p.numel() for p in model.parameters())

@@ -71,7 +71,7 @@ def test_rtn_ticks_once_per_linear_and_gguf_once_per_tensor(bars, teacher_dir, c
 
 
 def test_angular_depth_scores_tick_once_per_layer(bars, tokenizer):
-    from slimforge.prune.structured import depth_scores
+    from slimforge.prune.depth import depth_scores
 
     model = build_model("llama", tokenizer, layers=5)
     ids = torch.randint(0, len(tokenizer), (4, 16))

@@ -23,12 +23,13 @@ def compress_args(teacher_dir, corpus_dir, run_dir, *extra):
 
 
 def test_the_plan_follows_widths_through_depth_width_and_distillation(teacher_dir, corpus_dir, tmp_path):
-    from slimforge.pipeline import Run, RunSession, prepare, resolve_teacher
+    from slimforge.pipeline import Run, prepare
+    from slimforge.session import Session
 
     recipe = prepare(TINY_COMPRESS, [f"teacher.path={teacher_dir}", f"data.path={corpus_dir}",
                                      "+distill@stages.heal=kd", "pipeline=[depth,width,heal,gptq]",
                                      "stages.width.intermediate_size=48", "stages.gptq.group_size=-1"])
-    session = RunSession(recipe, resolve_teacher(recipe))
+    session = Session.for_recipe(recipe)
     seen = {}
     for name in recipe.pipeline:  # record what each stage's check_input is shown
         cfg = recipe.stages[name]
@@ -77,9 +78,10 @@ def test_an_unknowable_width_is_refused_as_the_quantize_stage_starts_before_cali
     ("width,rtn", ["stages.width.intermediate_size=32", "stages.rtn.group_size=32"]),
 ])
 def test_settings_that_fit_the_planned_widths_pass_the_plan(teacher_dir, corpus_dir, tmp_path, pipeline, overrides):
-    from slimforge.pipeline import Run, RunSession, prepare, resolve_teacher
+    from slimforge.pipeline import Run, prepare
+    from slimforge.session import Session
 
     recipe = prepare(TINY_COMPRESS, [f"teacher.path={teacher_dir}", f"data.path={corpus_dir}",
                                      f"pipeline=[{pipeline}]", *overrides])
-    planned = Run(recipe, tmp_path / "run", None).plan(RunSession(recipe, resolve_teacher(recipe)))
+    planned = Run(recipe, tmp_path / "run", None).plan(Session.for_recipe(recipe))
     assert [p.name for p in planned] == pipeline.split(",")

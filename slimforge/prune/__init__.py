@@ -1,32 +1,34 @@
 """Pruning: unstructured, N:M and structured (depth, width).
 
-This module only declares registry entries; implementations load on first use.
+This module only declares registry entries; implementations load on first use. A method is
+its module (math and stage function), its schema in :mod:`slimforge.prune.config`, and one
+line here.
 """
 
 from slimforge.registry import register
 
 register(
     "prune", "magnitude",
-    "slimforge.prune.stages:magnitude_stage", "slimforge.prune.config:MagnitudeConfig",
+    "slimforge.prune.sparsify:magnitude_stage", "slimforge.prune.config:MagnitudeConfig",
     "zero the smallest weights (unstructured or N:M), no calibration",
 )
 register(
     "prune", "wanda",
-    "slimforge.prune.stages:wanda_stage", "slimforge.prune.config:WandaConfig",
+    "slimforge.prune.sparsify:wanda_stage", "slimforge.prune.config:WandaConfig",
     "Wanda: |W| x input-activation norm, per output row (unstructured or N:M)",
 )
 register(
     "prune", "sparsegpt",
-    "slimforge.prune.stages:sparsegpt_stage", "slimforge.prune.config:SparseGPTConfig",
+    "slimforge.prune.sparsify:sparsegpt_stage", "slimforge.prune.config:SparseGPTConfig",
     "SparseGPT: OBS pruning with error correction (unstructured or N:M)",
 )
 register(
     "prune", "depth",
-    "slimforge.prune.stages:depth_stage", "slimforge.prune.config:DepthConfig",
+    "slimforge.prune.depth:depth_stage", "slimforge.prune.config:DepthConfig",
     "remove decoder layers by Block Influence, angular distance, or a list",
 )
 register(
     "prune", "width",
-    "slimforge.prune.stages:width_stage", "slimforge.prune.config:WidthConfig",
+    "slimforge.prune.width:width_stage", "slimforge.prune.config:WidthConfig",
     "Minitron-style width pruning of MLP channels, heads and hidden channels",
 )

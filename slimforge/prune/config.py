@@ -5,15 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from slimforge.config import FieldError, StageConfig, check_choice, check_fraction, check_int
+from slimforge.config import (
+    FieldError,
+    StageConfig,
+    calibration_card_data,
+    check_choice,
+    check_fraction,
+    check_int,
+    named_settings,
+)
+from slimforge.prune.choices import DEPTH_CRITERIA, HEAD_MODES, PER_CHOICES, WIDTH_AXES
 
 if TYPE_CHECKING:  # pragma: no cover
+    from slimforge.prune.width_targets import WidthTargets
     from slimforge.stage import TeacherInfo
-
-PER_CHOICES = ("row", "layer")
-DEPTH_CRITERIA = ("block_influence", "angular", "list")
-HEAD_MODES = ("query", "group")
-WIDTH_AXES = ("mlp", "heads", "hidden")
 
 
 def _supported(teacher: TeacherInfo) -> None:
@@ -42,6 +47,12 @@ class CalibrationConfig(StageConfig):
         check_int("seq_len", self.seq_len, low=2)
         check_int("batch_size", self.batch_size, low=1)
 
+    def uses_data(self) -> bool:
+        return True
+
+    def card_data(self, meta: dict[str, Any], source: str) -> str | None:
+        return calibration_card_data(meta, self.num_samples, self.seq_len, source) if self.uses_data() else None
+
 
 def _check_sparsity(cfg: MagnitudeConfig) -> None:
     check_fraction("sparsity", cfg.sparsity, low_open=False, high_open=True)
@@ -52,6 +63,11 @@ def _check_sparsity(cfg: MagnitudeConfig) -> None:
         check_int("m", cfg.m, low=2)
         if not 1 <= cfg.n < cfg.m:
             raise FieldError("n", cfg.n, f"N:M sparsity needs 1 <= N < M (got {cfg.n}:{cfg.m})")
+
+
+def _sparsity_settings(cfg: MagnitudeConfig) -> list[str]:
+    """The card's words for a sparsity target: ``2:4 sparsity`` or ``sparsity 0.5``, and ``per``."""
+    return [f"{cfg.n}:{cfg.m} sparsity" if cfg.n else f"sparsity {cfg.sparsity}", f"per {cfg.per}"]
 
 
 def _unchanged_shape(parent: TeacherInfo) -> Any:
@@ -98,6 +114,9 @@ class MagnitudeConfig(StageConfig):
     def planned_config(self, parent: TeacherInfo) -> Any:
         return _unchanged_shape(parent)
 
+    def card_settings(self, meta: dict[str, Any]) -> list[str]:
+        return _sparsity_settings(self)
+
 
 @dataclass
 class WandaConfig(CalibrationConfig):
@@ -122,6 +141,9 @@ class WandaConfig(CalibrationConfig):
 
     def planned_config(self, parent: TeacherInfo) -> Any:
         return _unchanged_shape(parent)
+
+    def card_settings(self, meta: dict[str, Any]) -> list[str]:
+        return _sparsity_settings(self)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -210,6 +232,12 @@ class DepthConfig(CalibrationConfig):
         config.num_hidden_layers = int(config.num_hidden_layers) - self.count(int(config.num_hidden_layers))
         return config
 
+    def uses_data(self) -> bool:
+        return self.criterion != "list"  # a given list needs no calibration
+
+    def card_settings(self, meta: dict[str, Any]) -> list[str]:
+        return [f"criterion {self.criterion}", *named_settings(self, ("num_remove", "remove_ratio", "layers"))]
+
 
 @dataclass
 class WidthConfig(CalibrationConfig):
@@ -268,16 +296,73 @@ class WidthConfig(CalibrationConfig):
 
     def preflight(self, teacher: TeacherInfo) -> None:
         """Targets must fit the teacher's shape: whole heads per KV group, no growth."""
-        from slimforge.prune.structured import resolve_width_targets
-
         _supported(teacher)
-        resolve_width_targets(self, teacher.config)
+        self.targets(teacher.config)
 
     def check_input(self, parent: TeacherInfo) -> None:
         self.preflight(parent)
 
+    def card_settings(self, meta: dict[str, Any]) -> list[str]:
+        targets = named_settings(self, ("param_ratio", "mlp_ratio", "heads_ratio", "hidden_ratio",
+                                        "intermediate_size", "num_attention_heads", "hidden_size"))
+        return [*targets, f"head_mode {self.head_mode}"]
+
     def planned_config(self, parent: TeacherInfo) -> Any:
         """The pruned model's config: the targets are sizes known before calibration."""
-        from slimforge.prune.structured import pruned_config, resolve_width_targets
+        from slimforge.prune.width_targets import pruned_config
 
-        return pruned_config(parent.config, resolve_width_targets(self, parent.config))
+        return pruned_config(parent.config, self.targets(parent.config))
+
+    def targets(self, config: Any) -> WidthTargets:
+        """The pruned dimensions these settings ask of a model of ``config``.
+
+        Raises:
+            FieldError: a target larger than the model, heads that do not fit its KV groups, a
+                hidden size its architecture refuses, or a budget no width reaches.
+        """
+        from slimforge.prune import width_targets as wt
+
+        if self.param_ratio is not None:
+            budget = wt.budget_targets(config, self.param_ratio, self.budget_axes, self.head_mode, self.round_to)
+            if budget is None:
+                raise FieldError("param_ratio", self.param_ratio,
+                                 f"even the smallest widths of {self.budget_axes} keep more parameters; "
+                                 "add axes to budget_axes or prune depth first")
+            return budget
+        scaled = wt.scaled_targets(config, {"mlp": self.mlp_ratio or 1.0, "hidden": self.hidden_ratio or 1.0,
+                                            "heads": self.heads_ratio or 1.0}, self.head_mode, self.round_to)
+        self._check_sizes_fit(config)
+        inter = self.intermediate_size or scaled.intermediate_size
+        hidden = self.hidden_size or scaled.hidden_size
+        q_heads, kv_heads = scaled.num_attention_heads, scaled.num_key_value_heads
+        if self.num_attention_heads is not None:
+            q_heads = self.num_attention_heads
+            kv_heads = wt.kept_kv_heads(config, q_heads, self.head_mode)
+        if not wt.config_accepts(config, hidden, q_heads, kv_heads):
+            raise FieldError("hidden_size", hidden,
+                             f"transformers' {type(config).__name__} refuses it with {q_heads} attention heads "
+                             f"(the hidden size must be a multiple of the head count); nearest that fit: "
+                             f"{', '.join(str(h) for h in wt.nearest_accepted_hidden(config, hidden, q_heads, kv_heads))}")
+        return wt.WidthTargets(int(inter), int(q_heads), int(kv_heads), int(hidden))
+
+    def _check_sizes_fit(self, config: Any) -> None:
+        """Absolute sizes no larger than the model's, and query heads in whole KV groups."""
+        from slimforge.arch import head_dim, num_kv_heads
+
+        for name, full in (("intermediate_size", config.intermediate_size), ("hidden_size", config.hidden_size),
+                           ("num_attention_heads", config.num_attention_heads)):
+            value = getattr(self, name)
+            if value is not None and value > full:
+                raise FieldError(name, value, f"the model has only {full}; width pruning cannot grow it")
+        if self.num_attention_heads is None:
+            return
+        kv = num_kv_heads(config)
+        per_group = int(config.num_attention_heads) // kv
+        if self.head_mode == "query" and self.num_attention_heads % kv:
+            raise FieldError("num_attention_heads", self.num_attention_heads,
+                             f"with head_mode=query every one of the {kv} KV groups keeps the same number of "
+                             f"query heads, so it must be a multiple of {kv}")
+        if self.head_mode == "group" and self.num_attention_heads % per_group:
+            raise FieldError("num_attention_heads", self.num_attention_heads,
+                             f"with head_mode=group whole KV groups of {per_group} query heads (head_dim "
+                             f"{head_dim(config)}) go, so it must be a multiple of {per_group}")

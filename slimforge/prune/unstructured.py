@@ -11,14 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from slimforge.prune.hessian import (
+from slimforge.calibration.hessian import (
     inverse_hessian_cholesky,
     obs_sweep,
     solver_threads,
     zero_dead_columns,
 )
-
-PER_CHOICES = ("row", "layer")
+from slimforge.prune.choices import PER_CHOICES
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
@@ -56,11 +55,11 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per: str = "row") -
     """
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    if per not in PER_CHOICES:
-        raise ValueError(f"per must be one of {PER_CHOICES}, got {per!r}")
     if per == "row":
         return ~lowest_mask(scores, int(scores.shape[1] * sparsity))
-    return ~lowest_mask(scores.reshape(-1), int(scores.numel() * sparsity)).reshape(scores.shape)
+    if per == "layer":
+        return ~lowest_mask(scores.reshape(-1), int(scores.numel() * sparsity)).reshape(scores.shape)
+    raise ValueError(f"per must be one of {PER_CHOICES}, got {per!r}")
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -112,7 +111,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     the OBS score ``w^2 / [H^-1]_jj``: for each block of ``block_size`` columns (unstructured;
     ``per=layer`` ranks across the block's rows, ``per=row`` within each row), or for each
     group of ``m`` columns (N:M). Every pruned weight's error is propagated to the columns
-    not yet visited by :func:`slimforge.prune.hessian.obs_sweep`.
+    not yet visited by :func:`slimforge.calibration.hessian.obs_sweep`.
 
     Args:
         weight: [rows, cols]; not modified.

@@ -1,7 +1,7 @@
 """GPTQ on the shared OBS solver, and the layer-by-layer loop that applies it to a model.
 
 GPTQ (Frantar et al., 2022) is the Optimal-Brain-Surgeon column sweep of
-:mod:`slimforge.prune.hessian` with one choice per column: round it to the integer grid.
+:mod:`slimforge.calibration.hessian` with one choice per column: round it to the integer grid.
 The rounding error of each column is moved onto the columns not yet visited through the
 inverse Hessian of the layer's inputs, so later columns absorb what earlier ones lost; the
 result minimises the layer's output error on the calibration inputs far better than
@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from slimforge.prune.hessian import (
+from slimforge.calibration.activations import record_linear_inputs
+from slimforge.calibration.hessian import (
     inverse_hessian_cholesky,
     obs_sweep,
     permute_columns,
@@ -31,6 +32,7 @@ from slimforge.prune.hessian import (
     unpermute_columns,
     zero_dead_columns,
 )
+from slimforge.calibration.layerwise import layerwise
 from slimforge.quantize.intquant import (
     fake_quantize_column,
     group_scales,
@@ -119,8 +121,6 @@ def gptq_quantize_model(model: Any, input_ids: torch.Tensor, bits: int, group_si
         ``{"scales": {module name: fp32 [rows, groups]}, "loss": {module name: float},
         "dead_columns": int}``; the model's linear weights now lie on their grids.
     """
-    from slimforge.prune.calibrate import layerwise, record_linear_inputs
-
     names = {id(module): name for name, module in model.named_modules()}
     scales: dict[str, torch.Tensor] = {}
     losses: dict[str, float] = {}

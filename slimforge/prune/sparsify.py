@@ -1,13 +1,14 @@
-"""Pruning stages: adapt a method's config to the math, and report what went.
+"""Unstructured and N:M pruning of a whole model: magnitude, Wanda and SparseGPT stages.
 
-Unstructured artifacts keep the parent's shapes; their mask is their zero pattern
-(``weight == 0``), which masked distillation rebuilds from the weights. Structured
-artifacts are smaller models with updated configs.
+The per-layer math is :mod:`slimforge.prune.unstructured`'s; here it runs over every linear
+of every decoder block (Wanda and SparseGPT block by block on calibration windows, each
+block on the inputs the already-pruned blocks before it produce), and the stage reports
+what went. The artifacts keep the parent's shapes; their mask is their zero pattern
+(``weight == 0``), which masked distillation rebuilds from the weights.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Any
@@ -16,23 +17,11 @@ import torch
 import torch.nn as nn
 
 from slimforge import arch
-from slimforge.models import count_parameters
+from slimforge.calibration.activations import record_linear_inputs
+from slimforge.calibration.layerwise import layerwise
+from slimforge.calibration.windows import calibration_windows, load_for_calibration
 from slimforge.progress import progress_bar
-from slimforge.prune.calibrate import layerwise, record_linear_inputs
-from slimforge.prune.config import (
-    DepthConfig,
-    MagnitudeConfig,
-    SparseGPTConfig,
-    WandaConfig,
-    WidthConfig,
-)
-from slimforge.prune.structured import (
-    depth_scores,
-    layers_to_remove,
-    prune_width,
-    resolve_width_targets,
-    width_param_count,
-)
+from slimforge.prune.config import MagnitudeConfig, SparseGPTConfig, WandaConfig
 from slimforge.prune.unstructured import (
     apply_mask,
     magnitude_scores,
@@ -45,20 +34,7 @@ from slimforge.stage import StageContext, StageOutput
 log = logging.getLogger(__name__)
 
 
-# --- shared helpers --------------------------------------------------------------------------
-
-
-def _load(ctx: StageContext, cfg: Any) -> tuple[nn.Module, Any]:
-    """The parent model: on the CPU when blocks are to visit the device one at a time."""
-    if getattr(cfg, "offload_model", False):
-        return ctx.parent.load(device="cpu", dtype=ctx.dtype)
-    return ctx.load_parent()
-
-
-def _calibration(ctx: StageContext, cfg: Any) -> torch.Tensor:
-    from slimforge.data import calibration_samples
-
-    return calibration_samples(ctx.data(), cfg.num_samples, cfg.seq_len, ctx.seed)
+# --- reporting -------------------------------------------------------------------------------
 
 
 def sparsity_report(model: nn.Module) -> dict[str, Any]:
@@ -92,7 +68,7 @@ def _unstructured_output(model: nn.Module, tokenizer: Any, cfg: Any, params_befo
     report = sparsity_report(model)
     pattern = f"{cfg.n}:{cfg.m}" if cfg.n else "unstructured"
     meta = {"sparsity": report, "pattern": pattern, "target_sparsity": cfg.n / cfg.m if cfg.n else cfg.sparsity,
-            "parameters_before": params_before, "parameters_after": count_parameters(model),
+            "parameters_before": params_before, "parameters_after": arch.count_parameters(model),
             "nonzero_parameters_before": nonzero_before, "nonzero_parameters_after": _nonzero(model),
             "mask": "zero pattern of the weights (weight == 0)", **(extra or {})}
     log.info("%s %s: %.1f%% of the blocks' linear weights are zero", cfg.method, pattern, 100 * report["overall"])
@@ -109,7 +85,7 @@ def magnitude_stage(ctx: StageContext) -> StageOutput:
     cfg: MagnitudeConfig = ctx.config
     model, tokenizer = ctx.load_parent()
     start = time.perf_counter()
-    params, nonzero = count_parameters(model), _nonzero(model)
+    params, nonzero = arch.count_parameters(model), _nonzero(model)
     layers = arch.decoder_layers(model)
     for layer in progress_bar(layers, desc="magnitude", total=len(layers), unit="layer"):
         for module in layer.modules():
@@ -156,10 +132,10 @@ def sparsegpt_prune_model(model: nn.Module, input_ids: torch.Tensor, sparsity: f
 def wanda_stage(ctx: StageContext) -> StageOutput:
     """Wanda (|W| x input norm) pruning, calibrated block by block."""
     cfg: WandaConfig = ctx.config
-    model, tokenizer = _load(ctx, cfg)
-    ids = _calibration(ctx, cfg)
+    model, tokenizer = load_for_calibration(ctx, cfg.offload_model)
+    ids = calibration_windows(ctx, cfg)
     start = time.perf_counter()
-    params, nonzero = count_parameters(model), _nonzero(model)
+    params, nonzero = arch.count_parameters(model), _nonzero(model)
     wanda_prune_model(model, ids, cfg.sparsity, cfg.per, cfg.n, cfg.m, cfg.batch_size, ctx.device)
     return _unstructured_output(model, tokenizer, cfg, params, nonzero, time.perf_counter() - start,
                                 {"calibration": {"samples": cfg.num_samples, "seq_len": cfg.seq_len}})
@@ -168,78 +144,12 @@ def wanda_stage(ctx: StageContext) -> StageOutput:
 def sparsegpt_stage(ctx: StageContext) -> StageOutput:
     """SparseGPT pruning with OBS error correction, calibrated block by block."""
     cfg: SparseGPTConfig = ctx.config
-    model, tokenizer = _load(ctx, cfg)
-    ids = _calibration(ctx, cfg)
+    model, tokenizer = load_for_calibration(ctx, cfg.offload_model)
+    ids = calibration_windows(ctx, cfg)
     start = time.perf_counter()
-    params, nonzero = count_parameters(model), _nonzero(model)
+    params, nonzero = arch.count_parameters(model), _nonzero(model)
     loss = sparsegpt_prune_model(model, ids, cfg.sparsity, cfg.per, cfg.n, cfg.m, cfg.block_size, cfg.percdamp,
                                  cfg.batch_size, ctx.device)
     return _unstructured_output(model, tokenizer, cfg, params, nonzero, time.perf_counter() - start,
                                 {"calibration": {"samples": cfg.num_samples, "seq_len": cfg.seq_len},
                                  "reconstruction_loss": loss})
-
-
-# --- structured ------------------------------------------------------------------------------
-
-
-def depth_stage(ctx: StageContext) -> StageOutput:
-    """Remove decoder layers chosen by Block Influence, angular distance, or a list."""
-    cfg: DepthConfig = ctx.config
-    model, tokenizer = _load(ctx, cfg)
-    total = arch.num_layers(model)
-    count = cfg.count(total)
-    if count >= total or (cfg.layers and max(cfg.layers) >= total):
-        from slimforge.errors import ConfigError
-
-        raise ConfigError(f"cannot remove {cfg.layers or count} from a model with {total} layers; at least one must stay")
-    scores = None
-    if cfg.criterion == "list":
-        drop = sorted(cfg.layers or [])
-    else:
-        ids = _calibration(ctx, cfg)
-        scores = depth_scores(model, ids, cfg.criterion, span=count, batch_size=cfg.batch_size, device=ctx.device)
-        drop = layers_to_remove(scores, count, cfg.criterion)
-    params = count_parameters(model)
-    keep = [i for i in range(total) if i not in set(drop)]
-    arch.keep_layers(model, keep)
-    log.info("depth pruning (%s) removed layers %s of %d", cfg.criterion, drop, total)
-    meta = {"criterion": cfg.criterion, "layers_before": total, "layers_after": len(keep),
-            "removed_layers": drop, "kept_layers": keep, "scores": [round(s, 6) for s in scores or []],
-            "parameters_before": params, "parameters_after": count_parameters(model)}
-    return StageOutput(model=model, tokenizer=tokenizer, meta=meta,
-                       metrics={"layers_after": len(keep), "parameters_after": meta["parameters_after"]})
-
-
-def width_stage(ctx: StageContext) -> StageOutput:
-    """Minitron-style width pruning (MLP channels, heads, hidden channels) by activation importance."""
-    cfg: WidthConfig = ctx.config
-    model, tokenizer = _load(ctx, cfg)
-    arch.require_supported(model.config)
-    targets = resolve_width_targets(cfg, model.config)
-    ids = _calibration(ctx, cfg)
-    params = count_parameters(model)
-    before = {"hidden_size": int(model.config.hidden_size), "intermediate_size": int(model.config.intermediate_size),
-              "num_attention_heads": int(model.config.num_attention_heads),
-              "num_key_value_heads": arch.num_kv_heads(model.config)}
-    pruned, kept, _ = prune_width(model, ids, targets, cfg.head_mode, cfg.rescale_norms, cfg.batch_size, ctx.device)
-    after = count_parameters(pruned)
-    expected = width_param_count(model.config, targets)
-    if after != expected:
-        raise RuntimeError(f"width pruning built {after} parameters where {expected} were planned")
-    removed_hidden = sorted(set(range(before["hidden_size"])) - set(kept.hidden.tolist()))
-    per_layer = {}
-    for i in range(len(kept.mlp)):
-        per_layer[str(i)] = {
-            "removed_query_heads": sorted(set(range(before["num_attention_heads"])) - set(kept.q_heads[i].tolist())),
-            "removed_kv_heads": sorted(set(range(before["num_key_value_heads"])) - set(kept.kv_heads[i].tolist())),
-            "removed_mlp_channels": sorted(set(range(before["intermediate_size"])) - set(kept.mlp[i].tolist())),
-        }
-    meta = {"dims_before": before, "dims_after": dataclasses.asdict(targets), "head_mode": cfg.head_mode,
-            "parameters_before": params, "parameters_after": after, "parameter_ratio": round(after / params, 6),
-            "removed_hidden_channels": removed_hidden, "removed": per_layer,
-            "calibration": {"samples": cfg.num_samples, "seq_len": cfg.seq_len}}
-    log.info("width pruning: %s -> %s, %d -> %d parameters (%.1f%%)", before, dataclasses.asdict(targets), params, after,
-             100 * after / params)
-    del model
-    return StageOutput(model=pruned, tokenizer=tokenizer, meta=meta,
-                       metrics={"parameters_after": after, "parameter_ratio": meta["parameter_ratio"]})

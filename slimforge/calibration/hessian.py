@@ -10,7 +10,8 @@ With the upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), the update 
 ``j`` is ``W[:, j:] -= ((w_j - w'_j) / U[j, j]) * U[j, j:]``, and row ``j`` of ``U`` is all
 the inverse Hessian of the remaining columns that is needed (Frantar et al., GPTQ, 2022).
 
-API (stable; GPTQ in ``slimforge.quantize`` builds on it):
+API (stable; SparseGPT in :mod:`slimforge.prune.unstructured` and GPTQ in
+:mod:`slimforge.quantize.gptq` build on it):
 
 * :class:`HessianAccumulator` ``(columns, device=None, dtype=torch.float32)``: ``add(x)``
   with inputs ``x`` [..., columns] keeps the running mean of ``x x^T`` over tokens

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimforge.prune.hessian import (
+from slimforge.calibration.hessian import (
     HessianAccumulator,
     inverse_hessian_cholesky,
     obs_sweep,
@@ -127,7 +127,7 @@ def test_permutation_round_trip():
 
 
 def test_solver_threads_uses_one_cpu_thread_and_restores():
-    from slimforge.prune.hessian import solver_threads
+    from slimforge.calibration.hessian import solver_threads
 
     before = torch.get_num_threads()
     with solver_threads("cpu"):

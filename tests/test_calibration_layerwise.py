@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import ARCHS, build_model
 
-from slimforge.prune.calibrate import layerwise, record_linear_inputs
+from slimforge.calibration.activations import record_linear_inputs
+from slimforge.calibration.layerwise import layerwise
 
 
 def calib_ids(tokenizer, n=3, length=20, seed=0):

@@ -7,7 +7,7 @@ one block's inputs (and, while they are produced, its outputs) are alive at once
 ``offload`` device; each block visits the compute ``device`` during its turn, and
 everything is sized by the calibration tensor, never by ``max_position_embeddings``.
 
-API (stable; GPTQ in ``slimforge.quantize`` builds on it):
+API (stable; SparseGPT, Wanda, depth and width pruning and GPTQ build on it):
 
 * :func:`layerwise` ``(model, input_ids, batch_size=8, device=None, offload="cpu", desc=None)``
   yields a :class:`LayerStep` per decoder block, in order (with ``desc``, under a progress bar
@@ -24,15 +24,8 @@ API (stable; GPTQ in ``slimforge.quantize`` builds on it):
   - after the caller's loop body, unless the outputs were kept, the (changed) block runs
     once more to produce the next block's inputs, then moves back where it was.
 
-* :func:`record_linear_inputs` ``(linears, hessian=False)``: a context manager yielding an
-  :class:`InputRecorder`; during ``step.run`` it accumulates, per linear layer, an
-  :class:`InputStats`: ``act_sq`` (mean squared input per column), ``act_norm`` (Wanda's
-  ``||X_j||``), ``tokens`` and, with ``hessian=True``, ``hessian`` (running mean of
-  ``x x^T``, :class:`slimforge.prune.hessian.HessianAccumulator`). ``recorder[name]`` reads
-  them. Linears fed the same tensor (q/k/v, gate/up) share one accumulator, so each
-  Hessian is computed once.
-
-Example::
+What a block's linear layers saw is measured by
+:func:`slimforge.calibration.activations.record_linear_inputs`. Example::
 
     for step in layerwise(model, ids, device=device):
         with record_linear_inputs(step.linears(), hessian=True) as stats:
@@ -51,8 +44,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from slimforge.arch import decoder_layers
-from slimforge.prune.hessian import HessianAccumulator
+from slimforge import arch
 
 
 class _StopForward(Exception):
@@ -74,13 +66,12 @@ def _module_device(module: nn.Module) -> torch.device:
 @contextlib.contextmanager
 def _without_layers(model: nn.Module) -> Iterator[nn.ModuleList]:
     """Detach the decoder blocks for the duration, so ``model.to`` moves only the rest."""
-    decoder = model.get_decoder()
-    layers = decoder.layers
-    decoder.layers = nn.ModuleList()
+    layers = arch.decoder_layers(model)
+    arch.set_decoder_layers(model, nn.ModuleList())
     try:
         yield layers
     finally:
-        decoder.layers = layers
+        arch.set_decoder_layers(model, layers)
 
 
 @torch.no_grad()
@@ -91,8 +82,8 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
     Each block's ``forward`` is swapped for a recorder that returns its input unchanged; the
     final norm raises to cut the forward short, so the cost is the embedding lookup.
     """
-    layers = decoder_layers(model)
-    home = _module_device(model.get_decoder().embed_tokens)
+    layers = arch.decoder_layers(model)
+    home = _module_device(model.get_input_embeddings())
     with _without_layers(model):
         model.to(device)
     captured = _Captured()
@@ -184,8 +175,8 @@ def layerwise(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8,
     """
     from slimforge.progress import progress_bar
 
-    layers = decoder_layers(model)
-    device = torch.device(device) if device is not None else _module_device(model.get_decoder().embed_tokens)
+    layers = arch.decoder_layers(model)
+    device = torch.device(device) if device is not None else _module_device(model.get_input_embeddings())
     offload = torch.device(offload)
     captured = capture_block_inputs(model, input_ids, batch_size, device, offload)
     hidden = captured.hidden
@@ -206,106 +197,3 @@ def layerwise(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8,
         step.inputs = []  # drop this block's inputs: only one block's activations live at once
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-# --- statistics of the linear layers' inputs ------------------------------------------------
-
-
-class InputStats:
-    """Statistics of the inputs one linear layer (or a group fed the same tensor) saw."""
-
-    def __init__(self, columns: int, hessian: bool, device: torch.device) -> None:
-        self.act_sq = torch.zeros(columns, device=device, dtype=torch.float32)
-        self.tokens = 0
-        self.hessian_acc = HessianAccumulator(columns, device=device) if hessian else None
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
-        n = x.shape[0]
-        total = self.tokens + n
-        self.act_sq.mul_(self.tokens / total).add_(x.pow(2).sum(0), alpha=1.0 / total)
-        self.tokens = total
-        if self.hessian_acc is not None:
-            self.hessian_acc.add(x)
-
-    @property
-    def hessian(self) -> torch.Tensor:
-        if self.hessian_acc is None:
-            raise RuntimeError("the Hessian was not recorded: use record_linear_inputs(..., hessian=True)")
-        return self.hessian_acc.hessian
-
-    @property
-    def act_norm(self) -> torch.Tensor:
-        """The L2 norm of each input column over all tokens (Wanda's ``||X_j||``)."""
-        return (self.act_sq * self.tokens).sqrt()
-
-
-class InputRecorder:
-    """Hooks on some linear layers that fold their inputs into :class:`InputStats`.
-
-    The hooks only keep references; statistics are computed once per distinct input tensor
-    when a forward is complete (a linear seeing its next input marks the next batch), so
-    linears fed the same tensor (q/k/v, gate/up) share one accumulator and at most one
-    batch's inputs are held.
-    """
-
-    def __init__(self, linears: dict[str, nn.Linear], hessian: bool) -> None:
-        self._hessian = hessian
-        self._stats: dict[str, InputStats] = {}
-        self._pending: list[tuple[str, torch.Tensor]] = []
-        self._handles = [linear.register_forward_pre_hook(self._hook(name)) for name, linear in linears.items()]
-
-    def _hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if any(seen == name for seen, _ in self._pending):
-                self.flush()
-            self._pending.append((name, args[0]))  # the very object: identity marks shared inputs
-
-        return hook
-
-    def flush(self) -> None:
-        """Fold the inputs seen since the last flush into the statistics."""
-        groups: list[tuple[torch.Tensor, list[str]]] = []
-        for name, tensor in self._pending:
-            for seen, names in groups:
-                if seen is tensor:
-                    names.append(name)
-                    break
-            else:
-                groups.append((tensor, [name]))
-        self._pending.clear()
-        for tensor, names in groups:
-            acc = next((self._stats[n] for n in names if n in self._stats), None)
-            if acc is None:
-                acc = InputStats(tensor.shape[-1], self._hessian, tensor.device)
-            for n in names:
-                self._stats[n] = acc
-            acc.add(tensor)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self.flush()
-
-    def __getitem__(self, name: str) -> InputStats:
-        self.flush()
-        return self._stats[name]
-
-    def __contains__(self, name: object) -> bool:
-        self.flush()
-        return name in self._stats
-
-    def names(self) -> list[str]:
-        self.flush()
-        return list(self._stats)
-
-
-@contextlib.contextmanager
-def record_linear_inputs(linears: dict[str, nn.Linear], hessian: bool = False) -> Iterator[InputRecorder]:
-    """Accumulate :class:`InputStats` for each of ``linears`` while a block runs; see :class:`InputRecorder`."""
-    recorder = InputRecorder(linears, hessian)
-    try:
-        yield recorder
-    finally:
-        recorder.remove()

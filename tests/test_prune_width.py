@@ -1,4 +1,4 @@
-"""Depth and width pruning math on tiny models of every family: importance, slicing, parity, reload."""
+"""Width pruning math on tiny models of every family: importance, slicing, parity, reload; target sizes."""
 
 from __future__ import annotations
 
@@ -9,19 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from slimforge import arch
 from slimforge.config import FieldError
-from slimforge.models import count_parameters
 from slimforge.prune.config import WidthConfig
-from slimforge.prune.structured import (
-    WidthTargets,
-    angular_distance,
-    block_influence,
-    config_accepts,
-    depth_scores,
-    layers_to_remove,
-    prune_width,
-    resolve_width_targets,
-    width_param_count,
-)
+from slimforge.prune.width import build_pruned_model, prune_width, select_channels
+from slimforge.prune.width_targets import WidthTargets, config_accepts, width_param_count
 
 DEAD_HIDDEN = [3, 10, 17, 29]  # of 32
 DEAD_MLP = list(range(0, 64, 4))  # 16 of 64
@@ -46,7 +36,7 @@ def kill_structure(model, head_mode):
                 setattr(module, attr, 1e-12)
     model.get_input_embeddings().weight[:, DEAD_HIDDEN] = 0
     for layer in arch.decoder_layers(model):
-        o_proj, down = layer.self_attn.o_proj, layer.mlp.down_proj
+        o_proj, down = arch.attention_output(layer), arch.mlp_output(layer)
         o_proj.weight[DEAD_HIDDEN] = 0
         down.weight[DEAD_HIDDEN] = 0
         down.weight[:, DEAD_MLP] = 0
@@ -71,7 +61,7 @@ def test_removing_dead_width_is_lossless_and_reloads(arch_name, tokenizer, tmp_p
     cfg = pruned.config
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (
         28, 48, 2, targets.num_key_value_heads)
-    assert count_parameters(pruned) == width_param_count(model.config, targets)
+    assert arch.count_parameters(pruned) == width_param_count(model.config, targets)
     with torch.no_grad():
         got = pruned(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -105,8 +95,6 @@ def test_real_pruning_prefers_important_units(tokenizer):
     targets = WidthTargets(32, 4, 2, 32)
     best, kept, importance = prune_width(model, ids, targets, batch_size=6)
     importance.mlp = [-m for m in importance.mlp]
-    from slimforge.prune.structured import build_pruned_model, select_channels
-
     worst = build_pruned_model(model, select_channels(importance, model.config, targets, "query"), targets,
                                importance.norm_energy)
     with torch.no_grad():
@@ -119,7 +107,7 @@ def test_width_targets_and_budget():
     config = build_model("llama", __import__("conftest").build_tokenizer(), layers=2).config
 
     def targets(**kw):
-        return resolve_width_targets(WidthConfig(round_to=8, **kw), config)
+        return WidthConfig(round_to=8, **kw).targets(config)
 
     assert targets(mlp_ratio=0.5) == WidthTargets(32, 4, 2, 32)
     assert targets(heads_ratio=0.5) == WidthTargets(64, 2, 2, 32)
@@ -135,28 +123,8 @@ def test_width_targets_and_budget():
         targets(num_attention_heads=3, head_mode="group")
     with pytest.raises(FieldError, match="cannot grow"):
         targets(intermediate_size=128)
-
-
-def test_depth_scores_and_choice(tokenizer):
-    x = torch.randn(2, 5, 8)
-    assert torch.allclose(block_influence(x, x), torch.zeros(2, 5), atol=1e-6)
-    assert torch.allclose(angular_distance(x, -x), torch.ones(2, 5), atol=1e-3)
-    model = build_model("llama", tokenizer, layers=4, seed=2)
-    with torch.no_grad():
-        for linear in (arch.decoder_layers(model)[2].self_attn.o_proj, arch.decoder_layers(model)[2].mlp.down_proj):
-            linear.weight.zero_()  # block 2 becomes the identity
-    ids = ids_for(tokenizer)
-    bi = depth_scores(model, ids, "block_influence", batch_size=2)
-    assert len(bi) == 4 and min(range(4), key=bi.__getitem__) == 2 and bi[2] < 1e-6
-    with torch.no_grad():
-        states = model(ids, output_hidden_states=True).hidden_states
-    ang = depth_scores(model, ids, "angular", span=2, batch_size=3)
-    assert len(ang) == 3
-    expected = [float(angular_distance(states[i], states[i + 2]).mean()) for i in range(3)]
-    assert ang == pytest.approx(expected, abs=1e-4)
-    assert layers_to_remove(bi, 2, "block_influence")[0] == 2 or 2 in layers_to_remove(bi, 2, "block_influence")
-    assert layers_to_remove([0.5, 0.1, 0.3], 2, "angular") == [1, 2]
-    assert layers_to_remove([0.5, 0.1, 0.3, 0.2], 2, "block_influence") == [1, 3]
+    with pytest.raises(FieldError, match="even the smallest widths of"):
+        targets(param_ratio=0.05, budget_axes=["heads"])
 
 
 def test_hidden_widths_follow_what_transformers_accepts():
@@ -166,14 +134,14 @@ def test_hidden_widths_follow_what_transformers_accepts():
     llama = LlamaConfig(vocab_size=64, hidden_size=72, intermediate_size=96, num_hidden_layers=1,
                         num_attention_heads=9, num_key_value_heads=3)
     assert not config_accepts(llama, 64, 9, 3) and config_accepts(llama, 54, 9, 3)
-    budget = resolve_width_targets(WidthConfig(round_to=2, param_ratio=0.8, budget_axes=["hidden"]), llama)
+    budget = WidthConfig(round_to=2, param_ratio=0.8, budget_axes=["hidden"]).targets(llama)
     assert budget.hidden_size % 9 == 0 and budget.hidden_size < 72
     with pytest.raises(FieldError, match="nearest that fit: 63, 72"):
-        resolve_width_targets(WidthConfig(hidden_size=64), llama)
+        WidthConfig(hidden_size=64).targets(llama)
     # Mistral's config has no such rule: head_dim carries the attention width.
     mistral = MistralConfig(vocab_size=64, hidden_size=72, intermediate_size=96, num_hidden_layers=1,
                             num_attention_heads=9, num_key_value_heads=3, head_dim=8)
-    assert resolve_width_targets(WidthConfig(hidden_size=64), mistral).hidden_size == 64
+    assert WidthConfig(hidden_size=64).targets(mistral).hidden_size == 64
 
 
 @pytest.mark.parametrize("arch_name", ["llama", "gemma"])
@@ -185,7 +153,7 @@ def test_the_planned_config_of_a_width_prune_is_the_config_it_builds(arch_name, 
     model = build_model(arch_name, tokenizer, layers=2)
     cfg = WidthConfig(hidden_ratio=0.75, mlp_ratio=0.5, heads_ratio=0.5, round_to=8)
     planned = cfg.planned_config(TeacherInfo(model.config, tokenizer))
-    pruned, _, _ = prune_width(model, ids_for(tokenizer), resolve_width_targets(cfg, model.config), batch_size=2)
+    pruned, _, _ = prune_width(model, ids_for(tokenizer), cfg.targets(model.config), batch_size=2)
     fields = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
               "num_hidden_layers")
     assert {f: getattr(planned, f) for f in fields} == {f: getattr(pruned.config, f) for f in fields}
