@@ -21,14 +21,11 @@ from slimforge.arch import keep_layers
 from slimforge.config import DataConfig
 from slimforge.data import build_data
 from slimforge.distill import teacher_cache as tc
+from slimforge.distill.checkpoints import setup_changes
 from slimforge.distill.config import DistillConfig, LoraSpec, OnPolicySpec
 from slimforge.distill.stages import check_student, warn_if_larger_than_teacher
-from slimforge.distill.trainer import (
-    DistillTrainer,
-    loss_token_count,
-    require_loss_tokens,
-    setup_changes,
-)
+from slimforge.distill.trainer import DistillTrainer, loss_token_count, require_loss_tokens
+from slimforge.distill.wiring import KDObjective
 from slimforge.errors import ConfigError, DataError, SlimforgeError
 
 TINY_DISTILL = str(REPO / "tests" / "assets" / "recipes" / "tiny_distill.yaml")
@@ -171,7 +168,7 @@ def _distill_run(teacher_dir, corpus_dir, run_dir, *extra):
 def test_a_new_student_shape_with_overwrite_trains_afresh(teacher_dir, corpus_dir, tmp_path, monkeypatch,
                                                           slimforge_log):
     calls = {"n": 0}
-    real = DistillTrainer.objective
+    real = KDObjective.__call__
 
     def poisoned(self, *args, **kwargs):
         loss, stats = real(self, *args, **kwargs)
@@ -180,7 +177,7 @@ def test_a_new_student_shape_with_overwrite_trains_afresh(teacher_dir, corpus_di
 
     run_dir = tmp_path / "run"
     common = ("stages.heal.steps=4", "stages.heal.checkpoint_every=2")
-    monkeypatch.setattr(DistillTrainer, "objective", poisoned)
+    monkeypatch.setattr(KDObjective, "__call__", poisoned)
     assert cli.main(_distill_run(teacher_dir, corpus_dir, run_dir, "stages.student.num_layers=2", *common)) == 2
     assert (run_dir / "work" / "heal" / "checkpoints" / "step-000002").is_dir()  # of a 2-layer student
     monkeypatch.undo()

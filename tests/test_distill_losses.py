@@ -1,14 +1,27 @@
-"""Distillation losses: definitions, temperature, masking, and the chunked path's parity (values and grads)."""
+"""Distillation losses: definitions, temperature, masking, and the chunked path's parity (values and grads).
+
+Every test that runs "each divergence" reads the one list of names (``loss_names.KD_LOSSES``, through
+``losses.DIVERGENCES``), so a new divergence is checked against its textbook formula and through the naive,
+chunked-online and chunked-cached paths without touching these tests beyond its formula in ``TEXTBOOK``.
+"""
 
 from __future__ import annotations
 
+import inspect
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO, cli_env
 
+from slimforge.config import FieldError
+from slimforge.distill import losses
 from slimforge.distill.chunked import chunked_head_loss, softcap_transform
+from slimforge.distill.config import DistillConfig
+from slimforge.distill.loss_names import KD_LOSSES
 from slimforge.distill.losses import (
     DIVERGENCES,
     divergence,
@@ -17,9 +30,8 @@ from slimforge.distill.losses import (
     topk_bucket_logprobs,
 )
 from slimforge.distill.objective import (
-    FusedCachedForwardKL,
-    FusedForwardKL,
-    FusedReverseKL,
+    FUSED_CACHED,
+    FUSED_ONLINE,
     LossSpec,
     cached_chunk_loss,
     naive_loss,
@@ -43,24 +55,50 @@ def _dists(n=5, v=7, seed=0):
     return s, t
 
 
-def _explicit(name, p, q, beta=0.5, alpha=0.1):
-    """Textbook formulas on probabilities (P = teacher, Q = student), one row at a time."""
-    def kl(a, b):
-        return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
-    if name == "forward_kl":
-        return kl(p, q)
-    if name == "reverse_kl":
-        return kl(q, p)
-    if name == "jsd":
-        m = [beta * x + (1 - beta) * y for x, y in zip(p, q)]
-        return beta * kl(p, m) + (1 - beta) * kl(q, m)
-    if name == "tvd":
-        return 0.5 * sum(abs(x - y) for x, y in zip(p, q))
-    if name == "skew_forward_kl":
-        return kl(p, [alpha * x + (1 - alpha) * y for x, y in zip(p, q)])
-    if name == "skew_reverse_kl":
-        return kl(q, [alpha * y + (1 - alpha) * x for x, y in zip(p, q)])
-    raise AssertionError(name)
+def _kl(a, b):
+    return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
+
+
+def _mix(weight, a, b):
+    return [weight * x + (1 - weight) * y for x, y in zip(a, b)]
+
+
+# Textbook formulas on probabilities (P = teacher, Q = student), one row at a time; beta and alpha
+# are the jsd and skew parameters.
+TEXTBOOK = {
+    "forward_kl": lambda p, q, beta, alpha: _kl(p, q),
+    "reverse_kl": lambda p, q, beta, alpha: _kl(q, p),
+    "jsd": lambda p, q, beta, alpha: beta * _kl(p, _mix(beta, p, q)) + (1 - beta) * _kl(q, _mix(beta, p, q)),
+    "tvd": lambda p, q, beta, alpha: 0.5 * sum(abs(x - y) for x, y in zip(p, q)),
+    "skew_forward_kl": lambda p, q, beta, alpha: _kl(p, _mix(alpha, p, q)),
+    "skew_reverse_kl": lambda p, q, beta, alpha: _kl(q, _mix(alpha, q, p)),
+    "jeffreys": lambda p, q, beta, alpha: sum((x - y) * math.log(x / y) for x, y in zip(p, q)),
+}
+
+
+def test_each_loss_name_has_one_function_a_reference_and_schema_support():
+    """One list of names (``KD_LOSSES``): the math, the fused paths, the schema and these tests agree with it."""
+    assert list(DIVERGENCES) == list(KD_LOSSES)
+    assert set(TEXTBOOK) == set(KD_LOSSES), "give each divergence its textbook formula in TEXTBOOK"
+    assert set(FUSED_ONLINE) <= set(DIVERGENCES) and set(FUSED_CACHED) <= set(DIVERGENCES)
+    # A divergence function in losses.py (it takes the two log-probabilities) must be a recipe name.
+    defined = {name for name, fn in inspect.getmembers(losses, inspect.isfunction)
+               if fn.__module__ == losses.__name__ and list(inspect.signature(fn).parameters)[:2] == ["s_logp", "t_logp"]}
+    assert defined == set(KD_LOSSES)
+    for name, (fn, param) in DIVERGENCES.items():
+        assert fn.__name__ == name
+        assert param is None or param in inspect.signature(fn).parameters
+        DistillConfig(loss=name).check()
+    with pytest.raises(FieldError, match="must be one of " + ", ".join(KD_LOSSES) + "$"):
+        DistillConfig(loss="kl").check()
+
+
+def test_the_schema_reads_the_names_without_torch():
+    code = ("import sys; from slimforge.distill.config import DistillConfig; DistillConfig(loss='jeffreys').check(); "
+            "print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
@@ -68,7 +106,7 @@ def test_divergences_match_textbook_formulas(name):
     s, t = _dists()
     got = divergence(name, F.log_softmax(s, -1), F.log_softmax(t, -1), beta=0.3, alpha=0.2)
     p, q = F.softmax(t, -1), F.softmax(s, -1)
-    want = torch.tensor([_explicit(name, p[i].tolist(), q[i].tolist(), beta=0.3, alpha=0.2) for i in range(len(s))])
+    want = torch.tensor([TEXTBOOK[name](p[i].tolist(), q[i].tolist(), 0.3, 0.2) for i in range(len(s))])
     torch.testing.assert_close(got, want)
     assert (got >= -1e-12).all()
     same = divergence(name, F.log_softmax(s, -1), F.log_softmax(s, -1), beta=0.3, alpha=0.2)
@@ -82,6 +120,9 @@ def test_divergence_special_cases():
     torch.testing.assert_close(divergence("skew_forward_kl", sl, tl, alpha=0.0), divergence("forward_kl", sl, tl))
     torch.testing.assert_close(divergence("skew_reverse_kl", sl, tl, alpha=0.0), divergence("reverse_kl", sl, tl))
     assert (divergence("tvd", sl, tl) <= 1).all()
+    torch.testing.assert_close(divergence("jeffreys", sl, tl), divergence("jeffreys", tl, sl))
+    torch.testing.assert_close(divergence("jeffreys", sl, tl),
+                               divergence("forward_kl", sl, tl) + divergence("reverse_kl", sl, tl))
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
@@ -224,11 +265,11 @@ def test_chunked_with_softcap_and_upstream_scale():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("loss,fused", [("forward_kl", FusedForwardKL), ("reverse_kl", FusedReverseKL)])
+@pytest.mark.parametrize("loss,fused", sorted(FUSED_ONLINE.items()))
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 @pytest.mark.parametrize("ce_weight", [0.0, 0.3, 1.0])
 def test_fused_kl_matches_autograd_reference(loss, fused, temperature, ce_weight):
-    """Forward and reverse KL take the closed-form gradient path; values and grads equal the naive reference."""
+    """Losses with a closed-form gradient take that path; values and grads equal the naive reference."""
     hidden, head, t_hidden, t_head, targets, mask = _problem(seed=3)
     spec = LossSpec(loss=loss, temperature=temperature, ce_weight=ce_weight)
     t_logp = F.log_softmax(t_head(t_hidden).detach() / temperature, -1)
@@ -289,17 +330,18 @@ def test_fused_forward_kl_in_float32_and_second_backward_refused():
         loss.backward()
 
 
+@pytest.mark.parametrize("loss,fused", sorted(FUSED_CACHED.items()))
 @pytest.mark.parametrize("temperature", [1.0, 1.5])
 @pytest.mark.parametrize("ce_weight", [0.0, 0.2])
 @pytest.mark.parametrize("k", [1, 5, 23])
-def test_fused_cached_forward_kl_matches_autograd_reference(temperature, ce_weight, k):
-    """The cached path's closed form, including k = vocab (empty tail) and a stored fp16 cache."""
+def test_fused_cached_loss_matches_autograd_reference(loss, fused, temperature, ce_weight, k):
+    """The cached path's closed forms, including k = vocab (empty tail) and a stored fp16 cache."""
     hidden, head, t_hidden, t_head, targets, mask = _problem(seed=6, bias=False)
-    spec = LossSpec(loss="forward_kl", temperature=temperature, ce_weight=ce_weight)
+    spec = LossSpec(loss=loss, temperature=temperature, ce_weight=ce_weight)
     ids, buckets = teacher_buckets(t_head(t_hidden).detach(), k=k, temperature=temperature)
     buckets = buckets.half().double()  # the cache stores fp16: bucket masses no longer sum to exactly 1
     fn = cached_chunk_loss(spec, ids, buckets, targets, mask, scale=1 / mask.sum().item())
-    assert isinstance(fn, FusedCachedForwardKL)
+    assert type(fn) is fused
     got = _grads(hidden, head, lambda h: chunked_head_loss(h, head, fn, chunk_size=10))
     ref = _grads(hidden, head, lambda h: naive_loss(spec, head(h), buckets, targets, mask, topk_ids=ids))
     for a, b in zip(got, ref):

@@ -23,6 +23,7 @@ from slimforge.distill.hidden import default_layer_map
 from slimforge.distill.stages import check_compatible
 from slimforge.distill.teacher_cache import build_teacher_cache, cache_key
 from slimforge.distill.trainer import DistillTrainer, block_schedule
+from slimforge.distill.wiring import KDObjective
 
 
 @pytest.fixture(scope="module")
@@ -229,14 +230,14 @@ def test_killed_run_resumes_to_the_same_losses(sharp_teacher, corpus_dir, tmp_pa
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(sharp_teacher, corpus_dir, tmp_path,
                                                                     monkeypatch, capsys):
     calls = {"n": 0}
-    real = DistillTrainer.objective
+    real = KDObjective.__call__
 
     def poisoned(self, *args, **kwargs):
         loss, stats = real(self, *args, **kwargs)
         calls["n"] += 1
         return (loss * float("nan") if calls["n"] == 4 else loss), stats
 
-    monkeypatch.setattr(DistillTrainer, "objective", poisoned)
+    monkeypatch.setattr(KDObjective, "__call__", poisoned)
     run_dir = tmp_path / "run"
     code = cli.main(["run", *distill_args(sharp_teacher, corpus_dir, run_dir, "stages.heal.steps=6",
                                                       "stages.heal.checkpoint_every=2")])
@@ -285,7 +286,7 @@ def test_qlora_on_an_nf4_student_keeps_the_adapter(sharp_teacher, corpus_dir, tm
     adapter_cfg = json.loads((heal / "adapter_config.json").read_text())
     assert os.path.isabs(adapter_cfg["base_model_name_or_path"])
     loaded = AutoModelForCausalLM.from_pretrained(heal)
-    from slimforge.quantize.bnb import keep_4bit_layers_off_cpu_packing
+    from slimforge.quantize.bnb_cpu import keep_4bit_layers_off_cpu_packing
 
     keep_4bit_layers_off_cpu_packing(loaded)  # as the card says: tiny widths crash bnb's AVX512-BF16 path
     ids = torch.tensor([tokenizer("The king")["input_ids"]])
@@ -441,7 +442,7 @@ def test_two_cpu_processes_agree_with_one(sharp_teacher, corpus_dir, tmp_path, d
 
 def test_cache_teacher_command_then_training_never_loads_the_teacher(sharp_teacher, corpus_dir, tmp_path,
                                                                     monkeypatch, capsys):
-    from slimforge.pipeline import RunSession
+    from slimforge.session import Session
 
     args = distill_args(sharp_teacher, corpus_dir, tmp_path / "run", "stages.heal.teacher_cache=true",
                         "stages.heal.top_k=16", "~eval.tasks.perplexity")
@@ -452,7 +453,7 @@ def test_cache_teacher_command_then_training_never_loads_the_teacher(sharp_teach
     def no_teacher(self):
         raise AssertionError("the teacher was loaded although its cache exists")
 
-    monkeypatch.setattr(RunSession, "teacher", no_teacher)
+    monkeypatch.setattr(Session, "teacher", no_teacher)
     # A sweep's shorter runs, at other learning rates, find their blocks in the longest run's cache.
     for steps, lr in ((3, "3e-3"), (5, "1e-3")):
         run_args = [a.replace(str(tmp_path / "run"), str(tmp_path / f"run{steps}")) for a in args]

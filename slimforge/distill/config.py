@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from slimforge.config import FieldError, StageConfig, check_choice, check_fraction, check_int
+from slimforge.config import (
+    FieldError,
+    StageConfig,
+    check_choice,
+    check_fraction,
+    check_int,
+    named_settings,
+)
+from slimforge.distill.loss_names import KD_LOSSES
 
 if TYPE_CHECKING:  # pragma: no cover
     from slimforge.models import ModelRef
@@ -48,18 +56,29 @@ class DropLayersConfig(StageConfig):
             if len(set(self.drop)) >= total:
                 raise FieldError("drop", self.drop, f"would remove all {total} layers")
 
+    def layers_to_keep(self, total: int) -> list[int]:
+        """The indices of the layers that stay, of ``total``; ValueError if more are asked for than exist."""
+        from slimforge.prune.depth import evenly_spaced_keep, keep_from_drop, keep_from_ratio
+
+        if self.num_layers is not None:
+            return evenly_spaced_keep(total, self.num_layers)
+        if self.keep_ratio is not None:
+            return keep_from_ratio(total, self.keep_ratio)
+        return keep_from_drop(total, list(self.drop or []))
+
     def planned_config(self, parent: TeacherInfo) -> Any:
         """The input's config with the kept layers only (widths unchanged), for later stages' checks."""
         import copy
 
-        from slimforge.distill.students import layers_to_keep
-
         config = copy.deepcopy(parent.config)
         try:
-            config.num_hidden_layers = len(layers_to_keep(self, int(config.num_hidden_layers)))
+            config.num_hidden_layers = len(self.layers_to_keep(int(config.num_hidden_layers)))
         except ValueError:
             return None  # more layers asked for than the input has: the stage itself says so
         return config
+
+    def card_settings(self, meta: dict[str, Any]) -> list[str]:
+        return named_settings(self, ("num_layers", "keep_ratio", "drop"))
 
 
 @dataclass
@@ -79,10 +98,10 @@ class CheckpointStudentConfig(StageConfig):
             raise FieldError("path", self.path, "give the checkpoint's hub id, folder or .gguf file")
 
     def source(self) -> ModelRef:
-        from slimforge.models import ModelRef
+        from slimforge.models import resolve_model
 
-        return ModelRef.from_source(self.path, "student", gguf_file=self.gguf_file, revision=self.revision,
-                                    trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
+        return resolve_model(self.path, "student", gguf_file=self.gguf_file, revision=self.revision,
+                             trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
 
     def preflight(self, teacher: TeacherInfo) -> None:
         """The checkpoint must exist and share the teacher's tokenizer."""
@@ -98,19 +117,21 @@ class CheckpointStudentConfig(StageConfig):
 
     def planned_config(self, parent: TeacherInfo) -> Any:
         """The checkpoint's own config (None for a GGUF file, whose config needs the weights loaded)."""
-        from transformers import AutoConfig
-
         source = self.source()
         if source.gguf_file or source.path.endswith(".gguf"):
             return None
         try:
-            return AutoConfig.from_pretrained(source.path, revision=source.revision,
-                                              trust_remote_code=source.trust_remote_code)
+            return source.load_config()
         except Exception:  # noqa: BLE001 - unreachable offline, say: later stages are checked when it loads
             return None
 
+    def card_settings(self, meta: dict[str, Any]) -> list[str]:
+        return named_settings(self, ("path",))
 
-DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+    def artifact_format(self, meta: dict[str, Any]) -> str | None:
+        return None  # a copied folder keeps its source's format (a pre-quantized checkpoint stays quantized)
+
+
 TEACHER_ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                        "num_key_value_heads", "head_dim")
 
@@ -174,6 +195,10 @@ class FromConfigStudentConfig(StageConfig):
             return self.student_config(parent.config)
         except (TypeError, ValueError):  # the stage itself reports it, with the config class's reason
             return None
+
+    def card_settings(self, meta: dict[str, Any]) -> list[str]:
+        return named_settings(self, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                     "num_key_value_heads"))
 
 
 # --- checks against an architecture (its config, built on the meta device: no weights) ----------
@@ -308,7 +333,7 @@ class DistillConfig(StageConfig):
     log_every: int = 1
 
     def check(self) -> None:
-        check_choice("loss", self.loss, DIVERGENCE_NAMES)
+        check_choice("loss", self.loss, tuple(KD_LOSSES))
         if not self.temperature > 0:
             raise FieldError("temperature", self.temperature, "must be > 0 (1.0 is plain softmax)")
         check_fraction("beta", self.beta)
@@ -380,3 +405,33 @@ class DistillConfig(StageConfig):
     def planned_config(self, parent: TeacherInfo) -> Any:
         """Distillation trains its input in place: the output has the input's config."""
         return parent.config
+
+    def uses_data(self) -> bool:
+        return True
+
+    def card_settings(self, meta: dict[str, Any]) -> list[str]:
+        parts = [f"loss {self.loss} at T={self.temperature}"]
+        if self.ce_weight:
+            parts.append(f"ce_weight {self.ce_weight}")
+        if self.hidden_weight:
+            parts.append(f"hidden_weight {self.hidden_weight} ({self.hidden_loss})")
+        accumulated = f" × {self.grad_accum} accumulated" if (self.grad_accum or 1) > 1 else ""
+        parts.append(f"{self.steps} steps × batch {self.batch_size}{accumulated}")
+        parts.append(f"lr {self.lr} ({self.schedule}, {self.warmup_steps} warm-up)")
+        if self.lora.enabled:
+            parts.append(f"LoRA r={self.lora.r} alpha={self.lora.alpha}")
+        if self.keep_sparsity:
+            parts.append("sparsity mask kept")
+        if self.teacher_cache:
+            parts.append(f"teacher top-{self.top_k} cache")
+        if self.on_policy.fraction:
+            parts.append(f"on-policy fraction {self.on_policy.fraction}")
+        return parts
+
+    def card_data(self, meta: dict[str, Any], source: str) -> str | None:
+        tokens = (meta.get("metrics") or {}).get("tokens")
+        return f"trained on {source}" + (f": {tokens:,} tokens seen" if tokens is not None else "")
+
+    def artifact_format(self, meta: dict[str, Any]) -> str | None:
+        # LoRA over a quantized base saves the adapter alone (over any other base it is merged).
+        return "lora" if (meta.get("distill") or {}).get("lora") == "adapter" else "hf"

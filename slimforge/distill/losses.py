@@ -18,6 +18,11 @@ Divergences (P = teacher, Q = student, at temperature T):
 - ``skew_forward_kl``: KL(P || alpha * P + (1 - alpha) * Q) (DistiLLM, Ko et al. 2024);
   ``alpha = 0`` is forward KL.
 - ``skew_reverse_kl``: KL(Q || alpha * Q + (1 - alpha) * P); ``alpha = 0`` is reverse KL.
+- ``jeffreys``: KL(P || Q) + KL(Q || P), the symmetric KL (Jeffreys divergence): the
+  mode-covering and mode-seeking terms with equal weight, and no parameter to tune.
+
+The names recipes may use, and the parameter each takes, are listed once, in
+:data:`slimforge.distill.loss_names.KD_LOSSES`; a divergence here is found by its name.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from slimforge.distill.loss_names import KD_LOSSES
 
 Divergence = Callable[..., torch.Tensor]
 
@@ -79,16 +86,21 @@ def skew_reverse_kl(s_logp: torch.Tensor, t_logp: torch.Tensor, alpha: float = 0
     return _kl(s_logp, _log_mix(s_logp, t_logp, alpha))
 
 
-# The registry of divergences recipes may name (``distill.loss``), with the
-# parameter each one takes, if any.
-DIVERGENCES: dict[str, tuple[Divergence, str | None]] = {
-    "forward_kl": (forward_kl, None),
-    "reverse_kl": (reverse_kl, None),
-    "jsd": (jsd, "beta"),
-    "tvd": (tvd, None),
-    "skew_forward_kl": (skew_forward_kl, "alpha"),
-    "skew_reverse_kl": (skew_reverse_kl, "alpha"),
-}
+def jeffreys(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+    return _kl(t_logp, s_logp) + _kl(s_logp, t_logp)
+
+
+def _divergence_table() -> dict[str, tuple[Divergence, str | None]]:
+    """Each name of :data:`KD_LOSSES` with the function of that name in this module, and its parameter."""
+    defined = globals()
+    missing = [name for name in KD_LOSSES if not callable(defined.get(name))]
+    if missing:
+        raise ImportError(f"slimforge.distill.loss_names lists {missing}, which slimforge.distill.losses does not define")
+    return {name: (defined[name], param) for name, param in KD_LOSSES.items()}
+
+
+# The divergences recipes may name (``distill.loss``), with the parameter each one takes, if any.
+DIVERGENCES: dict[str, tuple[Divergence, str | None]] = _divergence_table()
 
 
 def divergence(name: str, s_logp: torch.Tensor, t_logp: torch.Tensor,

@@ -54,9 +54,8 @@ def online_chunk_loss(spec: LossSpec, teacher_hidden: torch.Tensor, teacher_head
                       teacher_transform: Callable | None = None) -> ChunkLoss:
     """A chunk loss against the live teacher: its logits are formed per chunk, without grad.
 
-    Forward KL (the default loss) and reverse KL get :class:`FusedForwardKL` and
-    :class:`FusedReverseKL`, which form the gradient in closed form; the other losses run
-    through autograd.
+    A loss in :data:`FUSED_ONLINE` (forward KL, the default, and reverse KL) forms the
+    gradient in closed form; the other losses run through autograd.
     """
 
     def teacher_logp(rows: slice) -> torch.Tensor:
@@ -68,7 +67,7 @@ def online_chunk_loss(spec: LossSpec, teacher_hidden: torch.Tensor, teacher_head
                 t_logits.div_(spec.temperature)  # in place: the linear's output is this chunk's own buffer
             return t_logits.sub_(torch.logsumexp(t_logits, dim=-1, keepdim=True))
 
-    fused = {"forward_kl": FusedForwardKL, "reverse_kl": FusedReverseKL}.get(spec.loss)
+    fused = FUSED_ONLINE.get(spec.loss)
     if fused is not None:
         return fused(spec, teacher_logp, targets, mask, scale)
 
@@ -200,10 +199,11 @@ def cached_chunk_loss(spec: LossSpec, topk_ids: torch.Tensor, topk_logp: torch.T
                       targets: torch.Tensor, mask: torch.Tensor, scale: float) -> ChunkLoss:
     """A chunk loss against cached teacher buckets ``topk_logp`` [N, k + 1] at ids ``topk_ids`` [N, k].
 
-    Forward KL gets :class:`FusedCachedForwardKL` (closed-form gradient); other losses use autograd.
+    A loss in :data:`FUSED_CACHED` (forward KL) forms its gradient in closed form; other losses use autograd.
     """
-    if spec.loss == "forward_kl":
-        return FusedCachedForwardKL(spec, topk_ids, topk_logp, targets, mask, scale)
+    fused = FUSED_CACHED.get(spec.loss)
+    if fused is not None:
+        return fused(spec, topk_ids, topk_logp, targets, mask, scale)
 
     def chunk(logits: torch.Tensor, rows: slice) -> torch.Tensor:
         s_logp = topk_bucket_logprobs(logits, topk_ids[rows], spec.temperature)
@@ -267,6 +267,12 @@ class FusedCachedForwardKL:
         del ce_grad
         grad.mul_(weight.unsqueeze(-1))
         return total, grad
+
+
+# The divergences (names of :data:`slimforge.distill.losses.DIVERGENCES`) with a closed-form
+# chunk gradient, per teacher source; any other divergence runs the same chunks through autograd.
+FUSED_ONLINE: dict[str, type[FusedOnlineLoss]] = {"forward_kl": FusedForwardKL, "reverse_kl": FusedReverseKL}
+FUSED_CACHED: dict[str, type[FusedCachedForwardKL]] = {"forward_kl": FusedCachedForwardKL}
 
 
 def teacher_buckets(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""The distillation stage and the offline teacher cache, as the pipeline and CLI use them."""
+"""The distillation stage, and the teacher cache it trains from (built here, or beforehand by
+``slimforge distill cache-teacher``: :mod:`slimforge.teacher_cache_command`)."""
 
 from __future__ import annotations
 
@@ -79,10 +80,7 @@ def distill_stage(ctx: StageContext) -> StageOutput:
     # Train fp32 master weights; precision=bf16 trains under autocast. Quantized bases keep their storage.
     student, tokenizer = ctx.parent.load(device=ctx.device, dtype=None if quantized_parent else torch.float32)
     teacher_tok = ctx.session.teacher_tokenizer()
-    from transformers import AutoConfig
-
-    teacher_cfg = AutoConfig.from_pretrained(ctx.teacher_ref.path) if ctx.teacher_ref.gguf_file is None \
-        else ctx.teacher()[0].config
+    teacher_cfg = ctx.teacher_ref.load_config() if ctx.teacher_ref.gguf_file is None else ctx.teacher()[0].config
     check_compatible(teacher_tok, tokenizer, teacher_cfg, student.config)
     check_student(cfg, student, teacher_cfg, ctx.parent.meta.get("kept_layers"), f"stages.{ctx.name}")
     warn_if_larger_than_teacher(student, teacher_cfg)
@@ -137,8 +135,8 @@ def check_student(cfg: DistillConfig, student: Any, teacher_config: Any, kept_la
 
 def warn_if_larger_than_teacher(student: Any, teacher_config: Any) -> None:
     """One warning when the student has more parameters than its teacher (counted on the meta device)."""
+    from slimforge.arch import count_parameters
     from slimforge.distill.config import meta_model
-    from slimforge.models import count_parameters
 
     try:
         teacher_params = count_parameters(meta_model(teacher_config))
@@ -166,22 +164,3 @@ def _save_adapter(ctx: StageContext, model: Any, tokenizer: Any, meta: dict[str,
     meta["distill"]["lora"] = "adapter"
     meta["base_model"] = base
     return StageOutput(model=None, meta=meta, metrics=metrics)
-
-
-def cache_teacher_for_recipe(recipe_name: str, overrides: list[str], stage: str | None = None) -> TeacherCache:
-    """``slimforge distill cache-teacher``: build the teacher cache a recipe's distill stage will read."""
-    from slimforge.pipeline import RunSession, prepare, resolve_teacher
-
-    recipe = prepare(recipe_name, overrides)
-    candidates = [n for n in recipe.pipeline if recipe.stages[n].kind == "distill"]
-    if stage is not None and stage not in candidates:
-        raise ConfigError(f"--stage {stage!r} is not a distill stage of this recipe; its distill stages: {candidates}")
-    if not candidates:
-        raise ConfigError(f"recipe {recipe.config.name!r} has no distill stage in its pipeline, so there is nothing to cache")
-    name = stage or candidates[0]
-    cfg = recipe.stages[name]
-    if not cfg.teacher_cache:
-        log.warning("stage %s has teacher_cache=false: run it with stages.%s.teacher_cache=true to train from this cache",
-                    name, name)
-    session = RunSession(recipe, resolve_teacher(recipe))
-    return ensure_teacher_cache(cfg, session, recipe.config.seed)

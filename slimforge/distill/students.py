@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import logging
 
-from slimforge.arch import keep_layers, num_layers
+from slimforge.arch import num_layers
 from slimforge.distill.config import (
     CheckpointStudentConfig,
     DropLayersConfig,
     FromConfigStudentConfig,
 )
-from slimforge.prune.depth import evenly_spaced_keep, keep_from_drop, keep_from_ratio
+from slimforge.prune.depth import drop_layers
 from slimforge.stage import StageContext, StageOutput
 
 log = logging.getLogger(__name__)
-
-
-def layers_to_keep(cfg: DropLayersConfig, total: int) -> list[int]:
-    """Resolve a drop-layers config into the indices of the layers that stay."""
-    if cfg.num_layers is not None:
-        return evenly_spaced_keep(total, cfg.num_layers)
-    if cfg.keep_ratio is not None:
-        return keep_from_ratio(total, cfg.keep_ratio)
-    return keep_from_drop(total, list(cfg.drop or []))
 
 
 def drop_layers_stage(ctx: StageContext) -> StageOutput:
@@ -30,11 +21,11 @@ def drop_layers_stage(ctx: StageContext) -> StageOutput:
     cfg: DropLayersConfig = ctx.config
     model, tokenizer = ctx.load_parent()
     total = num_layers(model)
-    keep = layers_to_keep(cfg, total)
-    keep_layers(model, keep)
-    dropped = [i for i in range(total) if i not in set(keep)]
-    log.info("student keeps %d of %d layers; dropped %s", len(keep), total, dropped)
-    meta = {"layers_before": total, "layers_after": len(keep), "kept_layers": keep, "dropped_layers": dropped}
+    keep = set(cfg.layers_to_keep(total))
+    dropped = drop_layers(model, [i for i in range(total) if i not in keep])  # the same removal as prune.depth
+    log.info("student keeps %d of %d layers; dropped %s", len(dropped.kept), total, dropped.removed)
+    meta = {"layers_before": total, "layers_after": len(dropped.kept), "kept_layers": dropped.kept,
+            "dropped_layers": dropped.removed}
     return StageOutput(model=model, tokenizer=tokenizer, meta=meta)
 
 
@@ -87,10 +78,10 @@ def _count_saved(folder) -> int | None:
 def from_config_stage(ctx: StageContext) -> StageOutput:
     """A randomly initialised student: the parent's config with the requested sizes."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     cfg: FromConfigStudentConfig = ctx.config
-    base = AutoConfig.from_pretrained(ctx.parent.path, trust_remote_code=ctx.parent.trust_remote_code)
+    base = ctx.parent.load_config()
     changes = cfg.size_changes(base)
     config = cfg.student_config(base)
     torch.manual_seed(ctx.seed)
