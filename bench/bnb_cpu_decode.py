@@ -41,7 +41,7 @@ def build_model(variant: str, layers: int) -> tuple:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
     from slimforge.models import resolve_dtype
-    from slimforge.quantize.bnb import keep_4bit_layers_off_cpu_packing
+    from slimforge.quantize.bnb_cpu import keep_4bit_layers_off_cpu_packing
 
     dtype = resolve_dtype("auto", "cpu")
     torch.manual_seed(0)

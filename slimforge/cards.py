@@ -4,7 +4,9 @@ Rendering only: :func:`render_card` turns plain dicts (an artifact's ``slimforge
 its ancestors', facts about its files, an evaluation report) into a Hugging Face style
 ``README.md`` with YAML front matter. Reading those dicts from disk and writing the card
 is :func:`slimforge.models.write_model_card`'s job, so everything here is testable
-without a model or a file.
+without a model or a file. What a stage says about itself (its key settings, the data it
+read) comes from its method's schema (``card_settings``, ``card_data``), rebuilt from the
+config its ``slimforge.json`` recorded: nothing here is specific to one method.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from slimforge.config import stage_config_from_meta
+from slimforge.quantize.bnb_cpu import PLAIN_PATH_SNIPPET
+
 CARD_FILE = "README.md"
 # Embedded model assets and the hub model each one packs, for ``base_model``.
 ASSET_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-# Methods that read the run's data (calibration windows or training blocks).
-DATA_METHODS = {("prune", "wanda"), ("prune", "sparsegpt"), ("prune", "depth"), ("prune", "width"),
-                ("quantize", "gptq"), ("distill", "kd")}
 KIND_TAGS = {"prune": "pruned", "distill": "distilled", "quantize": "quantized", "student": "student"}
 FORMAT_TAGS = {"gguf": ["gguf"], "bitsandbytes": ["bitsandbytes"], "compressed-tensors": ["compressed-tensors"],
                "lora": ["lora", "peft"]}
@@ -120,68 +122,16 @@ def _data_source(data: dict[str, Any] | None) -> str | None:
 
 
 def stage_settings(meta: dict[str, Any]) -> str:
-    """The settings that define a stage, in a few words: method, sparsity, ratios, bits, steps, lr, loss."""
-    cfg = meta.get("config") or {}
-    kind, method = meta.get("kind"), meta.get("method")
-    parts: list[str] = []
-    if kind == "prune" and method in ("magnitude", "wanda", "sparsegpt"):
-        parts.append(f"{cfg['n']}:{cfg['m']} sparsity" if cfg.get("n") else f"sparsity {cfg.get('sparsity')}")
-        parts.append(f"per {cfg.get('per')}")
-    elif kind == "prune" and method == "depth":
-        parts.append(f"criterion {cfg.get('criterion')}")
-        for key in ("num_remove", "remove_ratio", "layers"):
-            if cfg.get(key) is not None:
-                parts.append(f"{key} {cfg[key]}")
-    elif kind == "prune" and method == "width":
-        for key in ("param_ratio", "mlp_ratio", "heads_ratio", "hidden_ratio", "intermediate_size",
-                    "num_attention_heads", "hidden_size"):
-            if cfg.get(key) is not None:
-                parts.append(f"{key} {cfg[key]}")
-        parts.append(f"head_mode {cfg.get('head_mode')}")
-    elif kind == "student":
-        for key in ("num_layers", "keep_ratio", "drop", "path", "hidden_size", "intermediate_size",
-                    "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
-            if cfg.get(key) is not None:
-                parts.append(f"{key} {cfg[key]}")
-    elif kind == "distill":
-        parts.append(f"loss {cfg.get('loss')} at T={cfg.get('temperature')}")
-        if cfg.get("ce_weight"):
-            parts.append(f"ce_weight {cfg['ce_weight']}")
-        if cfg.get("hidden_weight"):
-            parts.append(f"hidden_weight {cfg['hidden_weight']} ({cfg.get('hidden_loss')})")
-        parts.append(f"{cfg.get('steps')} steps × batch {cfg.get('batch_size')}"
-                     + (f" × {cfg['grad_accum']} accumulated" if (cfg.get("grad_accum") or 1) > 1 else ""))
-        parts.append(f"lr {cfg.get('lr')} ({cfg.get('schedule')}, {cfg.get('warmup_steps')} warm-up)")
-        lora = cfg.get("lora") or {}
-        if lora.get("enabled"):
-            parts.append(f"LoRA r={lora.get('r')} alpha={lora.get('alpha')}")
-        if cfg.get("keep_sparsity"):
-            parts.append("sparsity mask kept")
-        if cfg.get("teacher_cache"):
-            parts.append(f"teacher top-{cfg.get('top_k')} cache")
-        if (cfg.get("on_policy") or {}).get("fraction"):
-            parts.append(f"on-policy fraction {cfg['on_policy']['fraction']}")
-    elif kind == "quantize":
-        quant = meta.get("quantization") or {}
-        if method in ("rtn", "gptq"):
-            group = cfg.get("group_size")
-            parts.append(f"int{cfg.get('bits')}, " + ("per channel" if group == -1 else f"groups of {group}"))
-            if method == "gptq":
-                parts.append(f"act_order {cfg.get('act_order')}")
-        elif method == "gguf":
-            parts.append(f"type {cfg.get('type')}, output {quant.get('output_type') or cfg.get('output_type')}")
-        elif str(method).startswith("bnb_"):
-            parts.append(str(quant.get("format") or method))
-            if cfg.get("double_quant"):
-                parts.append("double quantization")
-            if cfg.get("threshold") is not None:
-                parts.append(f"outlier threshold {cfg['threshold']}")
-    return ", ".join(str(p) for p in parts)
+    """The settings that define a stage, in a few words (its schema's ``card_settings``); "" if unknown here."""
+    config = stage_config_from_meta(meta)
+    return ", ".join(str(p) for p in config.card_settings(meta)) if config is not None else ""
 
 
 def stage_outcome(meta: dict[str, Any]) -> str:
-    """What a stage measured about its result: sparsity, layers, parameters, bits, tokens seen."""
-    kind = meta.get("kind")
+    """What a stage measured about its result: sparsity, layers, parameters, held-out KL, bits.
+
+    Read from the fields a stage recorded, whatever its kind: a method that records one gets its words.
+    """
     metrics = meta.get("metrics") or {}
     parts: list[str] = []
     sparsity = meta.get("sparsity")
@@ -193,32 +143,22 @@ def stage_outcome(meta: dict[str, Any]) -> str:
         parts.append(f"kept layers {meta.get('kept_layers')} of {meta.get('layers_before')}")
     if meta.get("parameters_before") and meta.get("parameters_after") and meta["parameters_before"] != meta["parameters_after"]:
         parts.append(f"{fmt_params(meta['parameters_before'])} → {fmt_params(meta['parameters_after'])} parameters")
-    if kind == "distill":
+    if metrics.get("eval_kl") is not None:
         before = (meta.get("distill") or {}).get("before") or {}
-        if metrics.get("eval_kl") is not None:
-            kl = f"held-out KL to teacher {fmt_num(before.get('eval_kl'))} → {fmt_num(metrics['eval_kl'])}" \
-                if before.get("eval_kl") is not None else f"held-out KL to teacher {fmt_num(metrics['eval_kl'])}"
-            parts.append(kl)
-    if kind == "quantize" and meta.get("bits_per_weight") is not None:
+        start = f"{fmt_num(before['eval_kl'])} → " if before.get("eval_kl") is not None else ""
+        parts.append(f"held-out KL to teacher {start}{fmt_num(metrics['eval_kl'])}")
+    if meta.get("bits_per_weight") is not None:
         parts.append(f"{meta['bits_per_weight']:.2f} bits/weight")
     return "; ".join(parts)
 
 
 def stage_data(entry: dict[str, Any]) -> str | None:
-    """The data a stage read, if it read any: calibration windows or training tokens."""
+    """The data a stage read, if it read any: calibration windows or training tokens (its schema's ``card_data``)."""
     meta = entry.get("meta") or {}
-    cfg = meta.get("config") or {}
-    kind, method = meta.get("kind"), meta.get("method")
-    if (kind, method) not in DATA_METHODS or (method == "depth" and cfg.get("criterion") == "list"):
+    config = stage_config_from_meta(meta)
+    if config is None:
         return None
-    source = _data_source(entry.get("data")) or "the run's data"
-    if kind == "distill":
-        tokens = (meta.get("metrics") or {}).get("tokens")
-        return f"trained on {source}" + (f": {tokens:,} tokens seen" if tokens is not None else "")
-    calibration = meta.get("calibration") or {}
-    samples = calibration.get("samples", cfg.get("num_samples"))
-    seq_len = calibration.get("seq_len", cfg.get("seq_len"))
-    return f"calibrated on {samples} windows of {seq_len} tokens from {source}"
+    return config.card_data(meta, _data_source(entry.get("data")) or "the run's data")
 
 
 def _teacher_name(base: dict[str, Any]) -> str:
@@ -395,13 +335,6 @@ def results_section(inp: CardInput) -> list[str]:
 # --- loading -----------------------------------------------------------------------------
 
 
-def _bnb_cpu_lines() -> list[str]:
-    """The snippet lines that keep bitsandbytes' 4-bit layers of untileable widths off its packed CPU path."""
-    from slimforge.quantize.bnb import PLAIN_PATH_SNIPPET
-
-    return PLAIN_PATH_SNIPPET
-
-
 def load_section(inp: CardInput) -> list[str]:
     fmt, where = inp.files.get("format", "hf"), inp.location
     packages = ["transformers", *FORMAT_PACKAGES.get(fmt, [])]
@@ -424,7 +357,7 @@ def load_section(inp: CardInput) -> list[str]:
                   "```python", "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
                   f'path = "{where}"', "tokenizer = AutoTokenizer.from_pretrained(path)",
                   "model = AutoPeftModelForCausalLM.from_pretrained(path)",
-                  *(_bnb_cpu_lines() if inp.files.get("adapter_base_format") == "bitsandbytes" else []), "```", ""]
+                  *(PLAIN_PATH_SNIPPET if inp.files.get("adapter_base_format") == "bitsandbytes" else []), "```", ""]
         return lines
     note = {"bitsandbytes": "The bitsandbytes settings are in `config.json`; transformers applies them while loading.",
             "compressed-tensors": "Packed integer weights (compressed-tensors); transformers decompresses them "
@@ -434,7 +367,7 @@ def load_section(inp: CardInput) -> list[str]:
     lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f'path = "{where}"', "tokenizer = AutoTokenizer.from_pretrained(path)",
               "model = AutoModelForCausalLM.from_pretrained(path)",
-              *(_bnb_cpu_lines() if fmt == "bitsandbytes" else []),
+              *(PLAIN_PATH_SNIPPET if fmt == "bitsandbytes" else []),
               'inputs = tokenizer("Once upon a time", return_tensors="pt")',
               "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))", "```", ""]
     return lines

@@ -250,3 +250,103 @@ def test_a_moved_teacher_is_not_mistaken_for_a_hub_id(tmp_path):
 
     assert base_facts("runs/gone/stages/sp") == {"path": "runs/gone/stages/sp"}
     assert base_facts("HuggingFaceTB/SmolLM2-135M-Instruct")["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+# --- what each method's schema says about itself -----------------------------------------------
+
+GOLDEN = json.loads((REPO / "tests" / "assets" / "card_lines_golden.json").read_text())["cases"]
+
+
+@pytest.mark.parametrize("case", GOLDEN, ids=[c["name"] for c in GOLDEN])
+def test_each_schema_describes_its_stage_as_the_old_if_chain_did(case):
+    """Every preset (and variants) renders the settings and data cells cards.py's per-method chain rendered."""
+    from slimforge.cards import stage_data, stage_settings
+
+    assert stage_settings(case["meta"]) == case["settings"]
+    assert stage_data({"meta": case["meta"], "data": case["data"]}) == case["data_line"]
+
+
+def registered_methods():
+    from slimforge.config import STAGE_KINDS
+    from slimforge.registry import registry
+
+    return [(kind, method) for kind in STAGE_KINDS for method in registry(kind).names()]
+
+
+@pytest.mark.parametrize("kind, method", registered_methods())
+def test_every_registered_method_answers_the_card_and_format_hooks(kind, method):
+    """A new method is covered without touching this file: its defaults render, and its answers agree."""
+    import dataclasses
+
+    from slimforge.cards import stage_data, stage_settings
+    from slimforge.config import stage_config_from_meta
+    from slimforge.registry import registry
+
+    config = registry(kind).get(method).load_schema()(kind=kind, method=method)  # bnb_fp4 shares bnb_nf4's schema
+    meta = {"stage": "s", "kind": kind, "method": method, "config": dataclasses.asdict(config)}
+    rebuilt = stage_config_from_meta(meta)
+    assert rebuilt == config  # the recorded config rebuilds the very object that ran
+    assert isinstance(stage_settings(meta), str)
+    data = stage_data({"meta": meta, "data": {"path": "/data/x.txt"}})
+    assert isinstance(rebuilt.uses_data(), bool)
+    assert data is None or rebuilt.uses_data()  # a card names data only for a stage that reads it
+    assert rebuilt.artifact_format(meta) in (None, "hf", "bitsandbytes", "compressed-tensors", "gguf", "lora")
+
+
+def test_an_old_artifacts_config_still_renders():
+    """Fields a newer schema added take their defaults; fields it dropped are ignored; odd shapes too."""
+    from slimforge.cards import stage_data, stage_settings
+
+    meta = {"kind": "distill", "method": "kd", "metrics": {"tokens": 64},
+            "config": {"loss": "jsd", "steps": 5, "retired_knob": 3, "lora": "r=8", "on_policy": None}}
+    assert stage_settings(meta) == "loss jsd at T=1.0, 5 steps × batch 8, lr 0.0001 (cosine, 10 warm-up)"
+    assert stage_data({"meta": meta, "data": None}) == "trained on the run's data: 64 tokens seen"
+    gguf = {"kind": "quantize", "method": "gguf", "config": {"type": "Q4_0"}}  # no output type recorded
+    assert stage_settings(gguf) == "type Q4_0, output Q8_0"
+    assert stage_settings({"kind": "prune", "method": "depth"}) == "criterion block_influence"
+    assert stage_settings({"kind": "prune", "method": "retired_method", "config": {}}) == ""
+
+
+def test_the_format_a_stage_declares_is_the_format_its_files_show(run_dir, formats):
+    """Each schema's artifact_format agrees with reading the folder, for every format the tests make."""
+    from slimforge.eval.fingerprint import model_kind
+    from slimforge.models import artifact_format
+
+    folders = {name: run_dir / "stages" / name for name in STAGES} | formats
+    seen = {}
+    for name, folder in folders.items():
+        meta = json.loads((folder / "slimforge.json").read_text())
+        declared = artifact_format(folder, meta.get("gguf_file"), meta)
+        assert declared == artifact_format(folder, meta.get("gguf_file")), name
+        kind = model_kind(str(folder), meta.get("gguf_file"))
+        assert kind == (declared if declared != "compressed-tensors" else "quantized"), name
+        seen[name] = declared
+    assert seen == {"sp": "hf", "heal": "hf", "q": "compressed-tensors", "gguf": "gguf",
+                    "bitsandbytes": "bitsandbytes", "lora": "lora"}
+
+
+def test_a_folder_slimforge_did_not_make_is_read_from_its_files(tmp_path):
+    from slimforge.models import artifact_format
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                      "quantization_config": {"quant_method": "awq"}}))
+    assert artifact_format(tmp_path) == "awq"
+    assert artifact_format(tmp_path, meta={"kind": "fetch", "method": "gguf_to_hf"}) == "awq"  # not a stage
+    assert artifact_format(tmp_path / "model.gguf") == "gguf" and artifact_format(tmp_path, "m.gguf") == "gguf"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert artifact_format(tmp_path) == "hf"
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/base"}))
+    assert artifact_format(tmp_path) == "lora"
+
+
+def test_the_result_cell_comes_from_what_the_stage_recorded():
+    from slimforge.cards import stage_outcome
+
+    heal = {"kind": "distill", "metrics": {"eval_kl": 0.25}, "distill": {"before": {"eval_kl": 1.5}}}
+    assert stage_outcome(heal) == "held-out KL to teacher 1.500 → 0.25"
+    assert stage_outcome({"kind": "distill", "metrics": {"eval_kl": 0.25}}) == "held-out KL to teacher 0.25"
+    q = {"kind": "quantize", "bits_per_weight": 4.5, "parameters_before": 2_000_000, "parameters_after": 2_000_000}
+    assert stage_outcome(q) == "4.50 bits/weight"
+    sp = {"kind": "prune", "sparsity": {"overall": 0.5}, "pattern": "2:4", "parameters_before": 3e6,
+          "parameters_after": 2e6, "removed_layers": [1]}
+    assert stage_outcome(sp) == "50.0% of linear weights zero (2:4); removed layers [1]; 3.0M → 2.0M parameters"

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from slimforge import cli, models
 from slimforge.errors import ConfigError
 from slimforge.models import CPU_BF16_ENV, load_model, resolve_dtype
-from slimforge.quantize.bnb import fits_packed_cpu_layout, keep_4bit_layers_off_cpu_packing
+from slimforge.quantize.bnb_cpu import fits_packed_cpu_layout, keep_4bit_layers_off_cpu_packing
 
 PROMPT = [5, 17, 42, 99, 7, 63, 28, 11]
 NF4 = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32}
@@ -181,7 +181,7 @@ def test_the_helper_leaves_other_models_alone(teacher_dir):
 
 def test_the_model_card_snippet_keeps_the_same_layers_off(teacher_dir, packing_cpu):
     """Cards tell plain-transformers users the same rule, as code; both must pick the same layers."""
-    from slimforge.quantize.bnb import PLAIN_PATH_SNIPPET
+    from slimforge.quantize.bnb_cpu import PLAIN_PATH_SNIPPET
 
     quant = BitsAndBytesConfig(**NF4)
     ours, _ = load_model(str(teacher_dir), dtype=torch.float32, quantization_config=quant)

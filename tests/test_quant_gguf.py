@@ -1,7 +1,8 @@
-"""GGUF export round trips: Llama, Mistral, Qwen2 at F16, Q8_0, Q4_0, reloaded with transformers' GGUF loader."""
+"""GGUF export round trips: Llama, Mistral, Qwen2 at every type the schema accepts, reloaded with transformers' GGUF loader."""
 
 from __future__ import annotations
 
+import gguf
 import pytest
 import torch
 from conftest import CHAT_TEMPLATE, build_model, corpus_text
@@ -9,9 +10,15 @@ from gguf import GGUFReader
 from transformers import AutoTokenizer
 
 from slimforge.errors import ConfigError
-from slimforge.quantize.gguf_export import detect_pre_tokenizer, verify_gguf, write_gguf
+from slimforge.quantize.config import GGUF_TYPES, GgufConfig
+from slimforge.quantize.gguf_export import detect_pre_tokenizer, file_type, verify_gguf, write_gguf
 
-TYPES = ("F16", "Q8_0", "Q4_0")
+TYPES = tuple(GGUF_TYPES)  # the schema's choices: a type added there is exported and verified here
+
+
+def bits_per_weight(qtype: str) -> float:
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    return 8 * size / block
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +41,21 @@ def test_each_type_reloads_as_the_weights_it_should_hold(arch, tokenizer, blocks
         checked = verify_gguf(tmp_path / qtype, name, model, tokenizer, result, blocks)
         assert checked["max_abs_diff_to_expected"] < 1e-4, (arch, qtype)
         assert checked["tokenizer_roundtrip"], (arch, qtype)
+        assert GGUFReader(tmp_path / qtype / name).fields["general.file_type"].contents() == file_type(qtype)
         drift[qtype] = checked["kl_to_source"]
     # More bits, less drift from the source model.
-    assert drift["F16"] < drift["Q8_0"] < drift["Q4_0"]
-    assert drift["F16"] < 1e-6 and drift["Q4_0"] < 1e-2
+    by_bits = sorted(TYPES, key=bits_per_weight, reverse=True)
+    assert [drift[t] for t in by_bits] == sorted(drift.values()), drift
+    assert drift["F16"] < 1e-6 and max(drift.values()) < 1e-2
+
+
+def test_every_type_has_a_default_output_type_the_export_writes():
+    """Below 8 bits the embedding / output matrix stays at Q8_0 by default, as llama.cpp keeps it higher."""
+    for qtype in TYPES:
+        output = GgufConfig(type=qtype).resolved_output_type()
+        assert output in TYPES and bits_per_weight(output) >= max(bits_per_weight(qtype), 8.5), qtype
+    assert GgufConfig(type="Q5_0").resolved_output_type() == "Q8_0"
+    assert GgufConfig(type="Q4_0", output_type="Q4_0").resolved_output_type() == "Q4_0"
 
 
 def test_a_wrong_row_order_would_be_caught(tokenizer, blocks, tmp_path, monkeypatch):

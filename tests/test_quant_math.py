@@ -9,6 +9,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32,
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize as ct_fake_quantize
 
+from slimforge.quantize.config import COMPUTE_DTYPES, INT_BITS, SCALE_SEARCHES, STORAGE_DTYPES
 from slimforge.quantize.gguf_export import rope_deinterleave, rope_interleave
 from slimforge.quantize.gptq import gptq_quantize_weight
 from slimforge.quantize.intquant import (
@@ -83,7 +84,7 @@ def test_rtn_scales_are_rounded_to_their_storage_dtype():
     assert torch.equal(rtn_quantize(zero_group, 4, 32).weight, zero_group)
 
 
-@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("bits", INT_BITS)  # every width the schema accepts
 def test_pack_then_unpack_is_the_identity_on_our_codes(bits):
     w = weight(rows=10, cols=96)
     codes = quantize_codes(w, symmetric_scales(w, bits, 32), bits, 32)
@@ -238,3 +239,36 @@ def test_group_size_errors_name_every_supported_size_that_divides():
         "group_size=128 is invalid: must divide every linear input width, but the teacher has hidden_size=576, "
         "num_attention_heads*head_dim=576; pick a group size that divides them (32 or 64 do) or -1 (per channel)")
     GptqConfig(group_size=64).check_widths(smollm, "the teacher")  # fits: no error
+
+
+# --- one source per choice: every name the schema accepts, the math runs ---------------------
+
+
+@pytest.mark.parametrize("search", SCALE_SEARCHES)
+def test_every_scale_search_the_schema_accepts_runs(search):
+    w = weight()
+    scales = group_scales(w, 4, 32, search=search, importance=torch.ones(64))
+    assert scales.shape == (24, 2) and (scales > 0).all()
+    h = torch.eye(64)
+    result = gptq_quantize_weight(w, h, 4, 32, act_order=False, block_size=32, scale_search=search)
+    assert torch.equal(fake_quantize(result.weight, result.scales, 4, 32), result.weight)
+
+
+def test_an_unknown_scale_search_names_the_schemas_choices():
+    with pytest.raises(ValueError, match=f"must be one of {', '.join(SCALE_SEARCHES)}, got 'best'"):
+        group_scales(weight(), 4, 32, search="best")
+
+
+def test_dtype_choices_are_torch_dtypes():
+    for name in set(STORAGE_DTYPES + COMPUTE_DTYPES) - {"auto"}:
+        assert isinstance(getattr(torch, name), torch.dtype), name
+
+
+def test_the_schema_and_its_choice_sets_import_without_torch_or_gguf():
+    import subprocess
+    import sys
+
+    code = ("import sys, slimforge.quantize.config\n"
+            "print(sorted(m for m in ('torch', 'gguf', 'transformers', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

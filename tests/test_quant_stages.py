@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from slimforge import cli
 from slimforge.eval.fidelity import token_kl
+from slimforge.quantize.config import GGUF_TYPES
 from slimforge.quantize.intquant import code_range, rtn_quantize
 
 STUDENT = str(Path(__file__).resolve().parent / "assets" / "recipes" / "student.yaml")  # the runner's test recipe
@@ -72,7 +73,7 @@ RELOAD = r"""
 import json, logging, sys, torch
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 from transformers import AutoModelForCausalLM
-from slimforge.quantize.bnb import keep_4bit_layers_off_cpu_packing
+from slimforge.quantize.bnb_cpu import keep_4bit_layers_off_cpu_packing
 items, prompt, blocks, out_file = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
 out = {}
 for name, folder, gguf in items:
@@ -204,6 +205,17 @@ def test_meta_reports_bits_size_footprint_and_time(runs):
     assert manifest["stages"]["quant"]["metrics"]["bits_per_weight"] == bits["gptq"]
 
 
+def test_each_schema_declares_the_format_its_stage_recorded_and_wrote(runs):
+    """The schema's artifact_format, the format slimforge.json records and the files agree, for every method."""
+    from slimforge.models import artifact_format
+
+    for name in RUNS:
+        folder, meta = runs[name] / "stages" / "quant", meta_of(runs, name)
+        declared = artifact_format(folder, meta.get("gguf_file"), meta)
+        assert meta["quantization"]["format"].split("/")[0] == declared, name
+        assert artifact_format(folder, meta.get("gguf_file")) == declared, name
+
+
 def test_the_pipeline_evaluates_a_gguf_artifact_against_the_teacher(runs):
     report = report_of(runs, "gguf")
     assert report["models"]["quant"]["tasks"]["perplexity"]["perplexity"] > 1
@@ -227,7 +239,7 @@ def refused(capsys, args):
     ("gptq", ["stages.quant.scale_search=absmax"], "stages.quant.scale_search='absmax': must be one of minmax, mse"),
     ("rtn", ["stages.quant.group_size=64"], "but the teacher has hidden_size=32, num_attention_heads*head_dim=32; pick a group size that divides them (32 does)"),
     ("bnb_nf4", ["stages.quant.cpu_offload=true"], "needs CUDA"),
-    ("gguf", ["stages.quant.type=Q5_K"], "stages.quant.type='Q5_K': must be one of F16, Q8_0, Q4_0"),
+    ("gguf", ["stages.quant.type=Q5_K"], f"stages.quant.type='Q5_K': must be one of {', '.join(GGUF_TYPES)}"),
 ])
 def test_bad_settings_fail_in_one_line_before_any_work(teacher_dir, corpus_dir, tmp_path, capsys, method,
                                                        overrides, message):

@@ -33,5 +33,6 @@ register(
 register(
     "quantize", "gguf",
     "slimforge.quantize.gguf_export:gguf_stage", "slimforge.quantize.config:GgufConfig",
-    "GGUF file (F16, Q8_0, Q4_0) with tokenizer and chat template, for llama.cpp-family runtimes",
+    "GGUF file (F16 or a llama.cpp block type such as Q8_0, Q4_0) with tokenizer and chat template, "
+    "for llama.cpp-family runtimes",
 )

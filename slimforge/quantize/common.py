@@ -23,11 +23,8 @@ ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 
 
 def parent_config(ref: Any) -> Any:
-    """The input model's config, read without loading weights."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(ref.path, revision=getattr(ref, "revision", None),
-                                      trust_remote_code=getattr(ref, "trust_remote_code", False))
+    """The input model's config, read without loading weights (through ``models.load_config``)."""
+    return ref.load_config()
 
 
 def check_parent(ref: Any, cfg: QuantizeConfig) -> Any:

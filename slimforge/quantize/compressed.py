@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
+from slimforge.arch import count_parameters
 from slimforge.config import FieldError
-from slimforge.models import count_parameters, write_model_files
+from slimforge.models import write_model_files
 from slimforge.progress import progress_bar
 from slimforge.quantize.common import (
     check_group_widths,
@@ -162,12 +163,12 @@ def rtn_stage(ctx: StageContext) -> StageOutput:
 
 def gptq_stage(ctx: StageContext) -> StageOutput:
     """GPTQ on calibration windows from the training split, block by block."""
-    from slimforge.data import calibration_samples
+    from slimforge.calibration.windows import calibration_windows
     from slimforge.quantize.gptq import gptq_quantize_model
 
     cfg: GptqConfig = ctx.config
     model, tokenizer, linears, dtype = _prepare(ctx)
-    ids = calibration_samples(ctx.data(), cfg.num_samples, cfg.seq_len, ctx.seed)
+    ids = calibration_windows(ctx, cfg)
     start = time.perf_counter()
     result = gptq_quantize_model(model, ids, cfg.bits, cfg.group_size, cfg.act_order, cfg.percdamp,
                                  cfg.block_size, cfg.batch_size, ctx.device, dtype, only=set(linears),

@@ -11,7 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from slimforge.config import FieldError, StageConfig, check_choice, check_fraction, check_int
+from slimforge.config import (
+    FieldError,
+    StageConfig,
+    calibration_card_data,
+    check_choice,
+    check_fraction,
+    check_int,
+)
 from slimforge.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -24,9 +31,14 @@ COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 # Weight-only integer formats (compressed-tensors pack-quantized): the bit widths GPTQ and RTN
 # write, and the group sizes vLLM's WNA16 kernels take (-1 = one scale per output channel).
 INT_BITS = (3, 4, 8)
-SCALE_SEARCHES = ("minmax", "mse")  # slimforge.quantize.intquant.SCALE_SEARCHES (kept import-light)
+# How a group's scale is chosen; slimforge.quantize.intquant.group_scales implements each one.
+SCALE_SEARCHES = ("minmax", "mse")
 GROUP_SIZES = (-1, 32, 64, 128)
-GGUF_TYPES = ("F16", "Q8_0", "Q4_0")
+# The GGUF tensor types the export writes (the gguf package quantizes them in Python), each with
+# the type the embedding / output matrix takes by default: llama.cpp keeps that matrix at higher
+# precision under 4- and 5-bit types, and Q8_0 is the nearest such type written here. The file
+# type, the writer and the tests (every type exported, reloaded and verified) all read this table.
+GGUF_TYPES: dict[str, str] = {"F16": "F16", "Q8_0": "Q8_0", "Q5_0": "Q8_0", "Q4_0": "Q8_0"}
 GGUF_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -104,6 +116,10 @@ class QuantizeConfig(StageConfig):
         """The teacher is this stage's input when the stage comes first: it must be full precision."""
         require_full_precision(teacher.config, self.method, "the teacher")
 
+    def recorded_quantization(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """What the stage recorded about its quantization in ``slimforge.json`` (empty if nothing)."""
+        return meta.get("quantization") or {}
+
 
 # --- bitsandbytes ------------------------------------------------------------------------
 
@@ -123,6 +139,12 @@ class BnbConfig(QuantizeConfig):
 
     def check(self) -> None:
         check_choice("storage_dtype", self.storage_dtype, STORAGE_DTYPES)
+
+    def card_settings(self, meta: dict[str, Any]) -> list[str]:
+        return [str(self.recorded_quantization(meta).get("format") or self.method)]
+
+    def artifact_format(self, meta: dict[str, Any]) -> str | None:
+        return "bitsandbytes"
 
     def preflight(self, teacher: TeacherInfo) -> None:
         super().preflight(teacher)
@@ -155,6 +177,9 @@ class BnbInt8Config(BnbConfig):
         if not self.threshold > 0:
             raise FieldError("threshold", self.threshold, "must be > 0 (6.0 is LLM.int8's default)")
 
+    def card_settings(self, meta: dict[str, Any]) -> list[str]:
+        return [*super().card_settings(meta), f"outlier threshold {self.threshold}"]
+
 
 @dataclass
 class Bnb4bitConfig(BnbConfig):
@@ -168,6 +193,9 @@ class Bnb4bitConfig(BnbConfig):
     def check(self) -> None:
         super().check()
         check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+
+    def card_settings(self, meta: dict[str, Any]) -> list[str]:
+        return [*super().card_settings(meta), *(["double quantization"] if self.double_quant else [])]
 
 
 # --- integer weight-only (compressed-tensors) ---------------------------------------------
@@ -196,6 +224,13 @@ class IntWeightConfig(QuantizeConfig):
         super().preflight(teacher)
         require_compressed_tensors(self.method)
         self.check_widths(teacher.config, "the teacher")
+
+    def card_settings(self, meta: dict[str, Any]) -> list[str]:
+        groups = "per channel" if self.group_size == -1 else f"groups of {self.group_size}"
+        return [f"int{self.bits}, {groups}"]
+
+    def artifact_format(self, meta: dict[str, Any]) -> str | None:
+        return "compressed-tensors"
 
     def check_input(self, parent: TeacherInfo) -> None:
         """A later stage's input, as the stages before it plan it (a width prune's sizes)."""
@@ -256,6 +291,15 @@ class GptqConfig(IntWeightConfig):
             raise FieldError("block_size", self.block_size,
                              f"must be a multiple of group_size={self.group_size}, so no group straddles two blocks")
 
+    def uses_data(self) -> bool:
+        return True
+
+    def card_settings(self, meta: dict[str, Any]) -> list[str]:
+        return [*super().card_settings(meta), f"act_order {self.act_order}"]
+
+    def card_data(self, meta: dict[str, Any], source: str) -> str | None:
+        return calibration_card_data(meta, self.num_samples, self.seq_len, source)
+
 
 # --- GGUF --------------------------------------------------------------------------------
 
@@ -265,9 +309,9 @@ class GgufConfig(QuantizeConfig):
     """Export to one GGUF file for llama.cpp-family runtimes (Llama, SmolLM, Mistral, Qwen2).
 
     ``type`` quantizes the 2-D weights; norms stay F32. The embedding / output matrix takes
-    ``output_type`` (default: ``type``, but Q8_0 under Q4_0, as llama.cpp keeps it at higher
-    precision). ``verify`` loads the file back with transformers and checks its logits
-    against the weights the file should hold.
+    ``output_type`` (default: ``type``, but Q8_0 under the 4- and 5-bit types, as llama.cpp
+    keeps it at higher precision). ``verify`` loads the file back with transformers and checks
+    its logits against the weights the file should hold, on ``verify_blocks`` held-out blocks.
     """
 
     method: str = "gguf"
@@ -279,20 +323,28 @@ class GgufConfig(QuantizeConfig):
     verify_blocks: int = 2
 
     def check(self) -> None:
-        check_choice("type", self.type, GGUF_TYPES)
-        check_choice("output_type", self.output_type, GGUF_TYPES)
+        check_choice("type", self.type, tuple(GGUF_TYPES))
+        check_choice("output_type", self.output_type, tuple(GGUF_TYPES))
         check_int("verify_blocks", self.verify_blocks, low=1)
         if self.file_name is not None and (not self.file_name.endswith(".gguf") or "/" in self.file_name):
             raise FieldError("file_name", self.file_name, "must be a plain file name ending in .gguf")
 
     def resolved_output_type(self) -> str:
-        if self.output_type is not None:
-            return self.output_type
-        return "Q8_0" if self.type == "Q4_0" else self.type
+        return self.output_type if self.output_type is not None else GGUF_TYPES.get(self.type, self.type)
 
     def preflight(self, teacher: TeacherInfo) -> None:
         super().preflight(teacher)
         check_gguf_architecture(teacher.config)
+
+    def uses_data(self) -> bool:
+        return self.verify  # held-out blocks to compare logits on (the card names no data: none made the file)
+
+    def card_settings(self, meta: dict[str, Any]) -> list[str]:
+        output = self.recorded_quantization(meta).get("output_type") or self.resolved_output_type()
+        return [f"type {self.type}, output {output}"]
+
+    def artifact_format(self, meta: dict[str, Any]) -> str | None:
+        return "gguf"
 
 
 def check_gguf_architecture(config: Any) -> None:

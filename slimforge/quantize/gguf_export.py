@@ -3,7 +3,7 @@
 One ``.gguf`` file holds the weights, the architecture's hyperparameters, the tokenizer
 (byte-level BPE: tokens, token types, merges, special ids, pre-tokenizer name) and the chat
 template, written with the ``gguf`` package's ``GGUFWriter`` and quantized with its Python
-quantizers (F16, Q8_0, Q4_0).
+quantizers (the types of :data:`slimforge.quantize.config.GGUF_TYPES`).
 
 llama.cpp's conventions that a converter must follow:
 
@@ -15,8 +15,8 @@ llama.cpp's conventions that a converter must follow:
   declares the window as its context length (:func:`exact_context_length`).
 * Norms stay F32; a weight whose rows do not split into the type's 32-value blocks falls
   back to F16; with tied embeddings there is no ``output.weight``: the runtime reuses
-  ``token_embd``, which then takes ``output_type`` (Q8_0 under Q4_0, like llama.cpp keeps
-  its output matrix at higher precision).
+  ``token_embd``, which then takes ``output_type`` (Q8_0 under the 4- and 5-bit types, like
+  llama.cpp keeps its output matrix at higher precision).
 
 The written file is verified by loading it back with transformers' GGUF loader and
 comparing its logits with those of the source model carrying the exact values the file
@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from slimforge.arch import count_parameters
 from slimforge.errors import ConfigError
-from slimforge.models import count_parameters, load_model
+from slimforge.models import load_model
 from slimforge.pretokenize import detect_pre_tokenizer
 from slimforge.progress import progress_bar
 from slimforge.quantize.common import check_parent, quantizable_linears
@@ -251,7 +253,11 @@ def add_hyperparameters(writer: Any, config: Any, name: str, file_type: Any) -> 
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-FILE_TYPES = {"F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0"}
+def file_type(main: str) -> Any:
+    """The file type llama.cpp reads from the header: "mostly" the type of the 2-D weights."""
+    import gguf
+
+    return gguf.LlamaFileType[f"MOSTLY_{main}"]
 
 
 @dataclass
@@ -279,7 +285,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, main: str, output: str, n
     pre = detect_pre_tokenizer(tokenizer)
     plan = plan_tensors(model, main, output)
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf_arch(config.model_type)])
-    add_hyperparameters(writer, config, name, gguf.LlamaFileType[FILE_TYPES[main]])
+    add_hyperparameters(writer, config, name, file_type(main))
     add_tokenizer(writer, tokenizer, int(config.vocab_size), pre)
     sizes, hf_types, types = {}, {}, {}
     # Quantizing the tensors (numpy, one core) is the slow part of writing the file.
@@ -373,7 +379,7 @@ def gguf_stage(ctx: StageContext) -> StageOutput:
     params = count_parameters(model)
     info = {"type": main, "output_type": output, "pre_tokenizer": export.pre_tokenizer,
             "context_length": exact_context_length(config),
-            "tensor_types": _count(export.types.values()), "fallback_f16": export.fallback_f16}
+            "tensor_types": dict(Counter(export.types.values())), "fallback_f16": export.fallback_f16}
     if cfg.verify:
         blocks = blocks_tensor(ctx.data().heldout, cfg.verify_blocks)
         info["verify"] = verify_gguf(ctx.out_dir, file_name, model, tokenizer, export, blocks)
@@ -387,10 +393,3 @@ def gguf_stage(ctx: StageContext) -> StageOutput:
     meta.update(gguf_file=file_name, architecture=type(model).__name__, model_type=config.model_type)
     metrics = {k: meta[k] for k in ("bits_per_weight", "size_on_disk_bytes", "quantize_seconds")}
     return StageOutput(meta=meta, metrics=metrics)
-
-
-def _count(values: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for value in values:
-        out[value] = out.get(value, 0) + 1
-    return out

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from slimforge.quantize.config import SCALE_SEARCHES
+
 
 def code_range(bits: int) -> tuple[int, int]:
     """The smallest and largest signed integer code of a ``bits``-wide grid."""
@@ -62,9 +64,6 @@ def symmetric_scales(weight: torch.Tensor, bits: int, group_size: int,
     return round_scales(amax / ((2**bits - 1) / 2), scale_dtype)
 
 
-SCALE_SEARCHES = ("minmax", "mse")
-
-
 def mse_scales(weight: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype | None = None,
                importance: torch.Tensor | None = None, min_shrink: float = 0.5, steps: int = 26) -> torch.Tensor:
     """Per-group scales that minimise the (importance-weighted) squared rounding error.
@@ -95,12 +94,13 @@ def mse_scales(weight: torch.Tensor, bits: int, group_size: int, scale_dtype: to
 
 def group_scales(weight: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype | None = None,
                  search: str = "minmax", importance: torch.Tensor | None = None) -> torch.Tensor:
-    """Scales by ``search``: ``minmax`` (:func:`symmetric_scales`) or ``mse`` (:func:`mse_scales`)."""
+    """Scales by ``search``, one of the schema's ``SCALE_SEARCHES``: ``minmax``
+    (:func:`symmetric_scales`) or ``mse`` (:func:`mse_scales`)."""
     if search == "mse":
         return mse_scales(weight, bits, group_size, scale_dtype, importance)
-    if search != "minmax":
-        raise ValueError(f"scale search must be one of {', '.join(SCALE_SEARCHES)}, got {search!r}")
-    return symmetric_scales(weight, bits, group_size, scale_dtype)
+    if search == "minmax":
+        return symmetric_scales(weight, bits, group_size, scale_dtype)
+    raise ValueError(f"scale search must be one of {', '.join(SCALE_SEARCHES)}, got {search!r}")
 
 
 def quantize_codes(weight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
