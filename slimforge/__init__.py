@@ -18,7 +18,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from slimforge._version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     from slimforge.api import EvalResult, evaluate, run_stage

@@ -158,7 +158,8 @@ def run_stage(kind: str, model: PathLike, out_dir: PathLike | None = None, *, me
     Raises:
         ConfigError: an unknown method or option, a value out of range, a missing file.
     """
-    from slimforge.pipeline import resolve_run_dir, run_one
+    from slimforge.pipeline import run_one
+    from slimforge.rundir import resolve_run_dir
 
     name = name or kind
     if teacher is not None and str(teacher) == str(model):
@@ -170,11 +171,11 @@ def run_stage(kind: str, model: PathLike, out_dir: PathLike | None = None, *, me
                           _data_spec(data), options, run)
     source = None
     if teacher is not None:
-        from slimforge.eval.command import resolve_model
+        from slimforge.models import resolve_model
 
         local = Path(str(model)).expanduser()
         source = resolve_model(str(local.resolve()) if local.exists() else str(model),
-                               "student" if kind == "distill" else "input")
+                               "student" if kind == "distill" else "input", code_setting=None)
     result = run_one(recipe, resolve_run_dir(recipe.config), source)
     return result.artifacts[name]
 

@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import Any
 
-from slimforge import __version__
+from slimforge._version import __version__
 
 RUN_EPILOG = """\
 examples:
@@ -148,7 +148,7 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def _cmd_distill(ns: argparse.Namespace) -> int:
-    from slimforge.distill.stages import cache_teacher_for_recipe
+    from slimforge.teacher_cache_command import cache_teacher_for_recipe
 
     recipe_name, overrides = _split_run_args(ns.args)
     cache = cache_teacher_for_recipe(recipe_name, overrides, ns.stage)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from slimforge.errors import ConfigError
 
@@ -231,17 +231,149 @@ class RecipeConfig:
 
 @dataclass
 class StageConfig:
-    """Fields every stage has; each method's schema extends this."""
+    """Fields every stage has; each method's schema extends this.
+
+    Besides its fields and checks (``check``; ``preflight``, ``check_input`` and
+    ``planned_config`` where a method needs them), a schema answers the questions that
+    orchestration would otherwise ask per method name. The defaults suit a stage that reads
+    no data and writes a plain Hugging Face folder:
+
+    - :meth:`uses_data`: whether the stage reads the run's data;
+    - :meth:`card_settings` and :meth:`card_data`: how it describes itself on a model card;
+    - :meth:`artifact_format`: the format of the folder it writes.
+    """
 
     kind: str = ""
     method: str = ""
 
+    def uses_data(self) -> bool:
+        """Whether the stage reads the run's data (calibration windows, training or held-out blocks)."""
+        return False
+
+    def card_settings(self, meta: dict[str, Any]) -> list[str]:
+        """The settings that define the stage, a few words each, for its model card's lineage table.
+
+        Args:
+            meta: the artifact's ``slimforge.json``, for what the stage recorded besides its config.
+        """
+        return []
+
+    def card_data(self, meta: dict[str, Any], source: str) -> str | None:
+        """What the model card says about the data that made this artifact, or None when none did.
+
+        Args:
+            meta: the artifact's ``slimforge.json``.
+            source: the run's data in a few words (its path or asset, and block size).
+        """
+        return None
+
+    def artifact_format(self, meta: dict[str, Any]) -> str | None:
+        """The format of the folder the stage writes: ``hf``, ``bitsandbytes``, ``compressed-tensors``,
+        ``gguf`` or ``lora``; None when only the folder's files can tell (then they are read)."""
+        return "hf"
+
+
+def named_settings(config: Any, names: tuple[str, ...]) -> list[str]:
+    """``"<name> <value>"`` for each of ``names`` that ``config`` sets (not None), for a model card."""
+    return [f"{name} {getattr(config, name)}" for name in names if getattr(config, name, None) is not None]
+
+
+def calibration_card_data(meta: dict[str, Any], num_samples: int, seq_len: int, source: str) -> str:
+    """The card's data line of a stage calibrated on windows of the run's data.
+
+    What the artifact recorded (``calibration``) wins over the config's numbers.
+    """
+    recorded = meta.get("calibration") or {}
+    return (f"calibrated on {recorded.get('samples', num_samples)} windows of "
+            f"{recorded.get('seq_len', seq_len)} tokens from {source}")
+
+
+def stage_config_from_meta(meta: dict[str, Any]) -> StageConfig | None:
+    """The typed config an artifact's ``slimforge.json`` recorded; None if its method is not registered here.
+
+    Tolerant, because artifacts outlive versions: fields this version's schema lacks are
+    dropped, missing ones take their defaults, and no value is checked (the result only
+    describes a stage that already ran).
+    """
+    from slimforge.registry import registry
+
+    kind, method = meta.get("kind"), meta.get("method")
+    if kind not in STAGE_KINDS or not method:
+        return None
+    try:
+        schema = registry(str(kind)).get(str(method)).load_schema()
+    except ConfigError:
+        return None
+    return _tolerant_instance(schema, {**(meta.get("config") or {}), "kind": kind, "method": method})
+
+
+def _tolerant_instance(schema: type, values: dict[str, Any]) -> Any:
+    """``schema(**values)`` with unknown keys dropped and nested sections built the same way."""
+    import dataclasses
+
+    known = {}
+    for f in dataclasses.fields(schema):
+        if f.name not in values or not f.init:
+            continue
+        value = values[f.name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                continue  # a section recorded in some other shape: keep the default
+            value = _tolerant_instance(type(default), value)
+        known[f.name] = value
+    return schema(**known)
+
 
 @dataclass
 class TaskConfig:
-    """Fields every eval task has; each task type's schema extends this."""
+    """Fields every eval task has; each task type's schema extends this.
+
+    The evaluation engine asks a task's schema, never its type name, what the task needs.
+    Class attributes: ``USES_DATA`` (reads the run's held-out text, which is then built
+    before any model loads and whose fingerprint joins the result's cache key), ``PAIRED``
+    (compares a student with the teacher, whose fingerprint then joins the key),
+    ``TEACHER_TOKENS`` (compares token ids with the teacher's, so it is skipped for a
+    student whose tokenizer differs) and ``FRESH`` (measured anew in every invocation, never
+    taken from a cache). The methods below are the other hooks, each with a default that
+    suits most tasks. ``settings`` is the :class:`slimforge.eval.config.EvalSettings` every
+    model is evaluated with.
+    """
+
+    USES_DATA: ClassVar[bool] = False
+    PAIRED: ClassVar[bool] = False
+    TEACHER_TOKENS: ClassVar[bool] = False
+    FRESH: ClassVar[bool] = False
 
     type: str = ""
+
+    def check_eval(self, eval_cfg: EvalConfig) -> None:
+        """Checks against the recipe's eval section, run while the recipe is validated (before any model)."""
+
+    @classmethod
+    def from_command_line(cls, options: Any) -> TaskConfig | None:
+        """This type as ``slimforge eval --tasks <type>`` makes it (``options``: the parsed
+        arguments), or None when the type is not offered by name there."""
+        return None
+
+    def with_defaults(self, settings: Any) -> TaskConfig:
+        """This task with the eval-wide defaults it takes (such as ``limit``) filled in."""
+        return self
+
+    def preflight(self, settings: Any) -> None:
+        """Checks that need no model weights (names, files), so a mistake fails before any model loads."""
+
+    def pairs_with_teacher(self) -> bool:
+        """Whether a student's result depends on the teacher's (then the teacher joins its cache key)."""
+        return self.PAIRED
+
+    def measures_token_fidelity(self) -> bool:
+        """Whether results carry KL and top-1 agreement with the teacher (what ``max_kl`` gates)."""
+        return False
+
+    def cache_key_extra(self, settings: Any) -> Any:
+        """What a result depends on beyond this config, the model and the settings: files, the device."""
+        return None
 
 
 STAGE_KINDS = ("student", "prune", "distill", "quantize")
@@ -436,10 +568,8 @@ def validate_recipe(cfg: Any) -> Recipe:
     chosen = OmegaConf.create({name: cfg.stages[name] for name in top.pipeline})
     stages = _typed_entries(chosen, "stages", "method", lambda node: node.get("kind"))
     tasks = _typed_entries(cfg.eval.tasks, "eval.tasks", "type", lambda node: "eval")
-    if top.eval.include_path and not top.eval.allow_code and any(t.type == "lm_eval" for t in tasks.values()):
-        from slimforge.eval.taskcode import refuse_task_code
-
-        refuse_task_code(top.eval.include_path)  # task YAMLs that run Python: refused without eval.allow_code
+    for task in tasks.values():
+        task.check_eval(top.eval)
     for name, stage in stages.items():
         if stage.kind == "student" and name != top.pipeline[0]:
             raise ConfigError(

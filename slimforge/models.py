@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slimforge import __version__
+from slimforge._version import __version__
+from slimforge.arch import count_parameters
 from slimforge.errors import ConfigError, ModelLoadError
 from slimforge.fsutil import atomic_dir, atomic_write_json, read_json, stable_hash, tree_fingerprint
 
@@ -101,6 +102,17 @@ def resolve_dtype(preference: str = "auto", device: torch.device | str | None = 
     return torch.float32
 
 
+def device_name(device: torch.device) -> str:
+    """What the device is, for timings' provenance: the GPU's name, or the CPU's and its thread count."""
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
 # --- model references --------------------------------------------------------------------
 
 
@@ -171,9 +183,7 @@ class ModelRef:
         """
         kind = classify_source(path, gguf_file)
         if kind == "folder":
-            if code_setting == "":
-                code_setting = f"{label}.trust_remote_code=true" if label == "teacher" else "trust_remote_code=true"
-            check_model_folder(Path(path).expanduser(), trust_remote_code, code_setting)
+            check_model_folder(Path(path).expanduser(), trust_remote_code, _code_setting(code_setting, label))
         if kind == "hub":
             fingerprint = stable_hash(["hub", path, revision])
         else:
@@ -191,6 +201,11 @@ class ModelRef:
         return cls(path=str(folder), fingerprint=meta["fingerprint"], label=label,
                    gguf_file=meta.get("gguf_file"), meta=meta)
 
+    @classmethod
+    def from_asset(cls, name: str, label: str) -> ModelRef:
+        """A reference to an embedded model asset (``smollm2-135m``), fetched and converted once."""
+        return cls.from_artifact(asset_model_folder(name), label)
+
     def load(self, device: Any = "cpu", dtype: Any = None) -> tuple[Any, Any]:
         return load_model(self.path, device=device, dtype=dtype, gguf_file=self.gguf_file,
                           revision=self.revision, trust_remote_code=self.trust_remote_code,
@@ -202,6 +217,55 @@ class ModelRef:
 
     def load_config(self) -> Any:
         return load_config(self.path, revision=self.revision, trust_remote_code=self.trust_remote_code)
+
+
+def _code_setting(code_setting: str | None, label: str) -> str | None:
+    """The setting that lets this model's own code run, for error messages ("": derived from ``label``)."""
+    if code_setting != "":
+        return code_setting
+    return f"{label}.trust_remote_code=true" if label == "teacher" else "trust_remote_code=true"
+
+
+def _is_artifact_folder(location: Path) -> bool:
+    """A folder slimforge wrote (a stage artifact or a converted asset): its ``slimforge.json`` has a fingerprint."""
+    return location.is_dir() and (location / META_FILE).is_file() and "fingerprint" in read_json(location / META_FILE)
+
+
+def resolve_model(spec: str, label: str, *, gguf_file: str | None = None, revision: str | None = None,
+                  trust_remote_code: bool = False, allow_pickle: bool = False,
+                  code_setting: str | None = "") -> ModelRef:
+    """The one way a user's model spec becomes a :class:`ModelRef`: the pipeline's teacher, a
+    checkpoint student, ``slimforge eval``'s models and the Python API's inputs all come here.
+
+    Args:
+        spec: an embedded model asset name (``smollm2-135m``, when no such path exists), a
+            slimforge artifact folder (taken with its recorded fingerprint and GGUF file), any
+            other Hugging Face folder, a ``.gguf`` file, or a hub id.
+        label: what the model is in this run (``teacher``, a stage or student name).
+        gguf_file: the GGUF file inside a folder ``spec``.
+        revision: the hub revision.
+        trust_remote_code: let the model's own code run.
+        allow_pickle: accept pickle weights.
+        code_setting: the setting that turns ``trust_remote_code`` on, for the error that
+            names it; "" derives it from ``label``, None says there is none (``slimforge eval``).
+
+    Raises:
+        ModelLoadError: the model is missing, broken or needs code that may not run.
+    """
+    from slimforge.assets import ASSETS
+
+    local = Path(spec).expanduser()
+    if not local.exists() and spec in ASSETS and ASSETS[spec].kind == "model":
+        return ModelRef.from_asset(spec, label)
+    if gguf_file is None and _is_artifact_folder(local):
+        ref = ModelRef.from_artifact(local, label)
+        if ref.gguf_file is None:
+            check_model_folder(local, trust_remote_code, _code_setting(code_setting, label))
+        ref.trust_remote_code, ref.allow_pickle = trust_remote_code, allow_pickle
+        return ref
+    return ModelRef.from_source(spec, label, gguf_file=gguf_file, revision=revision,
+                                trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                code_setting=code_setting)
 
 
 # --- loading -----------------------------------------------------------------------------
@@ -440,7 +504,7 @@ def load_model(path: str, device: Any = "cpu", dtype: Any = None, gguf_file: str
         model = model.to(device=device, dtype=dtype)
     elif getattr(model, "hf_quantizer", None) is not None:
         _cast_unquantized(model, dtype)
-        from slimforge.quantize.bnb import keep_4bit_layers_off_cpu_packing
+        from slimforge.quantize.bnb_cpu import keep_4bit_layers_off_cpu_packing
 
         keep_4bit_layers_off_cpu_packing(model)  # else widths like 432 crash on AVX512-BF16 CPUs
     model.eval()
@@ -464,16 +528,6 @@ def _cast_unquantized(model: Any, dtype: Any) -> None:
 
 
 # --- saving ------------------------------------------------------------------------------
-
-
-def count_parameters(model: Any) -> int:
-    """Parameters of the model, counting tied weights once."""
-    seen, total = set(), 0
-    for param in model.parameters():
-        if id(param) not in seen:
-            seen.add(id(param))
-            total += param.numel()
-    return total
 
 
 def save_model(model: Any, tokenizer: Any, dest: str | Path, meta: dict[str, Any],
@@ -554,6 +608,31 @@ def saved_parameter_count(folder: Path) -> int | None:
     return total or None
 
 
+def artifact_format(path: str | Path, gguf_file: str | None = None, meta: dict[str, Any] | None = None) -> str:
+    """A model's format: ``hf``, ``gguf``, ``lora`` or its quantization method (``bitsandbytes``,
+    ``compressed-tensors``, or whatever ``quant_method`` another tool wrote).
+
+    The one rule for model cards, evaluation reports and anything else that asks. A stage
+    artifact's format is the one its method's schema declares (``artifact_format``, given its
+    ``meta``); any other model's is read from its files: ``gguf_file`` or a ``.gguf`` path, a LoRA
+    adapter (``adapter_config.json``), ``config.json``'s ``quantization_config``, else ``hf``.
+    """
+    from slimforge.config import stage_config_from_meta
+
+    config = stage_config_from_meta(meta) if meta else None
+    declared = config.artifact_format(meta or {}) if config is not None else None
+    if declared:
+        return declared
+    location = Path(path).expanduser()
+    if gguf_file or location.suffix == ".gguf":
+        return "gguf"
+    if (location / "adapter_config.json").is_file():
+        return "lora"
+    config_file = location / "config.json"
+    quant = read_json(config_file).get("quantization_config") if config_file.is_file() else None
+    return str(quant.get("quant_method")) if isinstance(quant, dict) and quant else "hf"
+
+
 def folder_facts(folder: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a card says about a model folder's files: format, weight bytes, dtype, adapter base."""
     import json
@@ -561,25 +640,22 @@ def folder_facts(folder: Path, meta: dict[str, Any] | None = None) -> dict[str, 
     from slimforge.quantize.report import weight_files_size
 
     meta = meta or {}
-    facts: dict[str, Any] = {"format": "hf", "has_recipe": (folder / RECIPE_FILE).is_file()}
     config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     gguf = meta.get("gguf_file") or next((p.name for p in sorted(folder.glob("*.gguf"))), None)
     adapter = folder / "adapter_config.json"
-    if gguf:
-        facts.update(format="gguf", gguf_file=gguf)
-    elif adapter.is_file():
+    facts: dict[str, Any] = {"format": artifact_format(folder, gguf, meta),
+                             "has_recipe": (folder / RECIPE_FILE).is_file()}
+    if facts["format"] == "gguf":
+        facts["gguf_file"] = gguf
+    elif facts["format"] == "lora" and adapter.is_file():
         base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
-        facts.update(format="lora", adapter_base=base)
+        facts["adapter_base"] = base
         base_dir = Path(str(base)).expanduser() if base else None
         if base_dir is not None and (base_dir / "config.json").is_file():
-            base_quant = read_json(base_dir / "config.json").get("quantization_config") or {}
-            facts["adapter_base_format"] = "bitsandbytes" if base_quant.get("quant_method") == "bitsandbytes" else "hf"
+            facts["adapter_base_format"] = "bitsandbytes" if artifact_format(base_dir) == "bitsandbytes" else "hf"
             facts["base_disk_bytes"] = weight_files_size(base_dir)
             base_meta = read_json(base_dir / META_FILE) if (base_dir / META_FILE).is_file() else {}
             facts["num_parameters"] = base_meta.get("num_parameters")
-    elif config.get("quantization_config"):
-        method = str(config["quantization_config"].get("quant_method"))
-        facts["format"] = {"compressed-tensors": "compressed-tensors"}.get(method, method)
     facts["disk_bytes"] = weight_files_size(folder) + facts.get("base_disk_bytes", 0) or None
     dtype = config.get("dtype") or config.get("torch_dtype")
     if dtype and facts["format"] == "hf":
@@ -681,14 +757,26 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def tokenizer_mismatch(teacher_tok: Any, student_tok: Any) -> str | None:
-    """Why two tokenizers disagree, or None when they map text to the same ids."""
+    """Why a student's token ids do not line up with the teacher's, or None when they do.
+
+    The one rule distillation (which refuses such a student) and evaluation (which skips
+    token-level comparisons for it) share. What matters is that the teacher's ids mean the
+    same to the student: every teacher token keeps its id, the student has no ordinary tokens
+    the teacher lacks (text would split differently), and the bos / eos ids agree. Added
+    tokens beyond the teacher's vocabulary are allowed: transformers' GGUF loader appends
+    ``<|endoftext|>`` to a byte-level BPE vocabulary, a token the model never predicts.
+    The logits' width is the models' business, not the tokenizers' (distillation checks it).
+    """
     tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
-    if len(tv) != len(sv):
-        return f"vocabulary sizes differ ({len(tv)} vs {len(sv)})"
-    differing = sum(1 for tok, idx in tv.items() if sv.get(tok) != idx)
-    if differing:
-        return f"{differing} of {len(tv)} tokens map to different ids"
-    for attr in ("eos_token_id", "bos_token_id"):
+    sizes = f"vocabulary sizes differ ({len(tv)} vs {len(sv)}); " if len(tv) != len(sv) else ""
+    moved = sum(1 for token, idx in tv.items() if sv.get(token) != idx)
+    if moved:
+        return f"{sizes}{moved} of {len(tv)} teacher tokens are missing or have other ids"
+    added = set(student_tok.get_added_vocab())
+    extra = [token for token in sv if token not in tv and token not in added]
+    if extra:
+        return f"{sizes}the student has {len(extra)} ordinary tokens the teacher lacks"
+    for attr in ("bos_token_id", "eos_token_id"):
         if getattr(teacher_tok, attr) != getattr(student_tok, attr):
             return f"{attr} differs ({getattr(teacher_tok, attr)} vs {getattr(student_tok, attr)})"
     return None

@@ -1,16 +1,6 @@
-"""Runs a recipe: run directory, manifest, stage order, skip-if-done, resume, eval.
+"""Runs a recipe: stage order, skip-if-done, resume, then the evaluation, recorded in the manifest.
 
-One run directory per run::
-
-    runs/<recipe>/<run_name>/
-      config.yaml        the resolved recipe of the latest invocation
-      manifest.json      per stage: status, config hash, fingerprint, inputs, times, metrics
-      run.log            the log of every invocation
-      stages/<name>/     one HF model folder per stage (slimforge.json + recipe.yaml inside)
-      work/<name>/       scratch kept across interrupted attempts (checkpoints)
-      eval/<model>.json  evaluation results, keyed by what they depend on
-      report.json, report.md
-
+Each run writes into one run directory (:mod:`slimforge.rundir`: its layout, manifest and lock).
 A stage's *fingerprint* hashes its kind, method and config with its parent's
 fingerprint (and the data's, where it uses data). Re-running into the same
 directory skips every stage whose fingerprint and artifact are unchanged, redoes
@@ -20,9 +10,7 @@ refuses to replace a finished artifact made from a different config unless
 sha256 digests recorded in its ``checksums.json`` when it was published; a
 damaged one is made again, with a warning.
 
-``run_name`` and the recipe's ``name`` are single folder names, and a run only
-writes into a new or empty folder or an earlier run's directory, so no run
-touches files that are not its own. A bug inside a stage or an evaluation ends
+A bug inside a stage or an evaluation ends
 the run with one line naming ``run.log`` (which holds the traceback); the
 finished work stays, and the same command resumes.
 """
@@ -32,17 +20,16 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import logging
-import os
-import re
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from slimforge import __version__, dist
+import slimforge.dist as dist
+from slimforge._version import __version__
 from slimforge.config import Recipe, validate_recipe
 from slimforge.errors import ConfigError, RunDirError
 from slimforge.fsutil import (
@@ -59,6 +46,20 @@ from slimforge.fsutil import (
 )
 from slimforge.models import META_FILE, RECIPE_FILE, ModelRef
 from slimforge.recipes import compose_recipe, compose_run, expand_sweep
+from slimforge.rundir import (
+    MANIFEST,
+    RUN_LOG,
+    SWEEP_FILE,
+    Manifest,
+    StageRecord,
+    check_run_dir,
+    check_sweep_dir,
+    now,
+    resolve_run_dir,
+    run_lock,
+    run_logging,
+)
+from slimforge.session import Session, resolve_teacher
 from slimforge.stage import StageContext, StageOutput, TeacherInfo
 
 log = logging.getLogger("slimforge")
@@ -66,15 +67,6 @@ log = logging.getLogger("slimforge")
 DATA_KINDS = ("prune", "distill", "quantize")
 # Stage kinds that run on every rank under `accelerate launch`; the rest run on the main rank.
 TRAINING_KINDS = ("distill",)
-MANIFEST = "manifest.json"
-RUN_LOG = "run.log"
-SWEEP_FILE = "sweep.json"
-# What a first invocation leaves in its run directory before the manifest exists.
-STARTUP_FILES = frozenset({".lock", RUN_LOG})
-
-
-def _now() -> str:
-    return _dt.datetime.now().isoformat(timespec="seconds")
 
 
 def config_hash(obj: Any) -> str:
@@ -82,49 +74,7 @@ def config_hash(obj: Any) -> str:
     return stable_hash(asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj)
 
 
-# --- shared, lazily loaded state ----------------------------------------------------------
-
-
-class RunSession:
-    """Loads the teacher, its tokenizer and the data once per run, on first use."""
-
-    def __init__(self, recipe: Recipe, teacher_ref: ModelRef) -> None:
-        from slimforge.models import resolve_device, resolve_dtype
-
-        self.recipe = recipe
-        self.teacher_ref = teacher_ref
-        self.device = resolve_device(recipe.config.device)
-        self.dtype = resolve_dtype(recipe.config.dtype, self.device)
-        self._teacher: tuple[Any, Any] | None = None
-        self._tokenizer: Any = None
-        self._data: Any = None
-
-    def teacher(self) -> tuple[Any, Any]:
-        if self._teacher is None:
-            log.info("loading teacher %s (%s, %s)", self.teacher_ref.path, self.device, self.dtype)
-            model, tokenizer = self.teacher_ref.load(device=self.device, dtype=self.dtype)
-            model.requires_grad_(False)
-            self._teacher = (model, tokenizer)
-            self._tokenizer = tokenizer
-        return self._teacher
-
-    def teacher_tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            self._tokenizer = self.teacher_ref.load_tokenizer()
-        return self._tokenizer
-
-    def teacher_info(self) -> TeacherInfo:
-        return model_info(self.teacher_ref, self.teacher_tokenizer(), lambda: self.teacher()[0])
-
-    def data(self) -> Any:
-        if self._data is None:
-            from slimforge.data import build_data
-
-            self._data = build_data(self.recipe.config.data, self.teacher_tokenizer())
-        return self._data
-
-    def release_teacher(self) -> None:
-        self._teacher = None
+# --- what preflight checks see -----------------------------------------------------------
 
 
 def model_info(ref: ModelRef, tokenizer: Any = None, load: Any = None) -> TeacherInfo:
@@ -136,76 +86,9 @@ def model_info(ref: ModelRef, tokenizer: Any = None, load: Any = None) -> Teache
     return TeacherInfo(config=config, tokenizer=tokenizer if tokenizer is not None else ref.load_tokenizer())
 
 
-def resolve_teacher(recipe: Recipe) -> ModelRef:
-    """The teacher as a :class:`ModelRef`: a user path, or the embedded asset (fetched once)."""
-    cfg = recipe.config.teacher
-    if cfg.path:
-        return ModelRef.from_source(cfg.path, "teacher", gguf_file=cfg.gguf_file, revision=cfg.revision,
-                                    trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
-    from slimforge.models import asset_model_folder
-
-    return ModelRef.from_artifact(asset_model_folder(cfg.asset), "teacher")
-
-
-# --- the manifest ------------------------------------------------------------------------
-
-
-@dataclass
-class StageRecord:
-    name: str
-    kind: str
-    method: str
-    status: str = "pending"  # pending | running | done | skipped | failed | interrupted
-    config_hash: str = ""
-    fingerprint: str = ""
-    parent: dict[str, str] = field(default_factory=dict)
-    artifact: str = ""
-    started: str | None = None
-    ended: str | None = None
-    seconds: float | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-
-
-class Manifest:
-    """``manifest.json``: what each stage is, where it came from, and how it went."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data: dict[str, Any] = {}
-        if path.is_file():
-            # Derived data: when a crash or a full disk garbled it, the stage folders still say what was made.
-            loaded = read_json_or_none(path, instead="rebuilding it from the stage folders' slimforge.json "
-                                                      "(the history of earlier invocations is lost)")
-            self.data = loaded if loaded is not None else {"stages": recovered_stages(path.parent)}
-
-    def stage(self, name: str) -> dict[str, Any] | None:
-        return self.data.get("stages", {}).get(name)
-
-    def set_stage(self, record: StageRecord) -> None:
-        self.data.setdefault("stages", {})[record.name] = asdict(record)
-        self.save()
-
-    def save(self) -> None:
-        if not dist.is_main():
-            return
-        self.data["updated"] = _now()
-        atomic_write_json(self.path, self.data)
-
-
-def recovered_stages(run_dir: Path) -> dict[str, Any]:
-    """Manifest records of the finished stages in ``run_dir``, rebuilt from their ``slimforge.json``."""
-    stages: dict[str, Any] = {}
-    for meta_file in sorted((run_dir / "stages").glob(f"*/{META_FILE}")):
-        meta = read_json_or_none(meta_file, instead="leaving that stage out of the rebuilt manifest")
-        if meta is None or "fingerprint" not in meta:
-            continue
-        folder = meta_file.parent
-        record = StageRecord(folder.name, str(meta.get("kind", "")), str(meta.get("method", "")), status="done",
-                             config_hash=str(meta.get("config_hash", "")), fingerprint=str(meta["fingerprint"]),
-                             parent=meta.get("parent") or {}, artifact=str(folder), metrics=meta.get("metrics") or {})
-        stages[folder.name] = asdict(record)
-    return stages
+def teacher_info(session: Session) -> TeacherInfo:
+    """The session's teacher for preflight checks: its tokenizer, and its config without the weights."""
+    return model_info(session.teacher_ref, session.teacher_tokenizer(), lambda: session.teacher()[0])
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -235,103 +118,6 @@ class RunResult:
     def artifacts(self) -> dict[str, Path]:
         return {name: Path(rec["artifact"]) for name, rec in self.manifest.get("stages", {}).items()
                 if rec.get("artifact")}
-
-
-def resolve_run_dir(cfg: Any, job: int | None = None, sweep_name: str | None = None) -> Path:
-    """``run_dir`` if given, else ``out_dir/<recipe name>/<run_name or timestamp>``."""
-    if cfg.run_dir:
-        base = Path(cfg.run_dir).expanduser()
-    else:
-        name = cfg.run_name or sweep_name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = Path(cfg.out_dir).expanduser() / cfg.name / name
-    return base / f"job{job:02d}" if job is not None else base
-
-
-def _leftover_temp_file(name: str) -> bool:
-    """A temporary file of an atomic write that a killed process never renamed."""
-    return name.startswith(".") and name.endswith(".tmp")
-
-
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    return path
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """Refuse a run directory that would mean writing over files no slimforge run made.
-
-    Accepted: a missing or empty folder, an earlier run's directory (it has
-    ``manifest.json``), or what a first invocation killed before its manifest leaves
-    (``.lock``, ``run.log``, temporary files). Checked before anything loads.
-
-    Raises:
-        RunDirError: ``run_dir`` is a file, or a folder of other files.
-        OutputError: the folder, or the nearest existing folder above it, is not writable.
-    """
-    from slimforge.errors import OutputError
-
-    how = "choose another run_name, or a run_dir that is new, empty or an earlier run's directory"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"the run directory {run_dir} is a file; {how}")
-    if run_dir.is_dir() and not (run_dir / MANIFEST).is_file():
-        foreign = sorted(e.name for e in run_dir.iterdir()
-                         if e.name not in STARTUP_FILES and not _leftover_temp_file(e.name))
-        if foreign:
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise RunDirError(f"{run_dir} is not a slimforge run directory (no {MANIFEST}) and holds other "
-                              f"files ({shown}), which a run would overwrite; {how}")
-    existing = _nearest_existing(run_dir)
-    if not existing.is_dir():
-        raise OutputError(f"cannot create the run directory {run_dir}: {existing} is a file; "
-                          "choose another run_dir or out_dir")
-    if not os.access(existing, os.W_OK | os.X_OK):  # fail now, not after the teacher has loaded
-        raise OutputError(f"cannot write to {existing} (permission denied or read-only); "
-                          "choose a writable run_dir or out_dir")
-
-
-def check_sweep_dir(sweep_dir: Path) -> None:
-    """Refuse a sweep folder that holds anything but a sweep's jobs and reports.
-
-    Raises:
-        RunDirError: ``sweep_dir`` is a file, or a folder of other files (a single run's directory, say).
-    """
-    how = "choose another run_name, or a run_dir that is new, empty or an earlier sweep's folder"
-    if sweep_dir.exists() and not sweep_dir.is_dir():
-        raise RunDirError(f"the sweep folder {sweep_dir} is a file; {how}")
-    if sweep_dir.is_dir() and not (sweep_dir / SWEEP_FILE).is_file():
-        foreign = sorted(e.name for e in sweep_dir.iterdir() if not re.fullmatch(r"job\d{2,}", e.name))
-        if foreign:
-            raise RunDirError(f"{sweep_dir} is not a slimforge sweep folder (no {SWEEP_FILE}) and holds other "
-                              f"files ({', '.join(foreign[:3])}), which the sweep report would overwrite; {how}")
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path):
-    """Refuse a second concurrent run in the same directory."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    handle = open(run_dir / ".lock", "w")  # noqa: SIM115
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise RunDirError(f"another slimforge process is running in {run_dir}; wait for it or pick another run_dir") from None
-    try:
-        yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
-
-
-def run_logging(run_dir: Path) -> contextlib.AbstractContextManager[None]:
-    """Also log to ``run.log`` in the run directory while the run lasts."""
-    from slimforge.runlog import file_logging
-
-    return file_logging(run_dir / RUN_LOG)
 
 
 def artifact_damage(folder: Path) -> str | None:
@@ -367,7 +153,7 @@ class Run:
 
     # -- planning (cheap, before any model loads) --
 
-    def plan(self, session: RunSession) -> list[PlannedStage]:
+    def plan(self, session: Session) -> list[PlannedStage]:
         """Fingerprint every stage and run each method's preflight checks."""
         from slimforge.eval.runner import check_eval_models
 
@@ -398,13 +184,13 @@ class Run:
             planned_input, known = known, None
             for hook in hooks:
                 if hook == "check_teacher":
-                    target = info = info or session.teacher_info()
+                    target = info = info or teacher_info(session)
                 elif index > 0:
                     target = planned_input
                 elif self.source is not None:
                     target = source_info = source_info or model_info(self.source)
                 else:
-                    target = info = info or session.teacher_info()
+                    target = info = info or teacher_info(session)
                 if target is None:
                     continue
                 try:
@@ -448,7 +234,7 @@ class Run:
 
     # -- executing --
 
-    def execute(self, session: RunSession, planned: list[PlannedStage]) -> RunResult:
+    def execute(self, session: Session, planned: list[PlannedStage]) -> RunResult:
         """Run (or reuse) every planned stage, then the evaluation.
 
         Raises:
@@ -477,14 +263,40 @@ class Run:
                 with boundary(f"stage {stage.name!r}"):
                     parent = self.run_stage(session, stage, len(planned))
                 artifacts[stage.name] = parent
-            from slimforge.eval.runner import evaluate_run
-
             with boundary("the evaluation"):
-                report = dist.on_main(evaluate_run, self, session, artifacts)
+                report = dist.on_main(self.evaluate, session, artifacts)
             dist.on_main(self._end_invocation)
         return RunResult(self.run_dir, self.manifest.data, report or {})
 
-    def _start_invocation(self, session: RunSession) -> None:
+    def evaluate(self, session: Session, artifacts: dict[str, ModelRef]) -> dict[str, Any]:
+        """The recipe's evaluation: the teacher and the chosen artifacts, into ``eval/`` and the report.
+
+        Evaluation returns its report; the run records it: in each evaluated artifact's model
+        card and in the manifest.
+        """
+        from slimforge.eval.config import EvalSettings
+        from slimforge.eval.runner import TEACHER, evaluate_models, select_models
+
+        cfg = self.cfg.eval
+        if not self.recipe.tasks:
+            return {}
+        students = [(label, ref) for label, ref in select_models(cfg.models, session.teacher_ref, artifacts)
+                    if label != TEACHER]
+        settings = EvalSettings.from_config(cfg, session.device, session.dtype)
+        report = evaluate_models(session, students, self.recipe.tasks, settings, self.run_dir, self.cfg.name,
+                                 cfg.gate, log_file=self.run_dir / RUN_LOG)
+        report_path = self.run_dir / "report.json"
+        from slimforge.models import try_write_model_card
+
+        for label, ref in students:  # each evaluated artifact's card gains its results
+            if label in artifacts:
+                try_write_model_card(ref.path, report=report, label=label, report_path=report_path)
+        self.manifest.data["eval"] = {"models": list(report["models"]), "report": str(report_path),
+                                      "gate": report["gate"]["status"]}
+        self.manifest.save()
+        return report
+
+    def _start_invocation(self, session: Session) -> None:
         self.manifest.data.update({
             "recipe": self.cfg.name, "slimforge_version": __version__,
             "config_hash": stable_hash(self.recipe_yaml),
@@ -493,18 +305,18 @@ class Run:
         })
         if self.source is not None:
             self.manifest.data["source"] = {"path": self.source.path, "fingerprint": self.source.fingerprint}
-        self.manifest.data.setdefault("created", _now())
+        self.manifest.data.setdefault("created", now())
         self.manifest.data.setdefault("invocations", []).append(
-            {"started": _now(), "argv": sys.argv[1:], "world_size": dist.world_size()})
+            {"started": now(), "argv": sys.argv[1:], "world_size": dist.world_size()})
         self.manifest.save()  # first: a folder with a manifest is a run directory (see check_run_dir)
         atomic_write_text(self.run_dir / "config.yaml", self.recipe_yaml)
         log.info("run directory: %s", self.run_dir)
 
     def _end_invocation(self) -> None:
-        self.manifest.data["invocations"][-1]["ended"] = _now()
+        self.manifest.data["invocations"][-1]["ended"] = now()
         self.manifest.save()
 
-    def run_stage(self, session: RunSession, stage: PlannedStage, total: int) -> ModelRef:
+    def run_stage(self, session: Session, stage: PlannedStage, total: int) -> ModelRef:
         """Run one stage (or reuse its finished artifact); returns the artifact's reference."""
         folder = self.stage_dir(stage.name)
         label = f"[{stage.index + 1}/{total}] {stage.name} ({stage.config.kind}: {stage.config.method})"
@@ -547,12 +359,12 @@ class Run:
             try_write_model_card(folder)
         return True
 
-    def _execute_stage(self, session: RunSession, stage: PlannedStage, folder: Path, record: StageRecord,
+    def _execute_stage(self, session: Session, stage: PlannedStage, folder: Path, record: StageRecord,
                        label: str) -> None:
         main = dist.is_main()
         if main:
             log.info("%s: running", label)
-            record.status, record.started = "running", _now()
+            record.status, record.started = "running", now()
             self.manifest.set_stage(record)
         start = time.perf_counter()
         work = self.run_dir / "work" / stage.name
@@ -577,14 +389,14 @@ class Run:
         except BaseException as err:
             record.status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
             record.error = f"{type(err).__name__}: {err}".splitlines()[0]
-            record.ended, record.seconds = _now(), round(time.perf_counter() - start, 3)
+            record.ended, record.seconds = now(), round(time.perf_counter() - start, 3)
             self.manifest.set_stage(record)
             raise
         if stage.config.kind in TRAINING_KINDS:
             dist.barrier()  # the artifact exists once the main rank is past here
         if not main:
             return
-        record.status, record.ended = "done", _now()
+        record.status, record.ended = "done", now()
         record.seconds = round(time.perf_counter() - start, 3)
         record.metrics = output.metrics
         self.manifest.set_stage(record)
@@ -617,7 +429,7 @@ class Run:
         existing = read_json(folder / META_FILE) if (folder / META_FILE).is_file() else {}
         config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
         described = {"model_type": config.get("model_type"), "architecture": (config.get("architectures") or [None])[0]}
-        atomic_write_json(folder / META_FILE, {"slimforge_version": __version__, "created": _now(),
+        atomic_write_json(folder / META_FILE, {"slimforge_version": __version__, "created": now(),
                                                **described, **existing, **meta})
         (folder / RECIPE_FILE).write_text(self.recipe_yaml, encoding="utf-8")
 
@@ -639,7 +451,7 @@ class PlannedRun:
     """A run checked and planned up to its first stage: nothing written, the teacher's weights not loaded."""
 
     run: Run
-    session: RunSession
+    session: Session
     stages: list[PlannedStage]
 
     def execute(self) -> RunResult:
@@ -658,7 +470,7 @@ def plan_run(recipe: Recipe, run_dir: Path, source: ModelRef | None = None) -> P
     run_dir = Path(dist.broadcast_object(str(run_dir)))  # one timestamped name for all ranks
     dist.on_main(check_run_dir, run_dir)
     run = Run(recipe, run_dir, source)
-    session = RunSession(recipe, dist.main_then_others(resolve_teacher, recipe))
+    session = Session.for_recipe(recipe, dist.main_then_others(resolve_teacher, recipe))
     planned = dist.main_then_others(run.plan, session)
     dist.on_main(run.check_conflicts, planned)
     return PlannedRun(run, session, planned)

@@ -3,7 +3,8 @@
 A stage is a function ``run(ctx: StageContext) -> StageOutput`` registered under
 a kind (student, prune, distill, quantize). It receives its parent model (the
 teacher for the first stage, otherwise the previous stage's artifact), the
-lazily loaded teacher and data, the device and dtype, and two folders: ``out_dir``
+run's :class:`~slimforge.session.Session` (the lazily loaded teacher and data, the
+device and dtype), and two folders: ``out_dir``
 (a temporary folder that becomes the artifact when the stage succeeds) and
 ``work_dir`` (kept across interrupted attempts, for checkpoints). Stages never
 reach into earlier stages' internals: only into their artifact folders.
@@ -18,9 +19,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from slimforge.config import Recipe, StageConfig
+    from slimforge.config import StageConfig
     from slimforge.data import DataBundle
     from slimforge.models import ModelRef
+    from slimforge.session import Session
 
 
 @dataclass
@@ -29,19 +31,6 @@ class TeacherInfo:
 
     config: Any
     tokenizer: Any
-
-
-class Session(Protocol):
-    """What the pipeline shares across stages; loads things once, on first use."""
-
-    recipe: Recipe
-    device: torch.device
-    dtype: torch.dtype
-
-    def teacher(self) -> tuple[Any, Any]: ...
-    def teacher_tokenizer(self) -> Any: ...
-    def release_teacher(self) -> None: ...
-    def data(self) -> DataBundle: ...
 
 
 @dataclass

@@ -187,6 +187,20 @@ def test_stage_names_are_both_functions_and_subpackages():
     assert list(inspect.signature(slimforge.distill).parameters)[:3] == ["student", "teacher", "out_dir"]
 
 
+def test_the_version_has_one_source(capsys):
+    """``slimforge._version`` is what the package, the CLI and the artifacts say; pyproject.toml's static
+    version (read by the build without importing anything) must agree with it."""
+    import tomllib
+
+    from slimforge._version import __version__
+
+    assert slimforge.__version__ == __version__
+    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"] == __version__
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"slimforge {__version__}"
+
+
 def test_import_stays_cheap():
     code = ("import sys, slimforge; slimforge.prune, slimforge.distill, slimforge.quantize, slimforge.evaluate; "
             "print(sorted(m for m in ('torch', 'transformers', 'hydra', 'datasets') if m in sys.modules))")

@@ -20,8 +20,9 @@ from slimforge.data import blocks_tensor, build_data
 from slimforge.errors import AssetError, ConfigError
 from slimforge.eval.config import HarnessTaskConfig, PerplexityTaskConfig, WordPerplexityTaskConfig
 from slimforge.eval.harness import check_task_data, harness_task, subset_indices, task_manager
-from slimforge.eval.perplexity import perplexity_task, word_perplexity_task
+from slimforge.eval.perplexity import perplexity_task
 from slimforge.eval.runner import ModelEvalContext
+from slimforge.eval.word_perplexity import word_perplexity_task
 
 BATCH = 2
 SEED = 1234
@@ -312,7 +313,7 @@ def test_ordinary_templates_are_not_code():
 
 
 def test_code_in_an_included_file_is_found_and_installed_tasks_are_trusted(tmp_path):
-    from slimforge.eval.harness import shipped_tasks_dir
+    from slimforge.eval.offline import shipped_tasks_dir
 
     shared = tmp_path / "elsewhere" / "shared.yaml"  # outside the include path, reached by include:
     shared.parent.mkdir()
@@ -390,12 +391,11 @@ def test_batched_generation_matches_one_prompt_at_a_time(teacher, student, token
 def test_generation_bad_input(tmp_path, tokenizer):
     from slimforge.errors import DataError
     from slimforge.eval.config import GenerationTaskConfig
-    from slimforge.eval.generation import read_examples
 
     with pytest.raises(DataError, match="does not exist"):
-        read_examples(GenerationTaskConfig(path=str(tmp_path / "none.jsonl")))
+        GenerationTaskConfig(path=str(tmp_path / "none.jsonl")).read_examples()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "reference": "b"}\n{"prompt": "no reference"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2 lacks 'reference'"):
-        read_examples(GenerationTaskConfig(path=str(bad)))
-    assert len(read_examples(GenerationTaskConfig(path=str(bad), limit=1))) == 1
+        GenerationTaskConfig(path=str(bad)).read_examples()
+    assert len(GenerationTaskConfig(path=str(bad), limit=1).read_examples()) == 1

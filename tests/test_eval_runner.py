@@ -17,13 +17,15 @@ from slimforge.config import DataConfig, EvalConfig, GateConfig
 from slimforge.errors import StageCrash
 from slimforge.eval.config import (
     EfficiencyTaskConfig,
+    EvalSettings,
     HarnessTaskConfig,
     PerplexityTaskConfig,
     WordPerplexityTaskConfig,
 )
 from slimforge.eval.fingerprint import content_fingerprint
-from slimforge.eval.runner import EvalSession, EvalSettings, evaluate_models
+from slimforge.eval.runner import evaluate_models
 from slimforge.models import ModelRef
+from slimforge.session import Session
 
 STUDENT = str(Path(__file__).resolve().parent / "assets" / "recipes" / "student.yaml")  # the runner's test recipe
 
@@ -92,8 +94,8 @@ TASKS = {
 @pytest.fixture(scope="module")
 def evaluated(zoo, teacher_dir, corpus_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval-out")
-    session = EvalSession(ModelRef.from_source(str(teacher_dir), "teacher"),
-                          DataConfig(path=str(corpus_dir), block_size=32), CPU, torch.float32)
+    session = Session(ModelRef.from_source(str(teacher_dir), "teacher"),
+                      DataConfig(path=str(corpus_dir), block_size=32), CPU, torch.float32)
     students = [(name, ModelRef.from_source(str(zoo / name), name)) for name in ("pruned", "nf4", "lora", "foreign")]
     students.append(("gguf", ModelRef.from_source(str(zoo / "gguf"), "gguf", gguf_file="tiny-q8_0.gguf")))
     report = evaluate_models(session, students, TASKS, settings(zoo), out, "zoo", GateConfig(min_retained=0.5))
@@ -155,6 +157,37 @@ def test_foreign_tokenizer_warns_and_runs_the_rest(evaluated):
     assert "foreign: perplexity.perplexity retained not measured (threshold 0.5)" in report["gate"]["failures"]
 
 
+def test_one_tokenizer_rule_for_distillation_and_evaluation(evaluated, zoo, tmp_path):
+    """A student the evaluation warns about is one distillation refuses, for the same reason; a student
+    with the teacher's ids plus an added special token (what transformers' GGUF loader makes) passes both."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    from slimforge.distill.config import CheckpointStudentConfig
+    from slimforge.errors import ConfigError
+    from slimforge.models import tokenizer_mismatch
+    from slimforge.stage import TeacherInfo
+
+    _, report, session = evaluated
+    teacher = TeacherInfo(config=None, tokenizer=session.teacher_tokenizer())
+    why = tokenizer_mismatch(teacher.tokenizer, ModelRef.from_source(str(zoo / "foreign"), "foreign").load_tokenizer())
+    assert why and any(w.startswith(f"foreign: its tokenizer differs from the teacher's ({why});")
+                       for w in report["warnings"])
+    with pytest.raises(ConfigError, match=re.escape(f"does not share the teacher's tokenizer ({why})")):
+        CheckpointStudentConfig(path=str(zoo / "foreign")).preflight(teacher)
+
+    extended = tmp_path / "extended"
+    shutil.copytree(zoo / "pruned", extended)
+    tokenizer = AutoTokenizer.from_pretrained(extended)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})
+    tokenizer.save_pretrained(extended)
+    CheckpointStudentConfig(path=str(extended)).preflight(teacher)  # accepted: no error
+    again = evaluate_models(session, [("extended", ModelRef.from_source(str(extended), "extended"))],
+                            {"perplexity": PerplexityTaskConfig(max_blocks=2)}, settings(zoo), tmp_path / "out", "x")
+    assert not again["warnings"] and "perplexity" in again["fidelity"]["extended"]
+
+
 def test_results_are_cached_by_content(evaluated, zoo, teacher_dir, corpus_dir, tmp_path, monkeypatch):
     """A second evaluation (new run dir, the student copied elsewhere) loads no model at all."""
     _, report, _ = evaluated
@@ -166,8 +199,8 @@ def test_results_are_cached_by_content(evaluated, zoo, teacher_dir, corpus_dir, 
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(ModelRef, "load", refuse)
-    session = EvalSession(ModelRef.from_source(str(teacher_dir), "teacher"),
-                          DataConfig(path=str(corpus_dir), block_size=32), CPU, torch.float32)
+    session = Session(ModelRef.from_source(str(teacher_dir), "teacher"),
+                      DataConfig(path=str(corpus_dir), block_size=32), CPU, torch.float32)
     students = [("pruned", ModelRef.from_source(str(copy), "pruned"))]
     quality = {name: cfg for name, cfg in TASKS.items() if name != "speed"}
     again = evaluate_models(session, students, quality, settings(zoo), tmp_path / "out", "again")

@@ -18,11 +18,12 @@ from conftest import user_cache
 from slimforge import cli
 from slimforge.config import DataConfig, EvalConfig
 from slimforge.errors import AssetError
-from slimforge.eval.config import HarnessTaskConfig, PerplexityTaskConfig
+from slimforge.eval.config import EvalSettings, HarnessTaskConfig, PerplexityTaskConfig
 from slimforge.eval.harness import load_tasks, task_manager
 from slimforge.eval.offline import arc_rows, lambada_rows, openbookqa_rows, request_documents
-from slimforge.eval.runner import EvalSession, EvalSettings, evaluate_models
+from slimforge.eval.runner import evaluate_models
 from slimforge.models import ModelRef
+from slimforge.session import Session
 
 STUDENT = str(Path(__file__).resolve().parent / "assets" / "recipes" / "student.yaml")  # the runner's test recipe
 
@@ -105,7 +106,7 @@ def test_real_teacher_against_its_nf4_copy(teacher_ref, olmo, tmp_path):
         assert cli.main(["run", STUDENT, "pipeline=[nf4]", "+quantize@stages.nf4=bnb_nf4", "~eval.tasks.perplexity",
                          f"run_dir={tmp_path / 'run'}"]) == 0
         nf4 = ModelRef.from_artifact(tmp_path / "run" / "stages" / "nf4", "nf4")
-        session = EvalSession(teacher_ref, DataConfig(asset="shakespeare"), CPU, torch.float32)
+        session = Session(teacher_ref, DataConfig(asset="shakespeare"), CPU, torch.float32)
         tasks = {"arc_easy": HarnessTaskConfig(task="arc_easy", limit=100),
                  "piqa": HarnessTaskConfig(task="piqa", limit=100),
                  "perplexity": PerplexityTaskConfig(max_blocks=8)}
@@ -127,7 +128,7 @@ def test_the_teacher_gguf_file_is_the_teacher(teacher_ref, tmp_path):
     """The embedded teacher's Q4_1 GGUF, evaluated directly, is the fp32 folder made from it: nothing lost."""
     gguf = next(fetched("smollm2-135m").rglob("*.gguf"))
     with user_cache():
-        session = EvalSession(teacher_ref, DataConfig(asset="shakespeare"), CPU, torch.float32)
+        session = Session(teacher_ref, DataConfig(asset="shakespeare"), CPU, torch.float32)
         settings = EvalSettings.from_config(EvalConfig(batch_size=4, cache=False), CPU, torch.float32)
         report = evaluate_models(session, [("gguf", ModelRef.from_source(str(gguf), "gguf"))],
                                  {"perplexity": PerplexityTaskConfig(max_blocks=4)}, settings, tmp_path, "gguf")

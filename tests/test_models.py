@@ -10,11 +10,11 @@ from conftest import build_model, build_tokenizer
 from transformers import AutoModelForCausalLM
 
 from slimforge import models
+from slimforge.arch import count_parameters
 from slimforge.errors import ModelLoadError
 from slimforge.models import (
     ModelRef,
     classify_source,
-    count_parameters,
     load_model,
     resolve_dtype,
     save_model,
@@ -226,8 +226,17 @@ def test_a_pickle_weights_only_refuses_fails_in_one_line(tmp_path, teacher_dir, 
 
 
 def test_tokenizer_mismatch(tokenizer):
+    import copy
+
     assert tokenizer_mismatch(tokenizer, tokenizer) is None
     other = build_tokenizer(vocab_size=300)
     assert "vocabulary sizes differ" in tokenizer_mismatch(tokenizer, other)
     shuffled = build_tokenizer(extra_text="zqzqzq xjxjxj " * 50)
-    assert "different ids" in tokenizer_mismatch(tokenizer, shuffled)
+    assert "teacher tokens are missing or have other ids" in tokenizer_mismatch(tokenizer, shuffled)
+    # Added special tokens beyond the teacher's vocabulary change no teacher id (a GGUF rebuild adds one).
+    extended = copy.deepcopy(tokenizer)
+    extended.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})
+    assert tokenizer_mismatch(tokenizer, extended) is None
+    size = len(extended.get_vocab())
+    assert tokenizer_mismatch(extended, tokenizer) == (f"vocabulary sizes differ ({size} vs {size - 1}); "
+                                                       f"1 of {size} teacher tokens are missing or have other ids")

@@ -185,7 +185,8 @@ def test_bad_inputs_leave_the_run_dir_alone(finished_run, teacher_dir, corpus_di
     code = cli.main(["run", TINY, f"teacher.path={teacher_dir}", f"data.path={corpus_dir}", f"run_dir={finished_run}",
                      "student@stages.student=checkpoint", f"stages.student.path={foreign}"])
     assert code == 2
-    _assert_one_line_error(capsys, r"does not share the teacher's tokenizer \(vocabulary sizes differ \(384 vs 320\)\)")
+    _assert_one_line_error(capsys, r"does not share the teacher's tokenizer \(vocabulary sizes differ \(384 vs 320\); "
+                                   r"\d+ of 384 teacher tokens are missing or have other ids\)")
     assert snapshot(finished_run) == before
 
 
@@ -465,7 +466,7 @@ def test_crash_in_a_sweep_job_keeps_the_report_of_the_finished_ones(teacher_dir,
 
 def test_run_dir_check_accepts_only_new_empty_or_run_folders(tmp_path):
     from slimforge.errors import RunDirError
-    from slimforge.pipeline import check_run_dir
+    from slimforge.rundir import check_run_dir
 
     check_run_dir(tmp_path / "new" / "run")
     (tmp_path / "empty").mkdir()
@@ -491,16 +492,17 @@ def test_unwritable_run_dir_is_one_line_before_anything_loads(teacher_dir, corpu
     As root, chmod does not stop writes, so there the refusal the kernel would give is
     simulated at the check; as any other user the folder really is read-only.
     """
-    from slimforge import pipeline
+    from slimforge import rundir
+    from slimforge.session import Session
 
     parent = tmp_path / "ro"
     parent.mkdir()
     if os.geteuid() == 0:
         real_access = os.access
-        monkeypatch.setattr(pipeline.os, "access", lambda p, mode: Path(p) != parent and real_access(p, mode))
+        monkeypatch.setattr(rundir.os, "access", lambda p, mode: Path(p) != parent and real_access(p, mode))
     else:
         parent.chmod(0o500)
-    monkeypatch.setattr(pipeline.RunSession, "teacher", lambda self: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(Session, "teacher", lambda self: pytest.fail("the teacher was loaded"))
     try:
         code = main(*tiny_args(teacher_dir, corpus_dir, parent / "run"))
     finally:

@@ -176,7 +176,7 @@ def read_json(path: Path) -> dict:
 def load_artifact(folder: Path):
     meta = read_json(folder / "slimforge.json")
     kwargs = {"gguf_file": meta["gguf_file"]} if meta.get("gguf_file") else {}
-    from slimforge.quantize.bnb import keep_4bit_layers_off_cpu_packing
+    from slimforge.quantize.bnb_cpu import keep_4bit_layers_off_cpu_packing
 
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
     keep_4bit_layers_off_cpu_packing(model)  # as its card says: tiny 4-bit widths crash bnb's AVX512-BF16 path

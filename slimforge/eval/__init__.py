@@ -13,7 +13,7 @@ register(
 )
 register(
     "eval", "word_perplexity",
-    "slimforge.eval.perplexity:word_perplexity_task", "slimforge.eval.config:WordPerplexityTaskConfig",
+    "slimforge.eval.word_perplexity:word_perplexity_task", "slimforge.eval.config:WordPerplexityTaskConfig",
     "lm-eval's word and byte perplexity (rolling log-likelihood) over held-out text",
 )
 register(

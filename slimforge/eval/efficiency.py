@@ -14,7 +14,6 @@ measured in the same invocation, and read them as the device's, not the model's.
 from __future__ import annotations
 
 import math
-import platform
 import statistics
 import threading
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from slimforge.eval.config import EfficiencyTaskConfig
+from slimforge.models import device_name
 
 # Public domain (Shakespeare, Sonnet 18), repeated to the prompt length.
 FIXED_TEXT = (
@@ -151,12 +151,6 @@ def measure_speed(model: Any, ids: torch.Tensor, new_tokens: int, repeats: int, 
         "time_to_first_token_s": prefill_s,
         "latency_s": total_s,
     }
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def efficiency_task(model: Any, tokenizer: Any, cfg: EfficiencyTaskConfig, ctx: Any) -> dict[str, Any]:

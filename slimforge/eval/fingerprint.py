@@ -90,17 +90,14 @@ def ref_fingerprint(ref: ModelRef) -> str:
 
 
 def model_kind(path: str, gguf_file: str | None = None) -> str:
-    """``gguf``, ``lora``, ``bitsandbytes``, ``quantized`` (another method), ``hf`` or ``hub``."""
+    """``gguf``, ``lora``, ``bitsandbytes``, ``quantized`` (another method), ``hf`` or ``hub``, for reports.
+
+    The format comes from :func:`slimforge.models.artifact_format`; a hub id is not looked up.
+    """
+    from slimforge.models import artifact_format
+
     location = Path(path).expanduser()
-    if gguf_file or location.suffix == ".gguf":
-        return "gguf"
-    if not location.exists():
+    if not (gguf_file or location.suffix == ".gguf" or location.exists()):
         return "hub"
-    if _adapter_base(location):
-        return "lora"
-    config = location / "config.json"
-    if config.is_file():
-        quant = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
-        if quant:
-            return "bitsandbytes" if quant.get("quant_method") == "bitsandbytes" else "quantized"
-    return "hf"
+    kind = artifact_format(path, gguf_file)
+    return kind if kind in ("gguf", "lora", "bitsandbytes", "hf") else "quantized"

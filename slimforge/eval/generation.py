@@ -10,8 +10,6 @@ teacher's own outputs: how much of the teacher's behaviour it kept.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,31 +17,6 @@ import torch
 from slimforge.errors import DataError
 from slimforge.eval.config import GenerationTaskConfig
 from slimforge.eval.stats import ItemScores
-
-
-def read_examples(cfg: GenerationTaskConfig) -> list[dict[str, Any]]:
-    """The jsonl rows (up to ``cfg.limit``), checked for the prompt and reference fields."""
-    path = Path(cfg.path).expanduser()
-    if not path.is_file():
-        raise DataError(f"generation data {cfg.path} does not exist; give a .jsonl file with "
-                        f"{cfg.prompt_field!r} and {cfg.reference_field!r} fields")
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{lineno} is not valid JSON ({err.msg}); fix the line") from None
-        if cfg.reference_field not in row or (cfg.template is None and cfg.prompt_field not in row):
-            raise DataError(f"{path}:{lineno} lacks {cfg.reference_field!r} or {cfg.prompt_field!r}; "
-                            "set prompt_field / reference_field to the file's field names")
-        rows.append(row)
-        if cfg.limit is not None and len(rows) >= cfg.limit:
-            break
-    if not rows:
-        raise DataError(f"generation data {path} holds no examples")
-    return rows
 
 
 def render_prompt(row: dict[str, Any], cfg: GenerationTaskConfig, tokenizer: Any) -> str:
@@ -113,7 +86,7 @@ def score_outputs(predictions: list[str], references: list[str], prefix: str = "
 
 def generation_task(model: Any, tokenizer: Any, cfg: GenerationTaskConfig, ctx: Any) -> dict[str, Any]:
     """Registered as ``generation``: reference scores, and agreement with the teacher's outputs."""
-    rows = read_examples(cfg)
+    rows = cfg.read_examples()
     prompts = [render_prompt(row, cfg, tokenizer) for row in rows]
     raw = generate_greedy(model, tokenizer, prompts, cfg.max_new_tokens, ctx.batch_size,
                           add_special_tokens=not cfg.chat)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from slimforge.errors import ConfigError
+from slimforge.eval.offline import shipped_tasks_dir
 from slimforge.eval.stats import ItemScores
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,6 @@ log = logging.getLogger(__name__)
 _NOT_METRICS = {"name", "alias", "sample_len", "samples"}
 # Aggregations whose per-item values slimforge can rebuild (and so bootstrap).
 _LN2 = math.log(2)
-
-
-def shipped_tasks_dir() -> Path:
-    """The offline task YAMLs that ship with slimforge."""
-    from slimforge.recipes import recipes_dir
-
-    return recipes_dir() / "tasks"
 
 
 @contextlib.contextmanager

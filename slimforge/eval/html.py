@@ -13,7 +13,7 @@ import html
 import io
 from typing import Any
 
-from slimforge.eval.report import (
+from slimforge.eval.tables import (
     TEACHER,
     efficiency_table,
     fidelity_rows,

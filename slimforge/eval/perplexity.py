@@ -1,4 +1,4 @@
-"""Perplexity: token-level over fixed-length blocks, and lm-eval's word and byte perplexity.
+"""Token perplexity over fixed-length blocks, with fidelity to the teacher.
 
 Token perplexity follows the GPTQ / Wanda convention: each block is scored
 independently, every token after the first predicted from the tokens before it
@@ -6,10 +6,6 @@ in the same block; perplexity is exp of the mean NLL over all predicted tokens.
 For a student, the same batches also go through the teacher, and the fidelity
 metrics (per-token KL(teacher || student), top-1 agreement) come from those
 very forward passes.
-
-Word and byte perplexity use lm-eval's rolling log-likelihood (the wikitext
-convention), on the held-out blocks decoded back to text, so that models with
-different tokenizers are compared on the same characters.
 """
 
 from __future__ import annotations
@@ -20,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from slimforge.eval.config import PerplexityTaskConfig, WordPerplexityTaskConfig
+from slimforge.eval.config import PerplexityTaskConfig
 from slimforge.eval.fidelity import kl_summary, token_kl, top1_agreement
 from slimforge.eval.stats import ItemScores
 from slimforge.progress import progress_bar
@@ -86,7 +82,8 @@ def perplexity_from_nll(nll_sum: float, tokens: int) -> float:
     return math.exp(nll_sum / tokens)
 
 
-def _split(ctx: Any, name: str) -> Any:
+def data_split(ctx: Any, name: str) -> Any:
+    """The ``heldout`` or ``train`` blocks of the session's data."""
     bundle = ctx.data()
     return bundle.heldout if name == "heldout" else bundle.train
 
@@ -95,7 +92,7 @@ def perplexity_task(model: Any, tokenizer: Any, cfg: PerplexityTaskConfig, ctx: 
     """Perplexity on the first ``cfg.max_blocks`` blocks, with fidelity to the teacher for a student."""
     from slimforge.data import blocks_tensor
 
-    blocks = blocks_tensor(_split(ctx, cfg.split), cfg.max_blocks)
+    blocks = blocks_tensor(data_split(ctx, cfg.split), cfg.max_blocks)
     predicted = blocks.shape[1] - 1
     tokens = blocks.shape[0] * predicted
     teacher = ctx.teacher() if cfg.fidelity else None
@@ -130,38 +127,4 @@ def perplexity_task(model: Any, tokenizer: Any, cfg: PerplexityTaskConfig, ctx: 
         "higher_is_better": {"perplexity": False},
         "metric": "perplexity",
     })
-    return result
-
-
-def heldout_documents(ctx: Any, split: str, max_documents: int | None) -> list[str]:
-    """The first held-out blocks as text, decoded with the tokenizer that packed them."""
-    from slimforge.data import blocks_tensor
-
-    blocks = blocks_tensor(_split(ctx, split), max_documents)
-    tokenizer = ctx.session.teacher_tokenizer()
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in blocks.tolist()]
-
-
-def word_perplexity_task(model: Any, tokenizer: Any, cfg: WordPerplexityTaskConfig, ctx: Any) -> dict[str, Any]:
-    """lm-eval's word_perplexity, byte_perplexity and bits_per_byte on held-out text."""
-    import datasets
-
-    from slimforge.eval.harness import _task_manager, harness_result, load_tasks, run_loaded
-
-    docs = heldout_documents(ctx, cfg.split, cfg.max_documents)
-
-    def held_out(**_: Any) -> datasets.DatasetDict:
-        return datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": docs})})
-
-    spec = {
-        "task": "slimforge_heldout_text", "custom_dataset": held_out, "dataset_path": "slimforge/heldout",
-        "output_type": "loglikelihood_rolling", "test_split": "test", "doc_to_text": "", "doc_to_target": "{{text}}",
-        "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
-    }
-    loaded = load_tasks(_task_manager((), False), [spec], 0, ctx.seed)
-    out = run_loaded(model, tokenizer, loaded, ctx.batch_size, None, ctx.seed)
-    result = harness_result("slimforge_heldout_text", loaded, out)
-    result["item_ids"] = [f"document/{i}" for i in range(len(docs))]
-    result["documents"] = len(docs)
-    result["metric"] = "word_perplexity"
     return result

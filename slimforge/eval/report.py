@@ -11,14 +11,24 @@ verdict. ``report.md`` and the self-contained ``report.html`` show the same.
 from __future__ import annotations
 
 import datetime as _dt
-import math
 from pathlib import Path
 from typing import Any
 
+from slimforge.eval.html import html_report
 from slimforge.eval.stats import ItemScores, bootstrap_mean_ci, paired_bootstrap_ratio, ratio
+from slimforge.eval.tables import (
+    TEACHER,
+    efficiency_table,
+    fidelity_rows,
+    gate_lines,
+    markdown_table,
+    models_table,
+    retained_table,
+    scores_table,
+    tasks_table,
+)
 from slimforge.fsutil import atomic_write_json, atomic_write_text
 
-TEACHER = "teacher"
 # Numbers a task reports that are counts or bookkeeping, not quality.
 NOT_HEADLINE = {"tokens", "blocks", "items", "documents", "seconds", "nll"}
 EFFICIENCY = "efficiency"
@@ -184,115 +194,6 @@ def build_report(title: str, records: dict[str, dict[str, Any]], settings: Any =
 # --- markdown ----------------------------------------------------------------------------
 
 
-def fmt(value: Any, digits: int = 3) -> str:
-    """A compact number: fixed decimals for ordinary values, scientific for tiny or huge ones."""
-    if value is None:
-        return "–"
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return str(value)
-    if value != 0 and (abs(value) < 10 ** -digits or abs(value) >= 1e6) and math.isfinite(value):
-        return f"{value:.{digits - 1}e}"
-    return f"{value:.{digits}f}"
-
-
-def fmt_bytes(value: Any) -> str:
-    return "–" if not value else f"{value / 2**20:.1f} MiB"
-
-
-def _table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
-    align = align or "l" + "r" * (len(header) - 1)
-    marks = ["---:" if a == "r" else "---" for a in align]
-    return ["| " + " | ".join(header) + " |", "|" + "|".join(marks) + "|",
-            *["| " + " | ".join(row) + " |" for row in rows]]
-
-
-def models_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    rows = [[label, str(m.get("kind") or ""), str(m["path"]), str(m.get("content_fingerprint") or "")]
-            for label, m in report["models"].items()]
-    return ["model", "kind", "path", "content hash"], rows
-
-
-def tasks_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    rows = [[name, str(t.get("type")), str(t.get("metric") or "–"), str(t.get("items") or "–"),
-             "–" if t.get("num_fewshot") is None else str(t["num_fewshot"])] for name, t in report["tasks"].items()]
-    return ["task", "type", "gating metric", "items", "few-shot"], rows
-
-
-def scores_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    keys = [f"{t}.{m}" for t, metrics in report["higher_is_better"].items() for m in metrics]
-    header = ["model", "kind", "parameters", "size", *keys]
-    rows = []
-    for label, model in report["models"].items():
-        values = [fmt(model["tasks"].get(k.split(".", 1)[0], {}).get(k.split(".", 1)[1])) for k in keys]
-        rows.append([label, str(model.get("kind") or ""), f"{model['num_parameters'] / 1e6:.1f}M",
-                     fmt_bytes(model.get("disk_bytes")), *values])
-    return header, rows
-
-
-def retained_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    keys = [f"{t}.{m}" for t, m in report["primary"].items()]
-    header = ["student", *keys, "mean", "size fraction"]
-    rows = []
-    for label, ratios in report["retained"].items():
-        cells = []
-        for key in keys:
-            ci = report["retained_ci"].get(label, {}).get(key)
-            cells.append(fmt(ratios.get(key)) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else ""))
-        summary = report["summary"].get(label, {})
-        rows.append([label, *cells, fmt(summary.get("mean_retained")), fmt(summary.get("size_fraction"))])
-    return header, rows
-
-
-def fidelity_rows(report: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]]]:
-    """Three tables: token-level (KL, top-1), multiple choice (flips), generation (agreement)."""
-    token, choice, gen = [], [], []
-    for label, tasks in report["fidelity"].items():
-        for task, fid in tasks.items():
-            if "kl_mean" in fid:
-                ci = fid.get("kl_mean_ci")
-                token.append([label, task, fmt(fid["kl_mean"], 4) + (f" [{fmt(ci[0], 4)}, {fmt(ci[1], 4)}]" if ci else ""),
-                              fmt(fid.get("kl_p50"), 4), fmt(fid.get("kl_p90"), 4), fmt(fid.get("kl_p99"), 4),
-                              fmt(fid.get("kl_max"), 3), fmt(fid.get("top1_agreement"))])
-            if "flips" in fid or "choice_agreement" in fid:
-                flips = fid.get("flips", {})
-                choice.append([label, task, str(flips.get("items", "–")), str(flips.get("lost", "–")),
-                               str(flips.get("gained", "–")), fmt(flips.get("flip_rate")), fmt(fid.get("choice_agreement"))])
-            if "teacher_rougeL" in fid:
-                gen.append([label, task, fmt(fid["teacher_rougeL"]), fmt(fid.get("teacher_chrf"), 1),
-                            fmt(fid.get("teacher_exact_match"))])
-    return {
-        "token": (["student", "task", "KL mean [95% CI]", "KL p50", "KL p90", "KL p99", "KL max", "top-1 agreement"], token),
-        "choice": (["student", "task", "items", "lost (right→wrong)", "gained (wrong→right)", "flip rate",
-                    "same answer as teacher"], choice),
-        "generation": (["student", "task", "ROUGE-L vs teacher", "chrF vs teacher", "identical outputs"], gen),
-    }
-
-
-def efficiency_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["model", "parameters", "on disk", "in memory", "peak memory", "prefill tok/s", "decode tok/s",
-              "latency (s)", "decode speedup"]
-    rows = []
-    for label, model in report["models"].items():
-        eff = model["efficiency"]
-        if not eff:
-            continue
-        speedup = report["efficiency"].get(label, {}).get("decode_speedup", 1.0 if label == TEACHER else None)
-        rows.append([label, f"{model['num_parameters'] / 1e6:.1f}M", fmt_bytes(model.get("disk_bytes")),
-                     fmt_bytes(model.get("memory_bytes")), fmt_bytes(eff.get("peak_memory_bytes")),
-                     fmt(eff.get("prefill_tokens_per_s"), 1), fmt(eff.get("decode_tokens_per_s"), 1),
-                     fmt(eff.get("latency_s"), 3), fmt(speedup, 2)])
-    return header, rows
-
-
-def gate_lines(report: dict[str, Any]) -> list[str]:
-    gate = report.get("gate") or {}
-    if not gate or gate.get("status") == "none":
-        return ["No thresholds set."]
-    lines = [f"**{gate['status'].upper()}**: {gate.get('checked', 0)} check(s)"]
-    lines += [f"- {line}" for line in gate.get("failures", [])]
-    return lines
-
-
 def markdown_report(report: dict[str, Any]) -> str:
     s = report.get("settings", {})
     lines = [f"# slimforge report: {report['title']}", ""]
@@ -300,27 +201,27 @@ def markdown_report(report: dict[str, Any]) -> str:
         lines += [f"Settings (identical for every model): device {s['device']}, dtype {s['dtype']}, "
                   f"batch size {s['batch_size']}, seed {s['seed']}, item limit {s['limit'] or 'none'}, "
                   f"few-shot {s['num_fewshot'] if s['num_fewshot'] is not None else 'task default'}.", ""]
-    lines += ["## Models", "", *_table(*models_table(report)), ""]
+    lines += ["## Models", "", *markdown_table(*models_table(report)), ""]
     if report.get("tasks"):
-        lines += ["## Tasks", "", *_table(*tasks_table(report)), ""]
-    lines += ["## Scores", "", *_table(*scores_table(report)), ""]
+        lines += ["## Tasks", "", *markdown_table(*tasks_table(report)), ""]
+    lines += ["## Scores", "", *markdown_table(*scores_table(report)), ""]
     if report["retained"]:
         lines += ["## Retained", "",
                   "retained = student / teacher (teacher / student where lower is better); 1.0 = nothing lost. "
                   "Brackets: 95% paired bootstrap interval over items.", "",
-                  *_table(*retained_table(report)), ""]
+                  *markdown_table(*retained_table(report)), ""]
     tables = fidelity_rows(report)
     if any(rows for _, rows in tables.values()):
         lines += ["## Fidelity to the teacher", ""]
         for header, rows in tables.values():
             if rows:
-                lines += [*_table(header, rows), ""]
+                lines += [*markdown_table(header, rows), ""]
     header, rows = efficiency_table(report)
     if rows:
         info = next((m["efficiency"].get("info", {}) for m in report["models"].values() if m["efficiency"]), {})
         lines += ["## Efficiency", "", f"On {info.get('device', 'this device')}: batch 1, {info.get('prompt_tokens')} "
                   f"prompt tokens, {info.get('new_tokens')} new tokens, median of {info.get('repeats')} runs; peak "
-                  f"memory = {info.get('peak_memory_method')}.", "", *_table(header, rows), ""]
+                  f"memory = {info.get('peak_memory_method')}.", "", *markdown_table(header, rows), ""]
     lines += ["## Gate", "", *gate_lines(report), ""]
     if report.get("warnings"):
         lines += ["## Warnings", "", *[f"- {w}" for w in report["warnings"]], ""]
@@ -329,8 +230,6 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 def write_report(out_dir: Path, report: dict[str, Any]) -> None:
     """``report.json``, ``report.md`` and ``report.html`` in ``out_dir``."""
-    from slimforge.eval.html import html_report
-
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.md", markdown_report(report))
     atomic_write_text(out_dir / "report.html", html_report(report))

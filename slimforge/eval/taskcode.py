@@ -50,7 +50,7 @@ def trusted_task_dirs() -> list[Path]:
     """Folders whose task code is installed code: slimforge's shipped tasks and lm-eval's own."""
     from importlib.util import find_spec
 
-    from slimforge.eval.harness import shipped_tasks_dir
+    from slimforge.eval.offline import shipped_tasks_dir
 
     dirs = [shipped_tasks_dir().resolve()]
     spec = find_spec("lm_eval")

@@ -1,0 +1,122 @@
+"""The report's tables, as a header and rows of strings: what ``report.md`` and ``report.html`` both show.
+
+They read only the report's data (``report.json``'s content), so :mod:`slimforge.eval.report`
+and :mod:`slimforge.eval.html` both render from here and neither imports the other back.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# The label of the teacher in every record and report.
+TEACHER = "teacher"
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A compact number: fixed decimals for ordinary values, scientific for tiny or huge ones."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if value != 0 and (abs(value) < 10 ** -digits or abs(value) >= 1e6) and math.isfinite(value):
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}f}"
+
+
+def fmt_bytes(value: Any) -> str:
+    return "–" if not value else f"{value / 2**20:.1f} MiB"
+
+
+def markdown_table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
+    align = align or "l" + "r" * (len(header) - 1)
+    marks = ["---:" if a == "r" else "---" for a in align]
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(marks) + "|",
+            *["| " + " | ".join(row) + " |" for row in rows]]
+
+
+def models_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows = [[label, str(m.get("kind") or ""), str(m["path"]), str(m.get("content_fingerprint") or "")]
+            for label, m in report["models"].items()]
+    return ["model", "kind", "path", "content hash"], rows
+
+
+def tasks_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows = [[name, str(t.get("type")), str(t.get("metric") or "–"), str(t.get("items") or "–"),
+             "–" if t.get("num_fewshot") is None else str(t["num_fewshot"])] for name, t in report["tasks"].items()]
+    return ["task", "type", "gating metric", "items", "few-shot"], rows
+
+
+def scores_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    keys = [f"{t}.{m}" for t, metrics in report["higher_is_better"].items() for m in metrics]
+    header = ["model", "kind", "parameters", "size", *keys]
+    rows = []
+    for label, model in report["models"].items():
+        values = [fmt(model["tasks"].get(k.split(".", 1)[0], {}).get(k.split(".", 1)[1])) for k in keys]
+        rows.append([label, str(model.get("kind") or ""), f"{model['num_parameters'] / 1e6:.1f}M",
+                     fmt_bytes(model.get("disk_bytes")), *values])
+    return header, rows
+
+
+def retained_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    keys = [f"{t}.{m}" for t, m in report["primary"].items()]
+    header = ["student", *keys, "mean", "size fraction"]
+    rows = []
+    for label, ratios in report["retained"].items():
+        cells = []
+        for key in keys:
+            ci = report["retained_ci"].get(label, {}).get(key)
+            cells.append(fmt(ratios.get(key)) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else ""))
+        summary = report["summary"].get(label, {})
+        rows.append([label, *cells, fmt(summary.get("mean_retained")), fmt(summary.get("size_fraction"))])
+    return header, rows
+
+
+def fidelity_rows(report: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """Three tables: token-level (KL, top-1), multiple choice (flips), generation (agreement)."""
+    token, choice, gen = [], [], []
+    for label, tasks in report["fidelity"].items():
+        for task, fid in tasks.items():
+            if "kl_mean" in fid:
+                ci = fid.get("kl_mean_ci")
+                token.append([label, task, fmt(fid["kl_mean"], 4) + (f" [{fmt(ci[0], 4)}, {fmt(ci[1], 4)}]" if ci else ""),
+                              fmt(fid.get("kl_p50"), 4), fmt(fid.get("kl_p90"), 4), fmt(fid.get("kl_p99"), 4),
+                              fmt(fid.get("kl_max"), 3), fmt(fid.get("top1_agreement"))])
+            if "flips" in fid or "choice_agreement" in fid:
+                flips = fid.get("flips", {})
+                choice.append([label, task, str(flips.get("items", "–")), str(flips.get("lost", "–")),
+                               str(flips.get("gained", "–")), fmt(flips.get("flip_rate")), fmt(fid.get("choice_agreement"))])
+            if "teacher_rougeL" in fid:
+                gen.append([label, task, fmt(fid["teacher_rougeL"]), fmt(fid.get("teacher_chrf"), 1),
+                            fmt(fid.get("teacher_exact_match"))])
+    return {
+        "token": (["student", "task", "KL mean [95% CI]", "KL p50", "KL p90", "KL p99", "KL max", "top-1 agreement"], token),
+        "choice": (["student", "task", "items", "lost (right→wrong)", "gained (wrong→right)", "flip rate",
+                    "same answer as teacher"], choice),
+        "generation": (["student", "task", "ROUGE-L vs teacher", "chrF vs teacher", "identical outputs"], gen),
+    }
+
+
+def efficiency_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["model", "parameters", "on disk", "in memory", "peak memory", "prefill tok/s", "decode tok/s",
+              "latency (s)", "decode speedup"]
+    rows = []
+    for label, model in report["models"].items():
+        eff = model["efficiency"]
+        if not eff:
+            continue
+        speedup = report["efficiency"].get(label, {}).get("decode_speedup", 1.0 if label == TEACHER else None)
+        rows.append([label, f"{model['num_parameters'] / 1e6:.1f}M", fmt_bytes(model.get("disk_bytes")),
+                     fmt_bytes(model.get("memory_bytes")), fmt_bytes(eff.get("peak_memory_bytes")),
+                     fmt(eff.get("prefill_tokens_per_s"), 1), fmt(eff.get("decode_tokens_per_s"), 1),
+                     fmt(eff.get("latency_s"), 3), fmt(speedup, 2)])
+    return header, rows
+
+
+def gate_lines(report: dict[str, Any]) -> list[str]:
+    gate = report.get("gate") or {}
+    if not gate or gate.get("status") == "none":
+        return ["No thresholds set."]
+    lines = [f"**{gate['status'].upper()}**: {gate.get('checked', 0)} check(s)"]
+    lines += [f"- {line}" for line in gate.get("failures", [])]
+    return lines

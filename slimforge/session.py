@@ -1,0 +1,88 @@
+"""The one Session: what a pipeline run, ``slimforge eval`` and the Python API share while they work.
+
+A session knows the teacher's reference, the data settings, the device and the dtype, and
+loads the teacher (weights and tokenizer), its tokenizer alone and the data once each, on
+first use: planning a run reads only the tokenizer, so no weights load before a stage or an
+evaluation needs them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from slimforge.config import DataConfig, Recipe
+    from slimforge.data import DataBundle
+    from slimforge.models import ModelRef
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    """The teacher, its tokenizer and the data, each loaded once, on first use.
+
+    Attributes:
+        teacher_ref: where the teacher lives.
+        data_config: what :meth:`data` builds, tokenized with the teacher's tokenizer.
+        device, dtype: where and in which precision models load.
+    """
+
+    def __init__(self, teacher_ref: ModelRef, data_config: DataConfig, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.teacher_ref = teacher_ref
+        self.data_config = data_config
+        self.device = device
+        self.dtype = dtype
+        self._teacher: tuple[Any, Any] | None = None
+        self._tokenizer: Any = None
+        self._data: DataBundle | None = None
+
+    @classmethod
+    def for_recipe(cls, recipe: Recipe, teacher_ref: ModelRef | None = None) -> Session:
+        """A recipe's session: its teacher (resolved here unless given), data, device and dtype."""
+        from slimforge.models import resolve_device, resolve_dtype
+
+        device = resolve_device(recipe.config.device)
+        return cls(teacher_ref or resolve_teacher(recipe), recipe.config.data, device,
+                   resolve_dtype(recipe.config.dtype, device))
+
+    def teacher(self) -> tuple[Any, Any]:
+        """The teacher model (frozen, eval mode) and its tokenizer."""
+        if self._teacher is None:
+            log.info("loading teacher %s (%s, %s)", self.teacher_ref.path, self.device, self.dtype)
+            model, tokenizer = self.teacher_ref.load(device=self.device, dtype=self.dtype)
+            model.requires_grad_(False)
+            self._teacher, self._tokenizer = (model, tokenizer), tokenizer
+        return self._teacher
+
+    def teacher_tokenizer(self) -> Any:
+        """The teacher's tokenizer, without its weights."""
+        if self._tokenizer is None:
+            self._tokenizer = self.teacher_ref.load_tokenizer()
+        return self._tokenizer
+
+    def data(self) -> DataBundle:
+        """The packed training and held-out blocks, tokenized with the teacher's tokenizer."""
+        if self._data is None:
+            from slimforge.data import build_data
+
+            self._data = build_data(self.data_config, self.teacher_tokenizer())
+        return self._data
+
+    def release_teacher(self) -> None:
+        """Let the teacher's weights go (the tokenizer and the data stay)."""
+        self._teacher = None
+
+
+def resolve_teacher(recipe: Recipe) -> ModelRef:
+    """A recipe's teacher as a :class:`~slimforge.models.ModelRef`: its path, or the embedded asset."""
+    from slimforge.models import ModelRef, resolve_model
+
+    cfg = recipe.config.teacher
+    if cfg.path:
+        return resolve_model(cfg.path, "teacher", gguf_file=cfg.gguf_file, revision=cfg.revision,
+                             trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+    return ModelRef.from_asset(cfg.asset, "teacher")
