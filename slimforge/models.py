@@ -188,8 +188,7 @@ class ModelRef:
             fingerprint = stable_hash(["hub", path, revision])
         else:
             fingerprint = stable_hash([kind, gguf_file, tree_fingerprint(Path(path).expanduser())])
-        meta_file = Path(path).expanduser() / META_FILE
-        meta = read_json(meta_file) if kind == "folder" and meta_file.is_file() else {}
+        meta = read_artifact_meta(Path(path).expanduser()) if kind == "folder" else {}
         return cls(path=str(path), fingerprint=meta.get("fingerprint", fingerprint), label=label,
                    gguf_file=gguf_file, revision=revision, trust_remote_code=trust_remote_code,
                    allow_pickle=allow_pickle, meta=meta)
@@ -226,9 +225,28 @@ def _code_setting(code_setting: str | None, label: str) -> str | None:
     return f"{label}.trust_remote_code=true" if label == "teacher" else "trust_remote_code=true"
 
 
+def read_artifact_meta(folder: Path) -> dict[str, Any]:
+    """A model folder's ``slimforge.json`` ({} when it has none).
+
+    Raises:
+        ModelLoadError: the file is there but garbled (truncated, hand-edited, not an object).
+    """
+    from slimforge.fsutil import read_json_or_none
+
+    meta_file = folder / META_FILE
+    if not meta_file.is_file():
+        return {}
+    meta = read_json_or_none(meta_file, instead=None)
+    if meta is None:
+        raise ModelLoadError(f"{meta_file} is not a readable JSON object, so what made this model is unknown; "
+                             f"restore it from the run that wrote it, or delete it to use {folder} as a plain "
+                             "model folder")
+    return meta
+
+
 def _is_artifact_folder(location: Path) -> bool:
     """A folder slimforge wrote (a stage artifact or a converted asset): its ``slimforge.json`` has a fingerprint."""
-    return location.is_dir() and (location / META_FILE).is_file() and "fingerprint" in read_json(location / META_FILE)
+    return location.is_dir() and "fingerprint" in read_artifact_meta(location)
 
 
 def resolve_model(spec: str, label: str, *, gguf_file: str | None = None, revision: str | None = None,

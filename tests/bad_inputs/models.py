@@ -66,6 +66,12 @@ def _pickle_of(payload: str):
     return build
 
 
+def _garbled_record(env: Env) -> Path:
+    folder = _copy(env)
+    (folder / "slimforge.json").write_text('{"stage": "student", "fingerprint": ')  # cut off mid-write
+    return folder
+
+
 def as_teacher(make, *extra: str):
     """argv for ``slimforge run`` with the folder ``make`` builds as the teacher."""
     def build(env: Env) -> list[str]:
@@ -88,6 +94,8 @@ def nothing_ran(env: Env) -> None:
 
 NO_CONFIG = r"^slimforge: error: model folder \S+/model has no config\.json; give a complete Hugging Face model folder"
 BROKEN = r"model\.safetensors: the safetensors weights are truncated or corrupt \(Error while deserializing header: "
+GARBLED = (r"^slimforge: error: \S+/model/slimforge\.json is not a readable JSON object, so what made this model is "
+           r"unknown; restore it from the run that wrote it, or delete it to use \S+/model as a plain model folder$")
 REMOTE = r"needs its own model code \('fancy_llm' is not in transformers [\d.]+; config\.json names its classes in auto_map\)"
 
 CASES = [
@@ -99,6 +107,8 @@ CASES = [
     BadInput("student-truncated-safetensors", as_student(_damaged_weights("truncated")), BROKEN, after=nothing_ran),
     BadInput("student-random-safetensors", as_student(_damaged_weights("random")), BROKEN + "header too large",
              after=nothing_ran),
+    BadInput("teacher-garbled-slimforge-json", as_teacher(_garbled_record), GARBLED, after=nothing_ran),
+    BadInput("student-garbled-slimforge-json", as_student(_garbled_record), GARBLED, after=nothing_ran),
     BadInput("teacher-needs-remote-code", as_teacher(_config_edit(model_type="fancy_llm", auto_map=FANCY_AUTO_MAP)),
              REMOTE + r"; set teacher\.trust_remote_code=true only if you trust that code$", after=nothing_ran),
     BadInput("student-needs-remote-code", as_student(_config_edit(model_type="fancy_llm", auto_map=FANCY_AUTO_MAP)),
