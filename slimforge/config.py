@@ -39,6 +39,10 @@ class FieldError(ConfigError):
 # --- small checks used by every schema -------------------------------------------------
 
 
+# numpy's and transformers' set_seed accept 0 .. 2**32 - 1.
+SEED_MAX = 2**32 - 1
+
+
 def check_int(name: str, value: int | None, low: int | None = None, high: int | None = None) -> None:
     """``value`` must lie in [low, high] (either bound optional); None passes."""
     if value is None:
@@ -128,6 +132,7 @@ class DataConfig:
         check_int("block_size", self.block_size, low=2)
         check_fraction("heldout_fraction", self.heldout_fraction)
         check_int("max_documents", self.max_documents, low=1)
+        check_int("seed", self.seed, low=0, high=SEED_MAX)
 
 
 def check_threshold(name: str, value: float | None, low: float, high: float, low_open: bool = True) -> None:
@@ -192,6 +197,7 @@ class EvalConfig:
         check_int("batch_size", self.batch_size, low=1)
         check_int("limit", self.limit, low=1)
         check_int("num_fewshot", self.num_fewshot, low=0)
+        check_int("seed", self.seed, low=0, high=SEED_MAX)
 
 
 @dataclass
@@ -216,6 +222,7 @@ class RecipeConfig:
     def check(self) -> None:
         check_choice("device", self.device, DEVICES)
         check_choice("dtype", self.dtype, DTYPES)
+        check_int("seed", self.seed, low=0, high=SEED_MAX)
         from slimforge.fsutil import path_component_problem
 
         # Both become folder names under out_dir: neither may lead out of it (run_dir chooses a place).

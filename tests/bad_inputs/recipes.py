@@ -58,6 +58,8 @@ CODE = (r"/tasks/qa\.yaml runs Python \(!function utils\.keep\); task YAMLs from
         r"when you allow it \(eval\.allow_code=true in a recipe, --allow-code for slimforge eval\)")
 
 CASES = [
+    BadInput("negative-seed", lambda env: env.tiny_run(env.tmp / "run", "seed=-1"),
+             r"seed=-1: must be between 0 and 4294967295"),
     BadInput("unknown-recipe", lambda env: ["run", "nonexistent"],
              r"unknown recipe 'nonexistent'.*Valid recipes: default"),
     BadInput("value-out-of-range", lambda env: env.tiny_run(env.tmp / "run", "data.heldout_fraction=2"),
