@@ -112,10 +112,19 @@ def _table(header: list[str], rows: list[list[Any]], align: str | None = None) -
 # --- lineage -----------------------------------------------------------------------------
 
 
-def _data_source(data: dict[str, Any] | None) -> str | None:
+def _data_source(data: dict[str, Any] | None, recorded: dict[str, Any] | None = None) -> str | None:
+    """The run's data in a few words, from its recipe section (and, for generated text, what the artifact recorded)."""
     if not data:
         return None
-    source = data.get("path") or (f"asset {data['asset']}" if data.get("asset") else None)
+    if data.get("format") == "teacher_generated":
+        from slimforge.config import GenerateConfig
+
+        source = GenerateConfig.from_record(data.get("generate") or {}).describe()
+        generation = (recorded or {}).get("generation") or {}
+        if generation.get("key"):
+            source += f", {generation.get('kept')} kept, corpus {generation['key']}"
+    else:
+        source = data.get("path") or (f"asset {data['asset']}" if data.get("asset") else None)
     if source is None:
         return None
     return f"{source} (blocks of {data.get('block_size')} tokens)" if data.get("block_size") else str(source)
@@ -158,7 +167,7 @@ def stage_data(entry: dict[str, Any]) -> str | None:
     config = stage_config_from_meta(meta)
     if config is None:
         return None
-    return config.card_data(meta, _data_source(entry.get("data")) or "the run's data")
+    return config.card_data(meta, _data_source(entry.get("data"), meta.get("data")) or "the run's data")
 
 
 def _teacher_name(base: dict[str, Any]) -> str:

@@ -98,7 +98,78 @@ class TeacherConfig:
             raise FieldError("path", self.path, "set teacher.path (hub id, folder or .gguf) or teacher.asset")
 
 
-DATA_FORMATS = ("auto", "text", "chat")
+DATA_FORMATS = ("auto", "text", "chat", "teacher_generated")
+# Files a prompt source may be: one prompt per line, or rows with a ``prompt`` or ``messages`` field.
+
+
+@dataclass
+class GenerateConfig:
+    """How the teacher writes its own training text (``data.format: teacher_generated``).
+
+    ``prompts`` is a shipped prompt set (``general``: everyday topics x task templates, no
+    outside data) or a file: ``.txt`` with one prompt per line, or ``.jsonl`` rows with a
+    ``prompt`` string or a chat ``messages`` list (trailing assistant turns are dropped, so a
+    chat dataset's answers are rewritten by the teacher). ``num_samples`` prompts are drawn by
+    ``seed`` (cycling through the source, reshuffled each pass) and each is answered once,
+    sampled at ``temperature`` / ``top_p`` / ``top_k`` (``top_k: 0`` and ``top_p: 1`` are off;
+    ``do_sample: false`` is greedy) for up to ``max_new_tokens``, stopping at EOS. Every sample
+    has its own random stream, so the corpus does not depend on ``batch_size`` or on where an
+    interrupted generation resumed. ``chat_template`` renders prompts with the teacher's chat
+    template (``null``: when it has one). ``include_prompt`` trains on the prompt and the answer
+    with only the answer in the loss (else on the answer alone). Answers with fewer than
+    ``min_response_tokens`` tokens, and repeated answers (ignoring case and whitespace), are dropped.
+    """
+
+    prompts: str = "general"
+    num_samples: int = 256
+    max_new_tokens: int = 128
+    do_sample: bool = True
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0
+    batch_size: int = 16
+    seed: int = 0
+    chat_template: bool | None = None
+    include_prompt: bool = True
+    min_response_tokens: int = 8
+
+    def check(self) -> None:
+        from slimforge.prompts import PROMPT_FILE_SUFFIXES, PROMPT_SETS, is_prompt_file
+
+        if not self.prompts or not (is_prompt_file(self.prompts) or self.prompts in PROMPT_SETS):
+            raise FieldError("prompts", self.prompts, f"must be a shipped prompt set ({', '.join(PROMPT_SETS)}) "
+                             f"or a {'/'.join(PROMPT_FILE_SUFFIXES)} file of prompts")
+        check_int("num_samples", self.num_samples, low=1, high=10**8)
+        check_int("max_new_tokens", self.max_new_tokens, low=1, high=10**6)
+        if self.do_sample and (math.isnan(self.temperature) or not 0 < self.temperature <= 100):
+            raise FieldError("temperature", self.temperature,
+                             "must be in (0, 100] when sampling; for greedy answers set do_sample=false")
+        check_fraction("top_p", self.top_p, low_open=True, high_open=False)
+        check_int("top_k", self.top_k, low=0)
+        check_int("batch_size", self.batch_size, low=1, high=1 << 16)
+        check_int("seed", self.seed, low=0, high=SEED_MAX)
+        check_int("min_response_tokens", self.min_response_tokens, low=0)
+
+    def sampling(self) -> dict[str, Any]:
+        """The settings the generated text depends on (not ``num_samples``: an entry grows; not
+        ``batch_size``: each sample has its own random stream)."""
+        keys = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed")
+        settings = {k: getattr(self, k) for k in keys}
+        if not self.do_sample:  # greedy: the sampling knobs change nothing
+            settings.update(temperature=None, top_p=None, top_k=None, seed=None)
+        return settings
+
+    def describe(self) -> str:
+        """The generation in a few words, for a model card."""
+        how = (f"temperature {self.temperature:g}, top-p {self.top_p:g}"
+               + (f", top-k {self.top_k}" if self.top_k else "") + f", seed {self.seed}") if self.do_sample else "greedy"
+        return (f"teacher-generated text: {self.num_samples} answers to prompts {self.prompts} "
+                f"({how}, up to {self.max_new_tokens} new tokens)")
+
+    @classmethod
+    def from_record(cls, values: dict[str, Any]) -> GenerateConfig:
+        """The settings a recipe saved beside an artifact recorded (unknown keys dropped, values unchecked)."""
+        return _tolerant_instance(cls, values)
 
 
 @dataclass
@@ -108,7 +179,9 @@ class DataConfig:
     The file type comes from the path (.txt/.md, .jsonl/.json, .parquet, a
     ``save_to_disk`` folder, or a hub dataset name). ``format`` says whether to
     read plain text (``text_field``) or conversations (``messages_field``);
-    ``auto`` picks chat when only the messages field exists.
+    ``auto`` picks chat when only the messages field exists. ``teacher_generated``
+    reads no path or asset: the teacher answers prompts (``generate``) and its
+    answers are the text.
     """
 
     path: str | None = None
@@ -124,9 +197,15 @@ class DataConfig:
     max_documents: int | None = None
     add_eos: bool = True
     seed: int = 0
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def check(self) -> None:
-        if not self.path and not self.asset:
+        if self.format == "teacher_generated":
+            for key in ("path", "asset"):
+                if getattr(self, key):
+                    raise FieldError(key, getattr(self, key), "must be unset with format teacher_generated (the "
+                                     "teacher writes the text; give prompts with data.generate.prompts)")
+        elif not self.path and not self.asset:
             raise FieldError("path", self.path, "set data.path (file, folder or dataset) or data.asset")
         check_choice("format", self.format, DATA_FORMATS)
         check_int("block_size", self.block_size, low=2)

@@ -3,7 +3,8 @@
 Sources: local .txt/.md/.jsonl/.parquet files or folders, Hugging Face datasets
 (a hub name or a ``save_to_disk`` folder, with field selection), chat jsonl
 (``messages``, rendered with the teacher's chat template, with a mask that keeps
-only assistant tokens in the loss) and pinned corpus assets (Shakespeare).
+only assistant tokens in the loss), pinned corpus assets (Shakespeare), and text
+the teacher writes itself (``format: teacher_generated``, :mod:`slimforge.generate`).
 
 The held-out split is made at the document level, so held-out text is never
 seen in training; with a single document the tail of its token stream is held
@@ -15,16 +16,16 @@ settings, and memory-mapped from there on later runs.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slimforge.errors import DataError
 from slimforge.fsutil import atomic_dir, atomic_write_json, read_json, stable_hash, tree_fingerprint
+from slimforge.textfiles import first_non_utf8, jsonl_rows, not_utf8_error
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -61,6 +62,21 @@ class DataBundle:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class TeacherHandle:
+    """The teacher as building data needs it: its fingerprint always, its weights only to generate text.
+
+    Attributes:
+        fingerprint: identifies the teacher's weights (part of generated data's key).
+        load: returns the teacher model; called only when generated data is not cached yet.
+        path: where the teacher lives, recorded with generated data.
+    """
+
+    fingerprint: str
+    load: Callable[[], Any]
+    path: str = ""
+
+
 # --- finding the documents ---------------------------------------------------------------
 
 
@@ -68,7 +84,7 @@ class DataBundle:
 class Source:
     """A resolved data source: what kind it is and where it lives."""
 
-    format: str  # text | jsonl | chat | parquet | hf | hub
+    format: str  # text | jsonl | chat | parquet | hf | hub | generated
     location: str
     files: list[str] = field(default_factory=list)
     fingerprint: str = ""
@@ -119,34 +135,6 @@ def resolve_source(cfg: DataConfig) -> Source:
     return Source("hub", cfg.path, [], stable_hash([cfg.path, cfg.hf_config, cfg.split, cfg.revision]))
 
 
-def not_utf8_error(name: str, offset: int, reason: str) -> DataError:
-    """The one message for a data file that is not UTF-8 text."""
-    return DataError(f"{name} is not UTF-8 text (byte {offset}: {reason}); data files must be UTF-8: re-encode "
-                     "it (e.g. iconv -f latin1 -t utf-8) or move it out of data.path")
-
-
-def first_non_utf8(files: list[str]) -> tuple[str, int, str] | None:
-    """(file, byte offset, reason) of the first byte in ``files`` that is not UTF-8, or None.
-
-    Reads in 1 MiB chunks through an incremental decoder, so a large corpus is never held whole.
-    """
-    import codecs
-
-    for name in files:
-        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-        with open(name, "rb") as fh:
-            while True:
-                chunk = fh.read(1 << 20)
-                try:
-                    decoder.decode(chunk, final=not chunk)
-                except UnicodeDecodeError as err:
-                    return name, max(0, offset + err.start - len(err.object) + len(chunk)), err.reason
-                if not chunk:
-                    break
-                offset += len(chunk)
-    return None
-
-
 def _load_text_files(files: list[str]) -> datasets.Dataset:
     """Plain-text files as one document each.
 
@@ -168,29 +156,6 @@ def _load_text_files(files: list[str]) -> datasets.Dataset:
         raise not_utf8_error(*found) from None
 
 
-def _jsonl_rows(files: list[str]) -> Iterator[tuple[str, int, Any]]:
-    """(file, line, row) for every row of jsonl files, or of .json files holding one array (line 0)."""
-    for name in files:
-        try:
-            with open(name, encoding="utf-8") as fh:
-                text = fh.read()
-        except UnicodeDecodeError as err:
-            raise not_utf8_error(name, err.start, err.reason) from None
-        if name.endswith(".json") and text.lstrip().startswith("["):
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{name}:{err.lineno} is not valid JSON ({err.msg}); fix the file") from None
-            yield from ((name, 0, row) for row in rows)
-            continue
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    yield name, lineno, json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{name}:{lineno} is not valid JSON ({err.msg}); fix the line") from None
-
-
 def _rows_to_dataset(files: list[str]) -> datasets.Dataset:
     """jsonl rows as a Dataset.
 
@@ -201,12 +166,12 @@ def _rows_to_dataset(files: list[str]) -> datasets.Dataset:
     import datasets
     import pyarrow as pa
 
-    rows = [row for _, _, row in _jsonl_rows(files)]
+    rows = [row for _, _, row in jsonl_rows(files)]
     try:
         return datasets.Dataset.from_list(rows)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
         index = _first_clashing_row(rows)
-        name, lineno, _ = next(r for i, r in enumerate(_jsonl_rows(files)) if i == index)
+        name, lineno, _ = next(r for i, r in enumerate(jsonl_rows(files)) if i == index)
         where = f"{name}:{lineno}" if lineno else f"{name} (item {index})"
         raise DataError(f"{where}: a field here has another type than elsewhere in the data "
                         f"({str(err).splitlines()[0]}); give each field one type throughout, e.g. every "
@@ -302,7 +267,11 @@ def chat_ids_and_mask(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[l
 
 
 def tokenize_documents(docs: datasets.Dataset, tokenizer: Any, cfg: DataConfig) -> datasets.Dataset:
-    """Add ``input_ids`` and ``loss_mask`` per document, with an EOS separator."""
+    """Add ``input_ids`` and ``loss_mask`` per document, with an EOS separator.
+
+    Documents are ``text`` (all in the loss), ``messages`` (assistant turns in the loss) or
+    ``prompt`` + ``completion`` (the completion in the loss).
+    """
     chat = "messages" in docs.column_names
     if chat and not getattr(tokenizer, "chat_template", None):
         raise DataError("chat data needs a tokenizer with a chat template, and the teacher's has none")
@@ -315,6 +284,12 @@ def tokenize_documents(docs: datasets.Dataset, tokenizer: Any, cfg: DataConfig) 
                 ids, mask = chat_ids_and_mask(tokenizer, messages)
                 out_ids.append(ids + ([eos] if eos is not None else []))
                 out_mask.append(mask + ([0] if eos is not None else []))
+        elif "completion" in batch:  # prompt + answer, only the answer in the loss
+            for prompt, completion in zip(batch["prompt"], batch["completion"]):
+                head = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+                tail = tokenizer(completion, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+                out_ids.append(list(head) + list(tail))
+                out_mask.append([0] * len(head) + [1] * len(tail))
         else:
             texts = [_TRAILING_SPACE.sub("\n", t or "") for t in batch["text"]]
             for text, ids in zip(texts, tokenizer(texts, add_special_tokens=True)["input_ids"]):
@@ -436,8 +411,12 @@ def data_fingerprint(cfg: DataConfig, source: Source, tokenizer: Any) -> str:
                                              "revision", "block_size", "heldout_fraction", "max_documents",
                                              "add_eos", "seed")}
     template = getattr(tokenizer, "chat_template", None)
-    return stable_hash([PACKING_VERSION, source.format, source.fingerprint, settings,
-                        tokenizer_fingerprint(tokenizer), template])
+    parts = [PACKING_VERSION, source.format, source.fingerprint, settings, tokenizer_fingerprint(tokenizer), template]
+    if source.format == "generated":  # what turns an entry's samples into documents (the key has the rest)
+        gen = cfg.generate
+        parts.append({"num_samples": gen.num_samples, "min_response_tokens": gen.min_response_tokens,
+                      "include_prompt": gen.include_prompt})
+    return stable_hash(parts)
 
 
 @contextlib.contextmanager
@@ -454,8 +433,63 @@ def _quiet_datasets():
             datasets.enable_progress_bars()
 
 
-def build_data(cfg: DataConfig, tokenizer: Any, cache_dir: str | Path | None = None) -> DataBundle:
+def generated_source(cfg: DataConfig, tokenizer: Any, teacher: TeacherHandle | None) -> Source:
+    """The teacher-generated corpus as a source: its entry and key, known before any text is generated."""
+    if teacher is None:
+        raise DataError("data.format=teacher_generated needs the teacher to write the text; build this data "
+                        "through a run or a Session")
+    from slimforge.generate import (
+        entry_folder,
+        generation_key,
+        prompts_fingerprint,
+        uses_chat_template,
+    )
+
+    gen = cfg.generate
+    key = generation_key(teacher.fingerprint, prompts_fingerprint(gen.prompts), gen, uses_chat_template(gen, tokenizer))
+    return Source("generated", str(entry_folder(key)), [], key)
+
+
+def generated_documents(cfg: DataConfig, tokenizer: Any, teacher: TeacherHandle) -> tuple[datasets.Dataset, dict]:
+    """The teacher's kept answers as documents (generated first where needed), and the generation's summary.
+
+    Raises:
+        DataError: every answer was dropped as a duplicate or near-empty.
+    """
+    import datasets
+
+    from slimforge.generate import ensure_generated
+
+    gen = cfg.generate
+    corpus = ensure_generated(gen, tokenizer, teacher.fingerprint, teacher.load, {"teacher_path": teacher.path})
+    if not corpus.records:
+        s = corpus.summary
+        raise DataError(f"all {s['samples']} teacher answers were dropped ({s['duplicates']} duplicates, "
+                        f"{s['near_empty']} shorter than data.generate.min_response_tokens={gen.min_response_tokens}); "
+                        "raise data.generate.num_samples or max_new_tokens, or sample (do_sample=true)")
+    chat = corpus.summary["chat_template"]
+    rows = []
+    for record in corpus.records:
+        prompt, response = record["prompt"], record["response"]
+        if not gen.include_prompt:
+            rows.append({"text": response})
+        elif chat:
+            turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            rows.append({"messages": [*turns, {"role": "assistant", "content": response}]})
+        else:
+            rows.append({"prompt": prompt, "completion": response})
+    docs = datasets.Dataset.from_list(rows)
+    if cfg.max_documents is not None:
+        docs = docs.select(range(min(cfg.max_documents, len(docs))))
+    return docs, corpus.summary
+
+
+def build_data(cfg: DataConfig, tokenizer: Any, cache_dir: str | Path | None = None,
+               teacher: TeacherHandle | None = None) -> DataBundle:
     """Tokenize and pack a data source, or reuse the cached result.
+
+    ``teacher`` is needed by ``format: teacher_generated`` only; its weights load only when
+    the generated text is not cached yet.
 
     Raises:
         DataError: the source is missing, empty, malformed or too small.
@@ -464,16 +498,23 @@ def build_data(cfg: DataConfig, tokenizer: Any, cache_dir: str | Path | None = N
 
     from slimforge.assets import cache_root
 
-    source = resolve_source(cfg)
+    generated = cfg.format == "teacher_generated"
+    source = generated_source(cfg, tokenizer, teacher) if generated else resolve_source(cfg)
     fingerprint = data_fingerprint(cfg, source, tokenizer)
     folder = Path(cache_dir or cache_root() / "data") / fingerprint
     if not (folder / "stats.json").is_file():
-        with _quiet_datasets():
-            docs = load_documents(source, cfg)
+        generation = None
+        if generated:
+            docs, generation = generated_documents(cfg, tokenizer, teacher)
+        else:
+            with _quiet_datasets():
+                docs = load_documents(source, cfg)
         if len(docs) == 0:
             raise DataError(f"the data source {cfg.path or cfg.asset} holds no documents; add data or fix data.path")
         train, held, stats = _split_and_pack(tokenize_documents(docs, tokenizer, cfg), cfg)
-        stats["source"] = cfg.path or f"asset:{cfg.asset}"
+        stats["source"] = f"teacher_generated:{source.fingerprint}" if generated else cfg.path or f"asset:{cfg.asset}"
+        if generation is not None:
+            stats["generation"] = generation
         folder.parent.mkdir(parents=True, exist_ok=True)
         with _quiet_datasets(), atomic_dir(folder, replace=True) as tmp:
             _to_dataset(train).save_to_disk(str(tmp / "train"))

@@ -72,7 +72,7 @@ def describe_recipe(name: str) -> dict[str, Any]:
     cfg = compose_recipe(name, [], with_hydra=True)
     stages = [(stage, cfg.stages[stage].kind, cfg.stages[stage].method) for stage in cfg.pipeline]
     teacher = cfg.teacher.path or f"asset `{cfg.teacher.asset}`"
-    data = cfg.data.path or f"asset `{cfg.data.asset}`"
+    data = cfg.data.path or (f"asset `{cfg.data.asset}`" if cfg.data.asset else f"`{cfg.data.format}`")
     params = cfg.hydra.sweeper.get("params")
     sweep = OmegaConf.to_container(params) if params else {}
     multirun = str(cfg.hydra.get("mode")).rsplit(".", 1)[-1] == "MULTIRUN"

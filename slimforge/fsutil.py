@@ -209,6 +209,29 @@ def atomic_dir(dest: str | Path, replace: bool = False) -> Iterator[Path]:
         os.replace(tmp, dest)
 
 
+@contextlib.contextmanager
+def entry_lock(dest: str | Path, what: str = "the cache entry") -> Iterator[None]:
+    """Hold ``dest``'s lock (``.<name>.lock`` beside it): one writer at a time, the others wait.
+
+    An exclusive ``flock``: the OS releases it when its holder dies, so a killed run never
+    leaves a stale lock behind. ``what`` names the entry in the message a waiting process logs.
+    """
+    import fcntl
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(dest.parent / f".{dest.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is writing %s %s; waiting for it to finish", what, dest)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor drops the lock
+
+
 # --- checksums of a published artifact ---------------------------------------------------
 
 

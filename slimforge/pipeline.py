@@ -91,6 +91,15 @@ def teacher_info(session: Session) -> TeacherInfo:
     return model_info(session.teacher_ref, session.teacher_tokenizer(), lambda: session.teacher()[0])
 
 
+def data_record(bundle: Any) -> dict[str, Any]:
+    """What an artifact records about the data that made it: the fingerprint, the source, and for
+    teacher-generated text the generation (key, settings, samples kept and dropped, tokens)."""
+    record = {"fingerprint": bundle.fingerprint, "source": bundle.stats.get("source")}
+    if bundle.stats.get("generation"):
+        record["generation"] = bundle.stats["generation"]
+    return record
+
+
 # --- the run -----------------------------------------------------------------------------
 
 
@@ -380,7 +389,7 @@ class Run:
                                    Path(tmp), work, self.cfg.seed)
                 output: StageOutput = stage.entry.load()(ctx)
                 if main:
-                    self.write_artifact(Path(tmp), output, self.artifact_meta(stage, output))
+                    self.write_artifact(Path(tmp), output, self.artifact_meta(stage, output, session))
                     from slimforge.models import try_write_model_card
 
                     try_write_model_card(Path(tmp), location=folder)  # README.md, part of the atomic artifact
@@ -405,8 +414,10 @@ class Run:
             work.parent.rmdir()  # only when no other stage keeps scratch there
         log.info("%s: done in %.1f s -> %s", label, record.seconds, folder)
 
-    def artifact_meta(self, stage: PlannedStage, output: StageOutput) -> dict[str, Any]:
+    def artifact_meta(self, stage: PlannedStage, output: StageOutput, session: Session | None = None) -> dict[str, Any]:
+        read_data = session is not None and stage.config.kind in DATA_KINDS and stage.config.uses_data()
         return {
+            **({"data": data_record(session.data())} if read_data else {}),
             "stage": stage.name, "kind": stage.config.kind, "method": stage.config.method,
             "parent": {"label": stage.parent.label, "path": stage.parent.path,
                        "fingerprint": stage.parent.fingerprint},

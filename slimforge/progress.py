@@ -22,9 +22,9 @@ LOG_INTERVAL_S = 30.0
 
 def progress_enabled() -> bool:
     """Whether bars show: on the main rank, unless ``SLIMFORGE_PROGRESS=0``."""
-    from slimforge import dist
+    from slimforge.dist import is_main
 
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off") and dist.is_main()
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off") and is_main()
 
 
 def progress_bar(iterable: Iterable[Any] | None = None, *, desc: str, total: int | None = None,

@@ -65,11 +65,15 @@ class Session:
         return self._tokenizer
 
     def data(self) -> DataBundle:
-        """The packed training and held-out blocks, tokenized with the teacher's tokenizer."""
-        if self._data is None:
-            from slimforge.data import build_data
+        """The packed training and held-out blocks, tokenized with the teacher's tokenizer.
 
-            self._data = build_data(self.data_config, self.teacher_tokenizer())
+        Teacher-generated data loads the teacher's weights here, and only when its text is not cached yet.
+        """
+        if self._data is None:
+            from slimforge.data import TeacherHandle, build_data
+
+            teacher = TeacherHandle(self.teacher_ref.fingerprint, lambda: self.teacher()[0], self.teacher_ref.path)
+            self._data = build_data(self.data_config, self.teacher_tokenizer(), teacher=teacher)
         return self._data
 
     def release_teacher(self) -> None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from slimforge import fsutil
 from slimforge.distill.objective import final_hidden, teacher_buckets
 from slimforge.errors import ConfigError
 from slimforge.fsutil import atomic_write_json, read_json, stable_hash
@@ -134,27 +135,9 @@ def open_teacher_cache(folder: str | Path) -> TeacherCache:
     return _open(folder, meta)
 
 
-def _lock_path(dest: Path) -> Path:
-    return dest.parent / f".{dest.name}.lock"
-
-
-@contextlib.contextmanager
-def entry_lock(dest: str | Path) -> Iterator[None]:
+def entry_lock(dest: str | Path) -> contextlib.AbstractContextManager[None]:
     """Hold the entry's lock: one writer at a time; the OS releases it if the holder dies."""
-    import fcntl
-
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(_lock_path(dest), os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is writing the teacher cache %s; waiting for it to finish", dest)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor drops the lock
+    return fsutil.entry_lock(dest, "the teacher cache")
 
 
 def build_teacher_cache(teacher: Any, train: Any, heldout: Any, train_blocks: list[int], heldout_blocks: list[int],
