@@ -49,7 +49,7 @@ def _model_spec(model: PathLike, what: str) -> dict[str, Any]:
 
 def _data_spec(data: PathLike | Mapping[str, Any] | None) -> dict[str, Any]:
     """``data`` section: a path, a data asset name, or a mapping of DataConfig fields."""
-    from slimforge.assets import ASSETS
+    from slimforge.assets import is_data_asset
 
     if data is None:
         return {"asset": "shakespeare"}
@@ -61,7 +61,7 @@ def _data_spec(data: PathLike | Mapping[str, Any] | None) -> dict[str, Any]:
         return spec
     text = str(data)
     local = Path(text).expanduser()
-    if not local.exists() and text in ASSETS and ASSETS[text].kind == "data":
+    if not local.exists() and is_data_asset(text):
         return {"asset": text}
     return {"path": str(local.resolve()) if local.exists() else text}
 

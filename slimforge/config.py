@@ -416,8 +416,9 @@ class TaskConfig:
     """Fields every eval task has; each task type's schema extends this.
 
     The evaluation engine asks a task's schema, never its type name, what the task needs.
-    Class attributes: ``USES_DATA`` (reads the run's held-out text, which is then built
-    before any model loads and whose fingerprint joins the result's cache key), ``PAIRED``
+    Class attributes: ``USES_DATA`` (reads held-out text, the run's or its :meth:`own_data`,
+    which is then built before any model loads and whose fingerprint joins the result's cache
+    key), ``PAIRED``
     (compares a student with the teacher, whose fingerprint then joins the key),
     ``TEACHER_TOKENS`` (compares token ids with the teacher's, so it is skipped for a
     student whose tokenizer differs) and ``FRESH`` (measured anew in every invocation, never
@@ -460,6 +461,21 @@ class TaskConfig:
     def cache_key_extra(self, settings: Any) -> Any:
         """What a result depends on beyond this config, the model and the settings: files, the device."""
         return None
+
+    def own_data(self) -> DataConfig | None:
+        """For a ``USES_DATA`` task: the corpus it reads instead of the run's data, or None (the run's).
+
+        The engine builds it with the teacher's tokenizer, gives it to the task as its data, keys
+        the result by its fingerprint and labels the result out-of-domain (see
+        :mod:`slimforge.eval.corpus`).
+        """
+        return None
+
+    def key_settings(self) -> dict[str, Any]:
+        """This config as its results' cache key sees it (fields keyed otherwise, e.g. by a fingerprint, left out)."""
+        import dataclasses
+
+        return dataclasses.asdict(self)
 
 
 STAGE_KINDS = ("student", "prune", "distill", "quantize")
@@ -519,7 +535,8 @@ def _check_tree(obj: Any, prefix: str) -> None:
 
 
 def node_schema(node: Any) -> type | None:
-    """The registered schema of a stage node (``kind`` and ``method``) or a task node (``type``), or None."""
+    """The registered schema of a stage node (``kind`` and ``method``) or a task node (``type``), or of a
+    section nested in one (a task's ``data``), or None."""
     from omegaconf import DictConfig
 
     from slimforge.registry import registry
@@ -533,7 +550,20 @@ def node_schema(node: Any) -> type | None:
             return registry("eval").get(str(node.type)).load_schema()
     except ConfigError:  # an unknown kind or method: validation names it
         return None
-    return None
+    return _section_schema(node)
+
+
+def _section_schema(node: Any) -> type | None:
+    """The dataclass type its parent's schema gives the field that holds ``node``, or None."""
+    import dataclasses
+    import typing
+
+    parent = node._get_parent()
+    outer = node_schema(parent) if parent is not None else None
+    if outer is None:
+        return None
+    hint = typing.get_type_hints(outer).get(str(node._key()))
+    return next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
 
 
 def unknown_key_error(err: Any, prefix: str = "") -> ConfigError | None:
@@ -567,6 +597,9 @@ def unknown_key_error(err: Any, prefix: str = "") -> ConfigError | None:
     schema = object_type if dataclasses.is_dataclass(object_type) else node_schema(parent_node)
     known = [f.name for f in dataclasses.fields(schema)] if schema is not None else existing
     owner = schema.__name__ if schema is not None else (parent or "the recipe")
+    if str(key) in known:  # a field the schema has, left out of an untyped entry (a task, a stage)
+        return ConfigError(f"{path} is not set in the recipe, so there is nothing to override; add it with "
+                           f"+{path}=VALUE")
     close = difflib.get_close_matches(str(key), known, n=1)
     hint = (f"did you mean {parent + '.' if parent else ''}{close[0]}?" if close
             else f"the keys there are: {', '.join(known)}")

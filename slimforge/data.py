@@ -3,7 +3,8 @@
 Sources: local .txt/.md/.jsonl/.parquet files or folders, Hugging Face datasets
 (a hub name or a ``save_to_disk`` folder, with field selection), chat jsonl
 (``messages``, rendered with the teacher's chat template, with a mask that keeps
-only assistant tokens in the loss), pinned corpus assets (Shakespeare), and text
+only assistant tokens in the loss), pinned corpus assets (Shakespeare) and corpora
+derived from them (``wikipedia``, :class:`slimforge.assets.DerivedCorpus`), and text
 the teacher writes itself (``format: teacher_generated``, :mod:`slimforge.generate`).
 
 The held-out split is made at the document level, so held-out text is never
@@ -53,6 +54,7 @@ class DataBundle:
         block_size: tokens per block.
         fingerprint: identifies source, tokenizer and settings.
         stats: document and token counts.
+        source_fingerprint: identifies the source alone (the text, whatever the settings).
     """
 
     train: datasets.Dataset
@@ -60,6 +62,7 @@ class DataBundle:
     block_size: int
     fingerprint: str
     stats: dict[str, Any] = field(default_factory=dict)
+    source_fingerprint: str = ""
 
 
 @dataclass
@@ -84,7 +87,7 @@ class TeacherHandle:
 class Source:
     """A resolved data source: what kind it is and where it lives."""
 
-    format: str  # text | jsonl | chat | parquet | hf | hub | generated
+    format: str  # text | jsonl | chat | parquet | hf | hub | generated | corpus
     location: str
     files: list[str] = field(default_factory=list)
     fingerprint: str = ""
@@ -107,10 +110,23 @@ def _format_of_files(files: list[Path]) -> str:
 def resolve_source(cfg: DataConfig) -> Source:
     """Decide what ``data.path`` / ``data.asset`` points at, without reading it yet."""
     if not cfg.path:
-        from slimforge.assets import asset_record, fetch_asset, get_asset
+        from slimforge.assets import (
+            ASSETS,
+            CORPORA,
+            asset_record,
+            corpus_fingerprint,
+            data_asset_names,
+            fetch_asset,
+            fetch_corpus,
+            unknown_data_asset,
+        )
 
-        if get_asset(cfg.asset).kind != "data":
-            raise DataError(f"asset {cfg.asset!r} is not a data asset")
+        if cfg.asset in CORPORA:
+            return Source("corpus", str(fetch_corpus(cfg.asset)), [], corpus_fingerprint(cfg.asset))
+        if cfg.asset not in ASSETS:
+            raise unknown_data_asset(cfg.asset)
+        if ASSETS[cfg.asset].kind != "data":
+            raise DataError(f"asset {cfg.asset!r} is not a data asset; data assets: {', '.join(data_asset_names())}")
         root = fetch_asset(cfg.asset)
         files = _files_with(root, TEXT_SUFFIXES)
         return Source("text", str(root), [str(p) for p in files], stable_hash(asset_record(cfg.asset)))
@@ -194,11 +210,36 @@ def _first_clashing_row(rows: list[Any]) -> int:
     return bad - 1
 
 
+def corpus_documents(source: Source, cfg: DataConfig) -> datasets.Dataset:
+    """A derived corpus's documents (``data.asset`` names one): its text field, each distinct text once.
+
+    Repeats are dropped at their later rows, so the documents keep the dataset's order.
+
+    Raises:
+        DataError: ``data.format`` asks for conversations; a corpus is plain text.
+    """
+    import datasets
+
+    from slimforge.assets import get_corpus
+
+    if cfg.format not in ("auto", "text"):
+        raise DataError(f"asset {cfg.asset} is plain text; set data.format to auto or text")
+    corpus = get_corpus(str(cfg.asset))
+    texts = list(datasets.load_from_disk(source.location)[corpus.text_field])
+    if corpus.dedup:
+        texts = list(dict.fromkeys(texts))
+    if cfg.max_documents is not None:
+        texts = texts[: cfg.max_documents]
+    return datasets.Dataset.from_dict({"text": texts})
+
+
 def load_documents(source: Source, cfg: DataConfig) -> datasets.Dataset:
     """The source's documents as a Dataset with a ``text`` or ``messages`` column."""
     import datasets
 
     fmt = cfg.format
+    if source.format == "corpus":
+        return corpus_documents(source, cfg)
     if source.format == "text":
         ds = _load_text_files(source.files)
     elif source.format == "jsonl":
@@ -484,6 +525,13 @@ def generated_documents(cfg: DataConfig, tokenizer: Any, teacher: TeacherHandle)
     return docs, corpus.summary
 
 
+def data_source(cfg: DataConfig, tokenizer: Any, teacher: TeacherHandle | None = None) -> Source:
+    """Where ``cfg``'s text comes from, and the source's fingerprint, without reading or generating it."""
+    if cfg.format == "teacher_generated":
+        return generated_source(cfg, tokenizer, teacher)
+    return resolve_source(cfg)
+
+
 def build_data(cfg: DataConfig, tokenizer: Any, cache_dir: str | Path | None = None,
                teacher: TeacherHandle | None = None) -> DataBundle:
     """Tokenize and pack a data source, or reuse the cached result.
@@ -499,7 +547,7 @@ def build_data(cfg: DataConfig, tokenizer: Any, cache_dir: str | Path | None = N
     from slimforge.assets import cache_root
 
     generated = cfg.format == "teacher_generated"
-    source = generated_source(cfg, tokenizer, teacher) if generated else resolve_source(cfg)
+    source = data_source(cfg, tokenizer, teacher)
     fingerprint = data_fingerprint(cfg, source, tokenizer)
     folder = Path(cache_dir or cache_root() / "data") / fingerprint
     if not (folder / "stats.json").is_file():
@@ -524,7 +572,7 @@ def build_data(cfg: DataConfig, tokenizer: Any, cache_dir: str | Path | None = N
     with _quiet_datasets():
         train = datasets.load_from_disk(str(folder / "train"))
         held = datasets.load_from_disk(str(folder / "heldout"))
-    return DataBundle(train, held, cfg.block_size, fingerprint, read_json(folder / "stats.json"))
+    return DataBundle(train, held, cfg.block_size, fingerprint, read_json(folder / "stats.json"), source.fingerprint)
 
 
 def blocks_tensor(ds: datasets.Dataset, limit: int | None = None, column: str = "input_ids") -> torch.Tensor:

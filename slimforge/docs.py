@@ -20,7 +20,7 @@ from typing import Any
 from slimforge.errors import ConfigError
 
 REFERENCE = Path("docs") / "recipes.md"
-PRESET_GROUPS = ("teacher", "data", "student", "prune", "distill", "quantize", "eval")
+PRESET_GROUPS = ("teacher", "data", "student", "prune", "distill", "quantize", "eval", "size")
 STAGE_KIND_TITLES = {"student": "Student initialisation (`kind: student`)", "prune": "Pruning (`kind: prune`)",
                      "distill": "Distillation (`kind: distill`)", "quantize": "Quantization (`kind: quantize`)"}
 

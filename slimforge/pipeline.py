@@ -556,6 +556,12 @@ def write_sweep(sweep_dir: Path, recipe_name: str, jobs: list[list[str]], plans:
         "jobs": [{"overrides": job, "run_dir": str(plan.run.run_dir), "status": status}
                  for job, plan, status in zip(jobs, plans, statuses)],
     })
+    from slimforge.eval.curve import SweepJob
     from slimforge.eval.report import write_sweep_report
 
-    write_sweep_report(sweep_dir, [(r.run_dir.name, r.report) for r in results])
+    done = []
+    for job, plan, result in zip(jobs, plans, results):
+        recipe = plan.run.recipe
+        stages = [(name, recipe.stages[name].kind, recipe.stages[name].method) for name in recipe.pipeline]
+        done.append(SweepJob(result.run_dir.name, result.report, job, recipe.config.description, stages))
+    write_sweep_report(sweep_dir, done)

@@ -3,7 +3,8 @@
 A session knows the teacher's reference, the data settings, the device and the dtype, and
 loads the teacher (weights and tokenizer), its tokenizer alone and the data once each, on
 first use: planning a run reads only the tokenizer, so no weights load before a stage or an
-evaluation needs them.
+evaluation needs them. Eval tasks that read a corpus of their own (out-of-domain text) get it
+from here too, tokenized with the teacher's tokenizer and built once per corpus.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from slimforge.config import DataConfig, Recipe
-    from slimforge.data import DataBundle
+    from slimforge.data import DataBundle, Source, TeacherHandle
     from slimforge.models import ModelRef
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class Session:
         self._teacher: tuple[Any, Any] | None = None
         self._tokenizer: Any = None
         self._data: DataBundle | None = None
+        self._corpora: dict[str, DataBundle] = {}
 
     @classmethod
     def for_recipe(cls, recipe: Recipe, teacher_ref: ModelRef | None = None) -> Session:
@@ -64,21 +66,47 @@ class Session:
             self._tokenizer = self.teacher_ref.load_tokenizer()
         return self._tokenizer
 
-    def data(self) -> DataBundle:
+    def data(self, config: DataConfig | None = None) -> DataBundle:
         """The packed training and held-out blocks, tokenized with the teacher's tokenizer.
+
+        Args:
+            config: another corpus than the run's data (an eval task's own text); None: the run's data.
 
         Teacher-generated data loads the teacher's weights here, and only when its text is not cached yet.
         """
-        if self._data is None:
-            from slimforge.data import TeacherHandle, build_data
+        from slimforge.data import build_data
 
-            teacher = TeacherHandle(self.teacher_ref.fingerprint, lambda: self.teacher()[0], self.teacher_ref.path)
-            self._data = build_data(self.data_config, self.teacher_tokenizer(), teacher=teacher)
-        return self._data
+        if config is None:
+            if self._data is None:
+                self._data = build_data(self.data_config, self.teacher_tokenizer(), teacher=self._teacher_handle())
+            return self._data
+        key = _config_key(config)
+        if key not in self._corpora:
+            self._corpora[key] = build_data(config, self.teacher_tokenizer(), teacher=self._teacher_handle())
+        return self._corpora[key]
+
+    def data_source(self, config: DataConfig | None = None) -> Source:
+        """Where the run's data (or ``config``'s) comes from, with its fingerprint; nothing is read or generated."""
+        from slimforge.data import data_source
+
+        return data_source(config or self.data_config, self.teacher_tokenizer(), self._teacher_handle())
+
+    def _teacher_handle(self) -> TeacherHandle:
+        from slimforge.data import TeacherHandle
+
+        return TeacherHandle(self.teacher_ref.fingerprint, lambda: self.teacher()[0], self.teacher_ref.path)
 
     def release_teacher(self) -> None:
         """Let the teacher's weights go (the tokenizer and the data stay)."""
         self._teacher = None
+
+
+def _config_key(config: DataConfig) -> str:
+    import dataclasses
+
+    from slimforge.fsutil import stable_hash
+
+    return stable_hash(dataclasses.asdict(config))
 
 
 def resolve_teacher(recipe: Recipe) -> ModelRef:

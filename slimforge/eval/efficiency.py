@@ -35,13 +35,17 @@ FIXED_TEXT = (
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
 
 
+# Parameters compressed-tensors (GPTQ, RTN) leaves beside each weight: quantization metadata, not model parameters.
+QUANT_METADATA = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape", "weight_global_scale")
+
+
 def logical_parameters(model: Any) -> int:
-    """Parameters counted once each, with packed quantized weights at their original shape."""
-    seen, total = set(), 0
-    for param in model.parameters():
-        if id(param) in seen:
+    """Parameters counted once each, with packed quantized weights at their original shape and
+    quantization metadata (scales, zero points, group indices) left out."""
+    total = 0
+    for name, param in model.named_parameters():  # tied weights once
+        if name.rsplit(".", 1)[-1] in QUANT_METADATA:
             continue
-        seen.add(id(param))
         state = getattr(param, "quant_state", None)
         total += math.prod(state.shape) if state is not None and getattr(state, "shape", None) else param.numel()
     return total

@@ -1,9 +1,11 @@
 """``report.html``: one self-contained page (inline CSS, plots as base64 PNGs; no network).
 
 Two plots: the retained share of each task's gating metric per student, with
-its bootstrap interval, and quality (mean retained) against size across every
-student of a run or a sweep, with the Pareto front (no other model is both
-smaller and better).
+its bootstrap interval, and quality against size with the Pareto front (no other
+model is both smaller and better): for a run, mean retained against size of every
+student; for a sweep, its size-quality curve (:mod:`slimforge.eval.curve`), each
+job's final model by parameters and by bytes on disk, the teacher's quantized
+copies marked apart.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import html
 import io
 from typing import Any
 
+from slimforge.eval.curve import curve_note, curve_table
 from slimforge.eval.tables import (
+    DOMAIN_NOTE,
     TEACHER,
+    domain_table,
     efficiency_table,
     fidelity_rows,
     fmt,
@@ -94,30 +99,93 @@ def retention_plot(report: dict[str, Any], threshold: float | None = None) -> st
 
 
 def pareto_plot(report: dict[str, Any]) -> str | None:
-    """Mean retained against size for the teacher and every student, Pareto front highlighted."""
+    """Quality against size, Pareto front highlighted: a sweep's curve where it has one, else mean
+    retained against size for the teacher and every student."""
     from matplotlib.figure import Figure
 
+    if report.get("curve"):
+        return curve_plot(report["curve"])
     points = [(label, s["size"] / 2**20, s["mean_retained"]) for label, s in report["summary"].items()
               if s.get("mean_retained") is not None]
     if len(points) < 2:
         return None
-    front = pareto_front(points)
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot()
     for label, size, quality in points:
-        on_front = label in front
-        ax.scatter([size], [quality], s=60 if on_front else 30, color="#0969da" if on_front else "#8c959f",
-                   marker="*" if label == TEACHER else "o", zorder=3)
+        marker = "*" if label == TEACHER else "o"
+        ax.scatter([size], [quality], s=30, color="#8c959f", marker=marker, zorder=3)
         ax.annotate(label, (size, quality), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    by_label = {label: (size, quality) for label, size, quality in points}
-    xs, ys = zip(*(by_label[label] for label in front))
-    ax.step(xs, ys, where="post", color="#0969da", linewidth=1, label="Pareto front")
+    _draw_front(ax, points)
     ax.set_xlabel("size (MiB of weights)")
     ax.set_ylabel("mean retained over tasks")
     ax.set_title("Quality against size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def _draw_front(ax: Any, points: list[tuple[str, float, float]]) -> None:
+    """The Pareto front of ``(label, size, quality)`` points: larger blue marks joined by a step line."""
+    front = pareto_front(points)
+    by_label = {label: (size, quality) for label, size, quality in points}
+    xs, ys = zip(*(by_label[label] for label in front))
+    ax.scatter(xs, ys, s=90, facecolors="none", edgecolors="#0969da", linewidths=1.2, zorder=4)
+    ax.step(xs, ys, where="post", color="#0969da", linewidth=1, label="Pareto front")
+
+
+# Panels of the curve: (point field, axis label, divisor).
+CURVE_PANELS = (("num_parameters", "parameters (millions)", 1e6),
+                ("disk_bytes", "bytes on disk of the final model (MiB)", 2**20))
+REFERENCE_COLORS = ("#bf8700", "#8250df", "#cf222e", "#1a7f37")
+
+
+def curve_plot(curve: dict[str, Any]) -> str | None:
+    """A sweep's size-quality curve: y (the curve's metric) against parameters and against bytes on disk.
+
+    Students are joined by a line in order of size; the teacher is a star at 1.0, and each
+    reference point (the teacher quantized, no student stage) a labelled diamond of its own
+    colour. When every student has one size, one panel shows y against the swept value instead,
+    the teacher as a dotted line.
+    """
+    from matplotlib.figure import Figure
+
+    points = [p for p in curve["points"] if p["y"] is not None]
+    if len(points) < 2:
+        return None
+    swept = curve.get("swept")
+    panels = (("swept", swept, 1.0),) if swept else CURVE_PANELS
+    fig = Figure(figsize=(5.4 * len(panels) + 0.6, 4.4))
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    for ax, (field, xlabel, scale) in zip(axes, panels):
+        _curve_panel(ax, [(p, p[field] / scale) for p in points if p.get(field) is not None], front=not swept)
+        ax.set_xlabel(xlabel)
+    axes[0].set_ylabel(curve["y"]["short"])
+    fig.suptitle(f"Size–quality curve: {curve['y']['short']}", fontsize=10)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=6, fontsize=8, frameon=False)
+    return _png(fig)
+
+
+def _curve_panel(ax: Any, drawn: list[tuple[dict[str, Any], float]], front: bool) -> None:
+    """One panel of the curve: ``(point, x)`` pairs, labels stacked where points share an x."""
+    students = sorted((x, p["y"]) for p, x in drawn if p["job"] is not None and not p["reference"])
+    if students:
+        ax.plot(*zip(*students), color="#8c959f", marker="o", markersize=5, linewidth=1, label="students", zorder=3)
+    references = [p for p, _ in drawn if p["reference"]]
+    at_x: dict[float, int] = {}
+    for p, x in drawn:
+        if p["job"] is None:
+            ax.scatter([x], [p["y"]], marker="*", s=140, color="#1f2328", label=TEACHER, zorder=5)
+        elif p["reference"]:
+            color = REFERENCE_COLORS[references.index(p) % len(REFERENCE_COLORS)]
+            ax.scatter([x], [p["y"]], marker="D", s=45, color=color, label=p["label"], zorder=5)
+        stacked = at_x[x] = at_x.get(x, -1) + 1
+        ax.annotate(p["label"], (x, p["y"]), textcoords="offset points", xytext=(6, 4 - 11 * stacked), fontsize=8)
+    if not front:
+        ax.axhline(1.0, color="#1f2328", linewidth=0.8, linestyle=":", label=TEACHER)
+    elif len(drawn) > 1:
+        _draw_front(ax, [(p["model"], x, p["y"]) for p, x in drawn])
+    ax.grid(alpha=0.3)
 
 
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
@@ -131,6 +199,23 @@ def _figure(png: str | None, alt: str, caption: str) -> str:
         return f'<p class="note">{html.escape(caption)}: not enough models to plot.</p>'
     return (f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{png}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _size_quality_parts(report: dict[str, Any]) -> list[str]:
+    """The quality-against-size figure; for a sweep with a curve, also its section: what the axes are, every point."""
+    curve = report.get("curve")
+    if curve is None:
+        caption = "Mean retained against size; blue: the Pareto front (nothing smaller is better)."
+    elif curve["swept"]:
+        caption = f"Size–quality curve against {curve['swept']}; dotted: the teacher."
+    else:
+        caption = ("Size–quality curve. Star: the teacher; diamonds: the teacher quantized (no student stage); "
+                   "circled: the Pareto front (nothing smaller is better).")
+    parts = [_figure(pareto_plot(report), "quality against size", caption)]
+    if curve:
+        parts += ["<h2>Size–quality curve</h2>", f"<p class='note'>{html.escape(curve_note(curve))}</p>",
+                  _html_table(*curve_table(curve))]
+    return parts
 
 
 def html_report(report: dict[str, Any]) -> str:
@@ -149,8 +234,7 @@ def html_report(report: dict[str, Any]) -> str:
     parts.append("<h2>Plots</h2>")
     parts.append(_figure(retention_plot(report, threshold), "retention per task",
                          "Retained share of each task's gating metric; bars: 95% paired bootstrap intervals."))
-    parts.append(_figure(pareto_plot(report), "quality against size",
-                         "Mean retained against size; blue: the Pareto front (nothing smaller is better)."))
+    parts += _size_quality_parts(report)
     parts += ["<h2>Models</h2>", _html_table(*models_table(report))]
     if report.get("tasks"):
         parts += ["<h2>Tasks</h2>", _html_table(*tasks_table(report))]
@@ -158,6 +242,10 @@ def html_report(report: dict[str, Any]) -> str:
     if report["retained"]:
         parts += ["<h2>Retained</h2>", "<p class='note'>student / teacher (teacher / student where lower is "
                   "better); brackets: 95% paired bootstrap interval.</p>", _html_table(*retained_table(report))]
+    header, rows = domain_table(report)
+    if rows:
+        parts += ["<h2>In-domain and out-of-domain</h2>", f"<p class='note'>{html.escape(DOMAIN_NOTE)}</p>",
+                  _html_table(header, rows)]
     tables = [t for t in fidelity_rows(report).values() if t[1]]
     if tables:
         parts.append("<h2>Fidelity to the teacher</h2>")

@@ -6,6 +6,8 @@ teacher, or teacher / student when lower is better) with a paired bootstrap
 confidence interval, the fidelity metrics (KL, top-1 agreement, answer flips,
 choice agreement, agreement with the teacher's generations) and the gate's
 verdict. ``report.md`` and the self-contained ``report.html`` show the same.
+A sweep's report (:func:`sweep_report`) holds every job's students and the
+sweep's size-quality curve (:mod:`slimforge.eval.curve`).
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any
 
+from slimforge.eval.curve import SweepJob, curve_note, curve_table, sweep_curve
 from slimforge.eval.html import html_report
 from slimforge.eval.stats import ItemScores, bootstrap_mean_ci, paired_bootstrap_ratio, ratio
 from slimforge.eval.tables import (
+    DOMAIN_NOTE,
     TEACHER,
+    domain_table,
     efficiency_table,
     fidelity_rows,
     gate_lines,
@@ -129,11 +134,14 @@ def efficiency_ratios(teacher: dict[str, Any], student: dict[str, Any]) -> dict[
 
 
 def task_summary(result: dict[str, Any]) -> dict[str, Any]:
-    """What a task was: its type, gating metric, how many items, with how many shots."""
+    """What a task was: its type, gating metric, how many items, with how many shots; for a task
+    that read text, which (``corpus``, ``split``) and whether in-domain or out-of-domain (``domain``)."""
     items = result.get("items", result.get("blocks", result.get("documents")))
     shots = result.get("num_fewshot")
-    return {"type": result.get("type"), "metric": result.get("metric"), "items": items,
-            "num_fewshot": max(shots.values()) if isinstance(shots, dict) and shots else shots}
+    summary = {"type": result.get("type"), "metric": result.get("metric"), "items": items,
+               "num_fewshot": max(shots.values()) if isinstance(shots, dict) and shots else shots}
+    summary.update({key: result[key] for key in ("corpus", "split", "domain") if key in result})
+    return summary
 
 
 def build_report(title: str, records: dict[str, dict[str, Any]], settings: Any = None,
@@ -201,6 +209,10 @@ def markdown_report(report: dict[str, Any]) -> str:
         lines += [f"Settings (identical for every model): device {s['device']}, dtype {s['dtype']}, "
                   f"batch size {s['batch_size']}, seed {s['seed']}, item limit {s['limit'] or 'none'}, "
                   f"few-shot {s['num_fewshot'] if s['num_fewshot'] is not None else 'task default'}.", ""]
+    if report.get("curve"):
+        header, rows = curve_table(report["curve"])
+        lines += ["## Size–quality curve", "", curve_note(report["curve"]), "",
+                  *markdown_table(header, rows, align="lll" + "r" * (len(header) - 3)), ""]
     lines += ["## Models", "", *markdown_table(*models_table(report)), ""]
     if report.get("tasks"):
         lines += ["## Tasks", "", *markdown_table(*tasks_table(report)), ""]
@@ -210,6 +222,9 @@ def markdown_report(report: dict[str, Any]) -> str:
                   "retained = student / teacher (teacher / student where lower is better); 1.0 = nothing lost. "
                   "Brackets: 95% paired bootstrap interval over items.", "",
                   *markdown_table(*retained_table(report)), ""]
+    header, rows = domain_table(report)
+    if rows:
+        lines += ["## In-domain and out-of-domain", "", DOMAIN_NOTE, "", *markdown_table(header, rows), ""]
     tables = fidelity_rows(report)
     if any(rows for _, rows in tables.values()):
         lines += ["## Fidelity to the teacher", ""]
@@ -238,26 +253,29 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> None:
 # --- a sweep: every student of every job in one report -----------------------------------
 
 
-def sweep_report(jobs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-    """One report over a sweep's jobs: the teacher once, each student as ``<job>/<label>``.
+def sweep_report(jobs: list[SweepJob]) -> dict[str, Any]:
+    """One report over a sweep's jobs: the teacher once, each student as ``<job>/<label>``, and the curve.
 
     Each student keeps the retention and fidelity measured against its own
     job's teacher; a job whose teacher has other content is named in the warnings.
+    ``curve`` places each job's final model by size against one quality number
+    (:func:`slimforge.eval.curve.sweep_curve`).
     """
-    reports = [(name, rep) for name, rep in jobs if rep.get("models")]
-    if not reports:
+    evaluated = [job for job in jobs if job.report.get("models")]
+    if not evaluated:
         return {}
-    base = reports[0][1]
+    base = evaluated[0].report
     teacher_fp = base["models"][TEACHER].get("content_fingerprint")
     out: dict[str, Any] = {
         "title": f"sweep of {base['title']}", "recipe": base.get("recipe"), "created": base.get("created"),
         "settings": base.get("settings", {}), "teacher": TEACHER, "models": {TEACHER: base["models"][TEACHER]},
         "primary": dict(base["primary"]), "higher_is_better": dict(base["higher_is_better"]),
         "tasks": dict(base.get("tasks", {})), "retained": {}, "retained_ci": {}, "fidelity": {}, "efficiency": {},
-        "summary": {TEACHER: base["summary"].get(TEACHER, {})}, "warnings": [], "jobs": [name for name, _ in reports],
+        "summary": {TEACHER: base["summary"].get(TEACHER, {})}, "warnings": [], "jobs": [job.name for job in evaluated],
     }
     failures, statuses = [], []
-    for name, rep in reports:
+    for job in evaluated:
+        name, rep = job.name, job.report
         if rep["models"][TEACHER].get("content_fingerprint") != teacher_fp:
             out["warnings"].append(f"job {name} has another teacher; its students are compared with their own")
         for label, model in rep["models"].items():
@@ -273,12 +291,15 @@ def sweep_report(jobs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         failures += [f"{name}/{line}" for line in gate.get("failures", [])]
     status = "fail" if "fail" in statuses else "pass" if "pass" in statuses else "none"
     out["gate"] = {"status": status, "passed": status != "fail", "failures": failures,
-                   "checked": sum((rep.get("gate") or {}).get("checked", 0) for _, rep in reports),
+                   "checked": sum((job.report.get("gate") or {}).get("checked", 0) for job in evaluated),
                    "thresholds": (base.get("gate") or {}).get("thresholds", {})}
+    curve = sweep_curve(out, evaluated)
+    if curve is not None:
+        out["curve"] = curve
     return out
 
 
-def write_sweep_report(sweep_dir: Path, jobs: list[tuple[str, dict[str, Any]]]) -> None:
+def write_sweep_report(sweep_dir: Path, jobs: list[SweepJob]) -> None:
     """``report.{json,md,html}`` in the sweep folder, when its jobs evaluated anything."""
     report = sweep_report(jobs)
     if report:

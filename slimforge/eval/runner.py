@@ -12,6 +12,9 @@ returned: the caller records it (a run, in its manifest and model cards).
 The engine knows no task type by name: each task's schema says what the task needs
 (data, the teacher, the teacher's tokenizer, fresh timings), what it checks before
 any model loads and what its results depend on (see :class:`slimforge.config.TaskConfig`).
+A task that reads text reads the run's data or a corpus of its own (its ``own_data()``); each
+such result is labelled with its corpus and whether it is in-domain or out-of-domain
+(:mod:`slimforge.eval.corpus`).
 """
 
 from __future__ import annotations
@@ -21,18 +24,18 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from slimforge.errors import ConfigError
+from slimforge.errors import AssetError, ConfigError, DataError
 from slimforge.eval.config import EvalSettings
 from slimforge.eval.tables import TEACHER
 from slimforge.fsutil import atomic_write_json, read_json_or_none, stable_hash
 from slimforge.stage import EvalContext
 
 if TYPE_CHECKING:  # pragma: no cover
-    from slimforge.config import GateConfig, Recipe, TaskConfig
+    from slimforge.config import DataConfig, GateConfig, Recipe, TaskConfig
     from slimforge.models import ModelRef
     from slimforge.session import Session
 
@@ -55,6 +58,11 @@ class ModelEvalContext(EvalContext):
     task_name: str = ""
     teacher_pair: Callable[[], tuple[Any, Any]] | None = None
     teacher_results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    task_data: DataConfig | None = None
+
+    def data(self) -> Any:
+        """The blocks the task reads: its own corpus (``task_data``), else the run's data."""
+        return self.session.data() if self.task_data is None else self.session.data(self.task_data)
 
     def teacher(self) -> tuple[Any, Any] | None:
         """The teacher (model, tokenizer) for fidelity, or None (this is the teacher, or tokenizers differ)."""
@@ -89,10 +97,22 @@ def preflight(tasks: dict[str, TaskConfig], settings: EvalSettings, session: Ses
     """Every check that needs no model weights: each task's own (names, files), the data, gate targets."""
     for cfg in tasks.values():
         cfg.preflight(settings)
-    if any(cfg.USES_DATA for cfg in tasks.values()):
-        session.data()
+    for name, cfg in tasks.items():
+        if cfg.USES_DATA:
+            task_data(session, name, cfg)
     if gate is not None:
         check_gate_targets(gate, tasks)
+
+
+def task_data(session: Session, name: str, cfg: TaskConfig) -> Any:
+    """The blocks a data task reads (built here, once per corpus); an error in its own corpus names the task."""
+    own = cfg.own_data()
+    try:
+        return session.data(own)
+    except (AssetError, DataError) as err:
+        if own is None:
+            raise
+        raise type(err)(f"eval task {name!r}, its own data: {err}") from None
 
 
 def preflight_run(recipe: Recipe, session: Session) -> None:
@@ -106,8 +126,8 @@ def preflight_run(recipe: Recipe, session: Session) -> None:
 
 def task_key(cfg: TaskConfig, model_fp: str, settings: EvalSettings, data_fp: str | None,
              teacher_fp: str | None) -> str:
-    """The cache key of one (model, task) result."""
-    return stable_hash([EVAL_VERSION, model_fp, cfg.type, asdict(cfg), settings.key(),
+    """The cache key of one (model, task) result; ``data_fp`` is that of the blocks the task reads."""
+    return stable_hash([EVAL_VERSION, model_fp, cfg.type, cfg.key_settings(), settings.key(),
                         data_fp if cfg.USES_DATA else None,
                         teacher_fp if cfg.pairs_with_teacher() else None, cfg.cache_key_extra(settings)])
 
@@ -144,7 +164,8 @@ class Evaluation:
     out_dir: Path
     cache: ResultCache
     teacher_fp: str = ""
-    data_fp: str | None = None
+    data_fps: dict[str, str] = field(default_factory=dict)  # task -> fingerprint of the blocks it reads
+    corpora: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> its corpus and domain
     teacher_results: dict[str, dict[str, Any]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     invocation: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -175,11 +196,12 @@ def evaluate_model(ev: Evaluation, label: str, ref: ModelRef, is_teacher: bool) 
         ev.warnings.append(f"{label}: its tokenizer differs from the teacher's ({problem}); token perplexity "
                            "and KL/top-1 fidelity are skipped, the other metrics still run")
         log.warning(ev.warnings[-1])
-    keys = {name: task_key(cfg, model_fp, ev.settings, ev.data_fp, None if is_teacher else ev.teacher_fp)
+    keys = {name: task_key(cfg, model_fp, ev.settings, ev.data_fps.get(name), None if is_teacher else ev.teacher_fp)
             for name, cfg in ev.tasks.items()}
     info_key = stable_hash([EVAL_VERSION, "info", model_fp, ev.settings.key()])
     fresh = {name for name, cfg in ev.tasks.items() if cfg.FRESH}  # never reused, even from eval/<label>.json
-    record_key = stable_hash([keys, info_key, bool(problem), ev.invocation if fresh else None])
+    # The labels join the record's key: whether a corpus is in-domain depends on the run's data, not the result.
+    record_key = stable_hash([keys, info_key, bool(problem), ev.invocation if fresh else None, ev.corpora])
     record_path = ev.out_dir / "eval" / f"{label}.json"
     previous = read_json_or_none(record_path, instead="evaluating the model again")
     if previous is not None and previous.get("key") == record_key:
@@ -208,7 +230,7 @@ def evaluate_model(ev: Evaluation, label: str, ref: ModelRef, is_teacher: bool) 
                                include_path=tuple(ev.settings.include_path), allow_code=ev.settings.allow_code,
                                task_name=name,
                                teacher_pair=None if is_teacher or problem else ev.session.teacher,
-                               teacher_results=ev.teacher_results)
+                               teacher_results=ev.teacher_results, task_data=cfg.own_data())
         log.info("eval %s / %s (%s)", label, name, cfg.type)
         start = time.perf_counter()
         result = registry("eval").get(cfg.type).load()(model, tokenizer, cfg, ctx)
@@ -217,6 +239,8 @@ def evaluate_model(ev: Evaluation, label: str, ref: ModelRef, is_teacher: bool) 
         if name not in fresh:
             ev.cache.put(keys[name], result)
         results[name] = result
+    for name, corpus in ev.corpora.items():  # after caching: the cached result holds only what the model did
+        results[name] = {**results[name], **corpus}
     info = ev.cache.get(info_key)
     if info is None:
         info = _model_info(ref, model_and_tokenizer()[0])
@@ -267,6 +291,7 @@ def _evaluate_all(session: Session, students: list[tuple[str, ModelRef]], tasks:
                   settings: EvalSettings, out_dir: Path, title: str, gate: GateConfig | None,
                   log_file: Path) -> dict[str, Any]:
     """:func:`evaluate_models` once its arguments are checked: each model in turn, then the reports."""
+    from slimforge.eval.corpus import task_corpora
     from slimforge.eval.fingerprint import ref_fingerprint
     from slimforge.eval.gate import check_gate
     from slimforge.eval.report import build_report, write_report
@@ -275,8 +300,9 @@ def _evaluate_all(session: Session, students: list[tuple[str, ModelRef]], tasks:
     ev = Evaluation(session, tasks, settings, out_dir, ResultCache(settings.cache))
     with crash_boundary("the evaluation", log_file):
         ev.teacher_fp = ref_fingerprint(session.teacher_ref)
-        if any(cfg.USES_DATA for cfg in tasks.values()):
-            ev.data_fp = session.data().fingerprint
+        ev.data_fps = {name: task_data(session, name, cfg).fingerprint for name, cfg in tasks.items() if cfg.USES_DATA}
+        ev.corpora, warnings = task_corpora(tasks, session, ev.data_fps)
+        ev.warnings += warnings
         records: dict[str, dict[str, Any]] = {}
         for label, ref in [(TEACHER, session.teacher_ref), *students]:
             with crash_boundary(f"evaluating {label!r}", log_file):

@@ -43,13 +43,51 @@ def models_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def tasks_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = [[name, str(t.get("type")), str(t.get("metric") or "–"), str(t.get("items") or "–"),
-             "–" if t.get("num_fewshot") is None else str(t["num_fewshot"])] for name, t in report["tasks"].items()]
-    return ["task", "type", "gating metric", "items", "few-shot"], rows
+             "–" if t.get("num_fewshot") is None else str(t["num_fewshot"]), corpus_words(t) or "–"]
+            for name, t in report["tasks"].items()]
+    return ["task", "type", "gating metric", "items", "few-shot", "text"], rows
+
+
+DOMAIN_NOTE = ("In-domain: the run's own data, the text the students were healed on. Out-of-domain: a corpus "
+               "of the task's own that they never saw. Retained = teacher / student (lower is better); KL(teacher "
+               "‖ student) per token and top-1 agreement with the teacher, on that text.")
+# How a task's split reads in a heading.
+SPLIT_WORDS = {"heldout": "held-out", "train": "training"}
+
+
+def corpus_words(task: dict[str, Any]) -> str | None:
+    """Which text a task read, e.g. ``in-domain: shakespeare held-out``; None when it read none."""
+    if not task.get("domain"):
+        return None
+    split = SPLIT_WORDS.get(task.get("split") or "", task.get("split") or "")
+    return f"{task['domain']}: {task.get('corpus')}" + (f" {split}" if split else "")
+
+
+def domain_heading(task: dict[str, Any]) -> str | None:
+    """A text task's gating metric as a heading, e.g. ``out-of-domain ppl (wikipedia held-out)``."""
+    words = corpus_words(task)
+    if words is None:
+        return None
+    domain, _, corpus = words.partition(": ")
+    metric = "ppl" if task.get("metric") == "perplexity" else str(task.get("metric"))
+    return f"{domain} {metric} ({corpus})"
+
+
+def column_heading(report: dict[str, Any], key: str) -> str:
+    """``task.metric``, with the text it was measured on for a text task (in-domain or out-of-domain)."""
+    words = corpus_words(report.get("tasks", {}).get(key.split(".", 1)[0], {}))
+    return f"{key} ({words})" if words else key
+
+
+def domain_tasks(report: dict[str, Any]) -> list[str]:
+    """The tasks that read text, the in-domain ones first."""
+    labelled = [name for name, task in report.get("tasks", {}).items() if task.get("domain")]
+    return sorted(labelled, key=lambda name: report["tasks"][name]["domain"] != "in-domain")
 
 
 def scores_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     keys = [f"{t}.{m}" for t, metrics in report["higher_is_better"].items() for m in metrics]
-    header = ["model", "kind", "parameters", "size", *keys]
+    header = ["model", "kind", "parameters", "size", *[column_heading(report, k) for k in keys]]
     rows = []
     for label, model in report["models"].items():
         values = [fmt(model["tasks"].get(k.split(".", 1)[0], {}).get(k.split(".", 1)[1])) for k in keys]
@@ -60,7 +98,7 @@ def scores_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def retained_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     keys = [f"{t}.{m}" for t, m in report["primary"].items()]
-    header = ["student", *keys, "mean", "size fraction"]
+    header = ["student", *[column_heading(report, k) for k in keys], "mean", "size fraction"]
     rows = []
     for label, ratios in report["retained"].items():
         cells = []
@@ -73,13 +111,15 @@ def retained_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def fidelity_rows(report: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]]]:
-    """Three tables: token-level (KL, top-1), multiple choice (flips), generation (agreement)."""
+    """Three tables: token-level (KL, top-1; one row per student and text task), multiple choice
+    (flips), generation (agreement)."""
     token, choice, gen = [], [], []
     for label, tasks in report["fidelity"].items():
         for task, fid in tasks.items():
             if "kl_mean" in fid:
                 ci = fid.get("kl_mean_ci")
-                token.append([label, task, fmt(fid["kl_mean"], 4) + (f" [{fmt(ci[0], 4)}, {fmt(ci[1], 4)}]" if ci else ""),
+                text = corpus_words(report.get("tasks", {}).get(task, {})) or "–"
+                token.append([label, task, text, fmt(fid["kl_mean"], 4) + (f" [{fmt(ci[0], 4)}, {fmt(ci[1], 4)}]" if ci else ""),
                               fmt(fid.get("kl_p50"), 4), fmt(fid.get("kl_p90"), 4), fmt(fid.get("kl_p99"), 4),
                               fmt(fid.get("kl_max"), 3), fmt(fid.get("top1_agreement"))])
             if "flips" in fid or "choice_agreement" in fid:
@@ -90,11 +130,32 @@ def fidelity_rows(report: dict[str, Any]) -> dict[str, tuple[list[str], list[lis
                 gen.append([label, task, fmt(fid["teacher_rougeL"]), fmt(fid.get("teacher_chrf"), 1),
                             fmt(fid.get("teacher_exact_match"))])
     return {
-        "token": (["student", "task", "KL mean [95% CI]", "KL p50", "KL p90", "KL p99", "KL max", "top-1 agreement"], token),
+        "token": (["student", "task", "text", "KL mean [95% CI]", "KL p50", "KL p90", "KL p99", "KL max",
+                   "top-1 agreement"], token),
         "choice": (["student", "task", "items", "lost (right→wrong)", "gained (wrong→right)", "flip rate",
                     "same answer as teacher"], choice),
         "generation": (["student", "task", "ROUGE-L vs teacher", "chrF vs teacher", "identical outputs"], gen),
     }
+
+
+def domain_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Each text task (in-domain first, then out-of-domain) and every model: its gating metric,
+    retained, and the student's KL and top-1 agreement with the teacher on that text."""
+    header = ["measured on", "model", "value", "retained", "KL mean", "top-1 agreement"]
+    rows = []
+    for task in domain_tasks(report):
+        summary = report["tasks"][task]
+        metric = summary.get("metric")
+        heading = f"{domain_heading(summary)} [{task}]"
+        for label, model in report["models"].items():
+            value = model["tasks"].get(task, {}).get(metric)
+            if value is None:
+                continue
+            kept = 1.0 if label == TEACHER else report["retained"].get(label, {}).get(f"{task}.{metric}")
+            fid = report["fidelity"].get(label, {}).get(task, {})
+            rows.append([heading, label, fmt(value), fmt(kept), fmt(fid.get("kl_mean"), 4),
+                         fmt(fid.get("top1_agreement"))])
+    return header, rows
 
 
 def efficiency_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:

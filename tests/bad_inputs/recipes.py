@@ -62,6 +62,9 @@ CASES = [
              r"seed=-1: must be between 0 and 4294967295"),
     BadInput("unknown-recipe", lambda env: ["run", "nonexistent"],
              r"unknown recipe 'nonexistent'.*Valid recipes: default"),
+    BadInput("unknown-size-point", lambda env: ["run", "size_quality", "size=p33", f"run_dir={env.tmp / 'run'}"],
+             r"recipe 'size_quality': In 'size_quality': Could not find 'size/p33'; Available options in 'size'; "
+             r"p40; p57; p75; p90; teacher_gptq; teacher_nf4$", after=_nothing_written),
     BadInput("value-out-of-range", lambda env: env.tiny_run(env.tmp / "run", "data.heldout_fraction=2"),
              r"data\.heldout_fraction=2\.0: must be in \(0, 1\)"),
     BadInput("misspelled-stage-key", lambda env: _distill_run(env, "stages.heal.stepz=5"),
