@@ -71,29 +71,36 @@ def test_converted_tokenizer_splits_digits_like_smollm(teacher_folder):
 
 
 def test_default_recipe_on_the_real_teacher(teacher_folder, tmp_path, capsys):
-    """The README's main job at full scale: the healed student keeps more of the teacher than the unhealed one."""
+    """The README's main job at full scale: a student that keeps the teacher's general English.
+
+    Out of domain (Wikipedia paragraphs no model trained on) the final NF4 student must meet the
+    issue-13 target, perplexity within 2x the teacher's; healing on the teacher's own text must
+    bring the pruned student closer to the teacher there, not only on its healing text.
+    """
     with user_cache():
         code = cli.main(["run", f"run_dir={tmp_path / 'run'}"])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    models, retained = report["models"], report["retained"]
-    assert set(models) == {"teacher", "width", "heal", "nf4"}
+    models, retained, fidelity = report["models"], report["retained"], report["fidelity"]
+    assert set(models) == {"teacher", "depth", "heal", "nf4"}
+    assert report["tasks"]["wikipedia"]["domain"] == "out-of-domain"
+    assert report["tasks"]["perplexity"]["domain"] == "in-domain"
     teacher_params = models["teacher"]["num_parameters"]
-    assert 0.55 <= models["width"]["num_parameters"] / teacher_params <= 0.60
-    ppl = {name: m["tasks"]["perplexity"]["perplexity"] for name, m in models.items()}
-    assert 10 < ppl["teacher"] < 150 and all(math.isfinite(v) for v in ppl.values())
-    # Healing: lower perplexity, closer to the teacher (KL, top-1), more of it retained, beyond the
-    # bootstrap interval. (The 40-item benchmark subsets are too small to rank these students:
-    # their intervals overlap, so they are reported, not asserted.)
-    assert ppl["heal"] < 0.5 * ppl["width"]
-    fidelity = {name: report["fidelity"][name]["perplexity"] for name in ("width", "heal")}
-    assert fidelity["heal"]["kl_mean"] < 0.7 * fidelity["width"]["kl_mean"]
-    assert fidelity["heal"]["top1_agreement"] > fidelity["width"]["top1_agreement"] + 0.1
-    key = "perplexity.perplexity"
-    assert report["retained_ci"]["heal"][key][0] > report["retained_ci"]["width"][key][1]
-    assert retained["heal"][key] > 2 * retained["width"][key]
+    assert 0.87 <= models["heal"]["num_parameters"] / teacher_params <= 0.91
+    for task in ("perplexity", "wikipedia"):
+        ppl = {name: m["tasks"][task]["perplexity"] for name, m in models.items()}
+        assert all(math.isfinite(v) for v in ppl.values()), (task, ppl)
+        assert 2 < ppl["teacher"] < 150, (task, ppl)
+        # Healing helps on both texts: lower perplexity, lower KL, more top-1 agreement.
+        assert ppl["heal"] < ppl["depth"], (task, ppl)
+        assert fidelity["heal"][task]["kl_mean"] < fidelity["depth"][task]["kl_mean"], task
+        assert fidelity["heal"][task]["top1_agreement"] > fidelity["depth"][task]["top1_agreement"], task
+    # The target on general English the students never saw: perplexity ratio <= 2.0 for the
+    # final (NF4) student, i.e. retained = teacher ppl / student ppl >= 0.5.
+    assert retained["nf4"]["wikipedia.perplexity"] >= 0.5, retained["nf4"]
+    assert retained["heal"]["wikipedia.perplexity"] > retained["depth"]["wikipedia.perplexity"]
     # NF4 of the healed student: far smaller on disk, close to it in quality.
     assert models["nf4"]["disk_bytes"] < 0.5 * models["heal"]["disk_bytes"]
-    assert ppl["nf4"] < 1.5 * ppl["heal"]
+    assert models["nf4"]["tasks"]["wikipedia"]["perplexity"] < 1.15 * models["heal"]["tasks"]["wikipedia"]["perplexity"]
     assert f"report: {tmp_path / 'run' / 'report.html'}" in out
