@@ -231,7 +231,7 @@ def test_print_config_and_dry_run(capsys):
     assert "steps: 7" in out and "asset: smollm2-135m" in out
     assert cli.main(["run", "default", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "1. depth: prune/depth" in out and "4. nf4: quantize/bnb_nf4" in out
+    assert "1. depth: prune/depth" in out and "3. nf4: quantize/bnb_nf4" in out and "wikipedia" in out
 
 
 def test_recipes_command_lists_summaries(capsys):
