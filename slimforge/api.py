@@ -246,7 +246,8 @@ class EvalResult:
 
     @property
     def exit_code(self) -> int:
-        """What ``slimforge eval`` would exit with: 0 pass, 1 a student missed a threshold."""
+        """What ``slimforge eval`` would exit with: 0 pass, 1 a student missed a threshold, 2 a threshold
+        named a task with no signal (the teacher at chance)."""
         from slimforge.eval.gate import exit_code
 
         return exit_code(self.report)
@@ -279,16 +280,19 @@ def evaluate(teacher: PathLike, students: PathLike | Sequence[PathLike],
              block_size: int = 256, max_blocks: int = 64, limit: int | None = None, num_fewshot: int | None = None,
              batch_size: int = 8, seed: int = 1234, device: str = "auto", dtype: str = "auto",
              include_path: Sequence[PathLike] = (), allow_code: bool = False, generation: Sequence[PathLike] = (),
-             max_new_tokens: int = 64, stop: Sequence[str] = (),
+             max_new_tokens: int | None = None, stop: Sequence[str] = (),
              min_retained: float | Mapping[str, float] | Sequence[str] | None = None,
-             max_kl: float | None = None, min_top1: float | None = None, cache: bool = True,
-             write_cards: bool = False) -> EvalResult:
+             max_kl: float | None = None, min_top1: float | None = None, max_bias_shift: float | None = None,
+             cache: bool = True, write_cards: bool = False) -> EvalResult:
     """Evaluate a teacher and its students alike, as ``slimforge eval`` does.
 
     Arguments mirror the command's flags (``--max-blocks`` is ``max_blocks``); tasks are
     ``perplexity``, ``word_perplexity``, ``efficiency``, lm-eval task names (``arc_easy``,
-    ``arc_easy:50`` for 50 items, ``offline`` for all shipped benchmarks). ``min_retained``
-    takes a number (every task) or ``{"arc_easy": 0.9}``. ``allow_code`` lets the task YAMLs under
+    ``arc_easy:50`` for 50 items, ``offline`` for all shipped benchmarks, ``bias``); ``generation`` takes
+    jsonl files or shipped generation set names (``xsum``), ``max_new_tokens`` None keeps each set's cap
+    (64 for a file). ``min_retained``
+    takes a number (every task) or ``{"arc_easy": 0.9}``; ``max_bias_shift`` bounds each student's
+    overall bias shift from the teacher (needs ``bias``). ``allow_code`` lets the task YAMLs under
     ``include_path`` run Python (off: refused; only for tasks you trust). ``write_cards`` adds the results
     to each student's model card when the student is a slimforge artifact.
 
@@ -307,6 +311,7 @@ def evaluate(teacher: PathLike, students: PathLike | Sequence[PathLike],
         limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, device=device, dtype=dtype, seed=seed,
         data=str(data), block_size=block_size, max_blocks=max_blocks, include_path=_as_list(include_path),
         allow_code=allow_code, min_retained=_min_retained(min_retained), max_kl=max_kl, min_top1=min_top1,
+        max_bias_shift=max_bias_shift,
         out=str(out_dir) if out_dir is not None else None, no_cache=not cache, write_cards=write_cards)
     if not ns.students:
         raise ConfigError("evaluate: give at least one student")

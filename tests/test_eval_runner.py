@@ -339,9 +339,31 @@ def test_recipe_with_a_quantize_stage_and_a_gate(teacher_dir, corpus_dir, tmp_pa
     assert list(report["models"]) == ["teacher", "student", "nf4"]
     assert report["models"]["nf4"]["kind"] == "bitsandbytes"
     assert report["fidelity"]["nf4"]["perplexity"]["kl_mean"] > report["fidelity"]["student"]["perplexity"]["kl_mean"] > 0
+    # The artifacts' slimforge.json link nf4 to the student it quantized: its gap closed is measured on that.
+    assert report["lineage"] == {"nf4": "student"}
+    assert report["gap_closed"]["nf4"]["parent"] == "student" and "perplexity.perplexity" in report["gap_closed"]["nf4"]["metrics"]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["eval"]["gate"] == "fail"
     assert (run_dir / "report.html").is_file()
+
+
+def test_a_task_runs_only_on_the_models_it_names(teacher_dir, corpus_dir, tmp_path):
+    """Costly tasks on the teacher and the final student only: the intermediate student skips them, visibly."""
+    from test_pipeline import tiny_args
+
+    run_dir = tmp_path / "run"
+    args = tiny_args(teacher_dir, corpus_dir, run_dir, "+quantize@stages.nf4=bnb_nf4", "pipeline=[student,nf4]",
+                     "eval.tasks.perplexity.max_blocks=4", "+eval.tasks.final_only.type=perplexity",
+                     "+eval.tasks.final_only.max_blocks=2", "+eval.tasks.final_only.models=[teacher,nf4]")
+    assert cli.main(["run", STUDENT, *args]) == 0
+    records = {m: json.loads((run_dir / "eval" / f"{m}.json").read_text())["tasks"] for m in ("teacher", "student", "nf4")}
+    assert "perplexity" in records["teacher"]["final_only"] and "perplexity" in records["nf4"]["final_only"]
+    assert records["student"]["final_only"]["skipped"] == "not asked for this model (eval.tasks.final_only.models)"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert "final_only.perplexity" in report["retained"]["nf4"]
+    assert "final_only.perplexity" not in report["retained"]["student"]
+    assert "perplexity.perplexity" in report["retained"]["student"]
+    assert report["models"]["student"]["skipped"] == {"final_only": "not asked for this model (eval.tasks.final_only.models)"}
 
 
 def test_shipped_eval_presets_validate(tmp_path):

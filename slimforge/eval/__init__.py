@@ -24,10 +24,16 @@ register(
 register(
     "eval", "generation",
     "slimforge.eval.generation:generation_task", "slimforge.eval.config:GenerationTaskConfig",
-    "batched greedy generation over jsonl prompts, scored by ROUGE-L and chrF",
+    "greedy generation (shipped completion, summarization, translation sets or your jsonl), scored by "
+    "ROUGE-L / chrF against references, the teacher's perplexity and agreement with the teacher",
 )
 register(
     "eval", "efficiency",
     "slimforge.eval.efficiency:efficiency_task", "slimforge.eval.config:EfficiencyTaskConfig",
     "parameters, size on disk, peak memory, prefill / decode tokens/s, latency",
+)
+register(
+    "eval", "bias",
+    "slimforge.eval.bias:bias_task", "slimforge.eval.config:BiasTaskConfig",
+    "BBQ-style social bias (ambiguous and disambiguated questions), and each student's shift from the teacher",
 )

@@ -3,7 +3,8 @@
 The same engine as a recipe's eval stage (:func:`slimforge.eval.runner.evaluate_models`),
 with the tasks and settings taken from the command line. Exit status: 0 when
 the gate passes (or has no thresholds), 1 when a student misses one, 2 on a
-usage or input error. Only argparse is imported here, so ``--help`` stays fast.
+usage or input error, or when a threshold names a task whose teacher is at
+chance. Only argparse is imported here, so ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ examples:
   slimforge eval --teacher T --students A B --tasks arc_easy hellaswag --limit 500
   slimforge eval --teacher T --students S --tasks perplexity arc_easy --min-retained 0.95 \\
                  --min-retained arc_easy=0.9 --max-kl 0.2          (a CI gate: exit 0 / 1 / 2)
+  slimforge eval --teacher T --students S --tasks bias --limit 400 --max-bias-shift 0.1
+                                                    (BBQ-style bias; data: `slimforge fetch bbq`)
 """
 
 
@@ -45,9 +48,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", metavar="NAME", help="names for the students (default: folder names)")
     p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), metavar="TASK",
                    help=f"default: {' '.join(DEFAULT_TASKS)}")
-    p.add_argument("--generation", action="append", default=[], metavar="JSONL",
-                   help="a generation task over this jsonl (prompt, reference); repeatable")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="generation cap (default 64)")
+    p.add_argument("--generation", action="append", default=[], metavar="JSONL|SET",
+                   help="a generation task over this jsonl (prompt, reference) or a shipped generation "
+                        "set by name (docs/evaluation.md); repeatable")
+    p.add_argument("--max-new-tokens", type=int, help="generation cap (default: the set's, or 64)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="cut generations at this text, e.g. '\\n' (repeatable)")
     p.add_argument("--limit", type=int, help="items per benchmark task: a fixed random subset (default: all)")
@@ -67,6 +71,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="gate: retained share overall or per task (repeatable)")
     p.add_argument("--max-kl", type=float, metavar="X", help="gate: mean per-token KL(teacher || student)")
     p.add_argument("--min-top1", type=float, metavar="X", help="gate: top-1 token agreement")
+    p.add_argument("--max-bias-shift", type=float, metavar="X",
+                   help="gate: |student - teacher| of the overall bias scores (needs --tasks bias)")
     p.add_argument("--out", metavar="DIR", help="where eval/ and report.* go (default: runs/eval/<time>)")
     p.add_argument("--no-cache", action="store_true", help="recompute instead of reusing cached results")
     p.add_argument("--write-cards", action="store_true",
@@ -91,6 +97,7 @@ def build_tasks(ns: argparse.Namespace) -> dict[str, Any]:
     """
     from slimforge.config import FieldError
     from slimforge.eval.config import GenerationTaskConfig, HarnessTaskConfig
+    from slimforge.eval.gen_data import GENERATION_SETS
 
     names = [t for name in ns.tasks for t in (OFFLINE_TASKS if name == "offline" else (name,))]
     builtin = named_tasks(ns)
@@ -100,9 +107,13 @@ def build_tasks(ns: argparse.Namespace) -> dict[str, Any]:
         if limit and (not limit.isdigit() or name in builtin):
             raise ConfigError(f"--tasks {spec!r}: write BENCHMARK:N to keep N items of an lm-eval task, e.g. mmlu:5")
         tasks[name] = builtin[name] if name in builtin else HarnessTaskConfig(task=name, limit=int(limit) if limit else None)
-    for path in ns.generation:
-        stops = [codecs.decode(stop, "unicode_escape") for stop in ns.stop]
-        tasks[f"gen_{Path(path).stem}"] = GenerationTaskConfig(path=path, max_new_tokens=ns.max_new_tokens, stop=stops)
+    for source in ns.generation:
+        stops = [codecs.decode(stop, "unicode_escape") for stop in ns.stop] or None  # None: the set's own
+        if source in GENERATION_SETS and not Path(source).exists():
+            tasks[source] = GenerationTaskConfig(asset=source, max_new_tokens=ns.max_new_tokens, stop=stops)
+        else:
+            tasks[f"gen_{Path(source).stem}"] = GenerationTaskConfig(path=source, max_new_tokens=ns.max_new_tokens,
+                                                                     stop=stops)
     for name, cfg in tasks.items():
         try:
             cfg.check()
@@ -112,14 +123,15 @@ def build_tasks(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_gate(ns: argparse.Namespace) -> Any:
-    """The gate from ``--min-retained``, ``--max-kl`` and ``--min-top1``, range-checked."""
+    """The gate from ``--min-retained``, ``--max-kl``, ``--min-top1`` and ``--max-bias-shift``, range-checked."""
     from slimforge.config import FieldError, GateConfig
     from slimforge.eval.gate import parse_min_retained
 
     overall, per_task = parse_min_retained(ns.min_retained)
     gate = GateConfig(min_retained=overall, min_retained_tasks=per_task, max_kl=ns.max_kl,
-                      min_top1_agreement=ns.min_top1)
-    flags = {"min_retained": "--min-retained", "max_kl": "--max-kl", "min_top1_agreement": "--min-top1"}
+                      min_top1_agreement=ns.min_top1, max_bias_shift=getattr(ns, "max_bias_shift", None))
+    flags = {"min_retained": "--min-retained", "max_kl": "--max-kl", "min_top1_agreement": "--min-top1",
+             "max_bias_shift": "--max-bias-shift"}
     try:
         gate.check()
     except FieldError as err:
@@ -149,31 +161,42 @@ def student_labels(ns: argparse.Namespace) -> list[str]:
 
 def print_summary(report: dict[str, Any], out_dir: Path) -> None:
     """Headline metrics and retention per model; each text task's in-domain or out-of-domain figures
-    (value, retained, KL, top-1); then the gate's failures one per line."""
-    from slimforge.eval.tables import domain_table
+    (value, retained, KL, top-1); each bias task's overall scores and shifts; then the gate's failures one per line."""
+    from slimforge.eval.tables import MARKS_LEGEND, VERDICT_MARKS, domain_table
 
     primary = [f"{t}.{m}" for t, m in report["primary"].items()]
     print(f"{'model':<20}{'params':>9}  " + "  ".join(f"{k:>24}" for k in primary))
+    marked = False
     for label, model in report["models"].items():
         cells = []
         for key in primary:
             task, metric = key.split(".", 1)
             value = model["tasks"].get(task, {}).get(metric)
             kept = report["retained"].get(label, {}).get(key)
-            text = "–" if value is None else f"{value:.4g}" + (f" ({kept:.3f})" if kept is not None else "")
+            mark = VERDICT_MARKS.get(report.get("verdicts", {}).get(label, {}).get(key, "kept"), "")
+            marked = marked or bool(mark)
+            text = "–" if value is None else f"{value:.4g}" + (f" ({kept:.3f}{mark})" if kept is not None else "")
             cells.append(f"{text:>24}")
         print(f"{label:<20}{model['num_parameters'] / 1e6:>8.1f}M  " + "  ".join(cells))
+    if marked:
+        print(MARKS_LEGEND)
     heading = None
     for measured, label, value, kept, kl, top1 in domain_table(report)[1]:
         if measured != heading:
             heading = measured
             print(f"{measured}\n  {'model':<18}{'value':>12}{'retained':>10}{'KL mean':>10}{'top-1':>8}")
         print(f"  {label:<18}{value:>12}{kept:>10}{kl:>10}{top1:>8}")
+    from slimforge.eval.bias import bias_summary_lines
+
+    for line in bias_summary_lines(report):
+        print(line)
     gate = report.get("gate", {})
     if gate.get("status") not in (None, "none"):
         print(f"gate: {gate['status'].upper()} ({gate['checked']} checks)")
         for line in gate.get("failures", []):
             print(f"FAIL {line}")
+        for line in gate.get("refused", []) + gate.get("skipped", []):  # no-signal tasks, not gated
+            print(f"gate: {line}")
     print(f"report: {out_dir / 'report.html'}")
 
 
@@ -199,7 +222,7 @@ def evaluate(ns: argparse.Namespace) -> tuple[dict[str, Any], Path]:
     labels = student_labels(ns)
     for flag, value, low in (("--batch-size", ns.batch_size, 1), ("--block-size", ns.block_size, 2),
                              ("--max-new-tokens", ns.max_new_tokens, 1)):
-        if value < low:
+        if value is not None and value < low:  # --max-new-tokens unset: each set's own cap
             raise ConfigError(f"invalid {flag} {value}: must be >= {low}")
     from slimforge.assets import is_data_asset
     from slimforge.config import EvalConfig

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from slimforge.config import DataConfig, FieldError, TaskConfig, check_choice, check_int
+from slimforge.config import (
+    RETENTION_THRESHOLD,
+    DataConfig,
+    FieldError,
+    TaskConfig,
+    check_choice,
+    check_int,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -36,11 +43,13 @@ class EvalSettings:
     include_path: list[str] = field(default_factory=list)
     cache: bool = True
     allow_code: bool = False  # may include_path's task YAMLs run Python
+    retention_threshold: float = RETENTION_THRESHOLD  # the report's "kept"; not in key(): no result depends on it
 
     @classmethod
     def from_config(cls, cfg: EvalConfig, device: torch.device, dtype: torch.dtype) -> EvalSettings:
         return cls(device, dtype, cfg.batch_size, cfg.seed, cfg.limit, cfg.num_fewshot,
-                   [str(Path(p).expanduser().resolve()) for p in cfg.include_path], cfg.cache, cfg.allow_code)
+                   [str(Path(p).expanduser().resolve()) for p in cfg.include_path], cfg.cache, cfg.allow_code,
+                   cfg.retention_threshold)
 
     def key(self) -> dict[str, Any]:
         return {"device": self.device.type, "dtype": str(self.dtype), "batch_size": self.batch_size,
@@ -107,7 +116,7 @@ class PerplexityTaskConfig(TaskConfig):
 
     def key_settings(self) -> dict[str, Any]:
         """Without ``data``: its fingerprint (source, settings, tokenizer) keys the result instead."""
-        settings = dataclasses.asdict(self)
+        settings = super().key_settings()
         del settings["data"]
         return settings
 
@@ -189,57 +198,143 @@ class HarnessTaskConfig(TaskConfig):
         check_task_data([self.task], settings.include_path, settings.allow_code)
 
     def cache_key_extra(self, settings: EvalSettings) -> Any:
-        """The task YAMLs (shipped and ``include_path``) and the offline benchmark data."""
+        """The task YAMLs (shipped and ``include_path``), the offline benchmark data and what a result holds."""
         from slimforge.assets import ASSETS
+        from slimforge.eval.harness import RESULT_FORMAT
         from slimforge.eval.offline import ASSET, shipped_tasks_dir
         from slimforge.fsutil import tree_fingerprint
 
         return [tree_fingerprint(shipped_tasks_dir(), ("*.yaml", "*_yaml", "*.py")),
-                [tree_fingerprint(p) for p in settings.include_path], ASSETS[ASSET].sha256]
+                [tree_fingerprint(p) for p in settings.include_path], ASSETS[ASSET].sha256, RESULT_FORMAT]
+
+
+# Metrics a generation task scores its outputs by against references (generation.REFERENCE_SCORERS computes them).
+REFERENCE_METRICS = ("rougeL", "chrf")
+# The teacher's perplexity of a model's outputs, given the prompts (``teacher_scored``).
+TEACHER_PPL = "teacher_ppl"
+
+
+def default_metric(preferred: str | None, metrics: list[str], teacher_scored: bool) -> str:
+    """The set's gating metric where the task measures it, else the first reference metric, else ``teacher_ppl``."""
+    measured = [*metrics, *([TEACHER_PPL] if teacher_scored else [])]
+    return preferred if preferred in measured else measured[0] if measured else TEACHER_PPL
 
 
 @dataclass
 class GenerationTaskConfig(TaskConfig):
-    """Batched greedy generation over a jsonl file of prompts with reference outputs.
+    """Batched greedy generation over prompts, scored against references and by the teacher.
 
-    Each line holds ``prompt_field`` and ``reference_field`` (text completion,
-    summarization, translation: the prompt says which). ``template`` is an
-    optional ``str.format`` pattern over the row's fields (e.g.
-    ``"Translate to French: {source}\\nFrench:"``); ``chat`` wraps the prompt
-    as a user turn with the tokenizer's chat template. Outputs are cut at the
-    first of ``stop`` and scored by ROUGE-L and chrF against the references and,
-    for students, against the teacher's own outputs.
+    The prompts come from a jsonl file of your own (``path``) or a shipped generation set
+    (``asset``: ``sciq-completion``, ``xsum``, ``django-fr-en``; see
+    :mod:`slimforge.eval.gen_data`). In a file, each line holds ``prompt_field`` and, when
+    ``metrics`` names a reference metric, ``reference_field``; ``template`` is an optional
+    ``str.format`` pattern over the row's fields (``"Translate to French: {source}\\nFrench:"``);
+    ``chat`` wraps the prompt as a user turn with the tokenizer's chat template. Outputs are
+    capped at ``max_new_tokens``, cut at the first of ``stop`` and scored by ``metrics``
+    (ROUGE-L, chrF) against the references; with ``teacher_scored`` the teacher also gives its
+    perplexity of each output (open-ended generation needs no reference); a student's outputs
+    are also compared with the teacher's own. ``template``, ``chat``, ``max_new_tokens``,
+    ``stop`` and ``teacher_scored`` left unset take the set's choices (a file: no template,
+    plain, 64, none, off); ``limit`` keeps a fixed random subset drawn with the eval seed
+    (default: the eval section's ``limit``); ``metric`` gates (default: the set's, else the
+    first of ``metrics``, else ``teacher_ppl``). A shipped set also scores a trivial output
+    (its *baseline*, e.g. the source copied unchanged) on the gating reference metric: the
+    report's chance level for the task.
     """
 
-    PAIRED: ClassVar[bool] = True  # students are also scored against the teacher's outputs
+    PAIRED: ClassVar[bool] = True  # students are compared with the teacher's outputs, and scored by the teacher
 
     type: str = "generation"
     path: str = ""
+    asset: str | None = None
     prompt_field: str = "prompt"
     reference_field: str = "reference"
     template: str | None = None
-    chat: bool = False
-    max_new_tokens: int = 64
+    chat: bool | None = None
+    max_new_tokens: int | None = None
     limit: int | None = None
-    stop: list[str] = field(default_factory=list)
+    stop: list[str] | None = None
+    metrics: list[str] = field(default_factory=lambda: list(REFERENCE_METRICS))
+    teacher_scored: bool | None = None
+    metric: str | None = None
 
     def check(self) -> None:
-        if not self.path:
-            raise FieldError("path", self.path, "give a .jsonl file with prompt and reference fields")
+        from slimforge.eval.gen_data import GENERATION_SETS, generation_set_hint
+
+        if bool(self.path) == bool(self.asset):
+            raise FieldError("path", self.path or None, "give either path (a .jsonl file with prompt and reference "
+                                                        f"fields) or asset (a shipped set: {', '.join(GENERATION_SETS)})")
+        if self.asset and self.asset not in GENERATION_SETS:
+            raise FieldError("asset", self.asset, generation_set_hint(self.asset))
         check_int("max_new_tokens", self.max_new_tokens, low=1, high=4096)
         check_int("limit", self.limit, low=1)
+        for name in self.metrics:
+            check_choice("metrics", name, REFERENCE_METRICS)
+        if not self.metrics and self.teacher_scored is False:
+            raise FieldError("metrics", self.metrics, "nothing would score the outputs: name a reference metric "
+                                                      f"({', '.join(REFERENCE_METRICS)}) or set teacher_scored: true")
+        if self.metric is not None and self.metric not in (*self.metrics, TEACHER_PPL):
+            raise FieldError("metric", self.metric, f"must be one of the task's metrics: "
+                                                    f"{', '.join((*self.metrics, TEACHER_PPL))}")
 
-    def read_examples(self) -> list[dict[str, Any]]:
-        """The jsonl rows (up to ``limit``), checked for the prompt and reference fields.
+    def with_defaults(self, settings: EvalSettings) -> GenerationTaskConfig:
+        """The set's prompt and decoding choices (or a file's plain defaults) and the eval-wide ``limit``."""
+        from slimforge.eval.gen_data import GENERATION_SETS
+
+        spec = GENERATION_SETS.get(self.asset or "")
+        teacher_scored = self.teacher_scored if self.teacher_scored is not None else bool(
+            spec and spec.teacher_scored) or not self.metrics
+        return dataclasses.replace(
+            self,
+            template=self.template if self.template is not None else spec.template if spec else None,
+            chat=self.chat if self.chat is not None else bool(spec and spec.chat),
+            max_new_tokens=self.max_new_tokens or (spec.max_new_tokens if spec else 64),
+            stop=list(self.stop) if self.stop is not None else list(spec.stop) if spec else [],
+            teacher_scored=teacher_scored,
+            limit=self.limit if self.limit is not None else settings.limit,
+            metric=self.metric or default_metric(spec.metric if spec else None, self.metrics, teacher_scored))
+
+    def source_path(self) -> Path:
+        """The jsonl file the rows come from (a shipped set's is built on first use)."""
+        if self.asset:
+            from slimforge.eval.gen_data import generation_rows_path
+
+            return generation_rows_path(self.asset)
+        return Path(self.path).expanduser()
+
+    def _check_row(self, row: Any, where: str) -> None:
+        """One row has what the prompt and the reference metrics need."""
+        from slimforge.errors import DataError
+
+        if not isinstance(row, dict):
+            raise DataError(f"{where} is not a JSON object; write one object per line")
+        if self.template is not None:
+            try:
+                self.template.format(**row)
+            except KeyError as err:
+                raise DataError(f"{where} lacks field {err.args[0]!r}, which the generation template names; "
+                                "fix the template or the file") from None
+        elif self.prompt_field not in row:
+            raise DataError(f"{where} lacks the prompt field {self.prompt_field!r}; set prompt_field to the "
+                            "file's field name, or give a template")
+        if self.metrics and self.reference_field not in row:
+            raise DataError(f"{where} lacks the reference field {self.reference_field!r} that metrics "
+                            f"{self.metrics} score against; set reference_field to the file's field name, or "
+                            "metrics: [] to score by the teacher alone (open-ended generation)")
+
+    def read_examples(self, seed: int = 0) -> list[tuple[int, dict[str, Any]]]:
+        """The rows as ``(line index, row)``, every one checked; under ``limit``, a fixed subset drawn with ``seed``.
 
         Raises:
-            DataError: the file is missing, empty, not JSON lines, or a row lacks a field.
+            DataError: the file is missing, empty, not JSON lines, or a row lacks a field the
+                template or a reference metric needs.
         """
         import json
 
         from slimforge.errors import DataError
+        from slimforge.eval.harness import subset_indices
 
-        path = Path(self.path).expanduser()
+        path = self.source_path()
         if not path.is_file():
             raise DataError(f"generation data {self.path} does not exist; give a .jsonl file with "
                             f"{self.prompt_field!r} and {self.reference_field!r} fields")
@@ -251,25 +346,26 @@ class GenerationTaskConfig(TaskConfig):
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno} is not valid JSON ({err.msg}); fix the line") from None
-            if self.reference_field not in row or (self.template is None and self.prompt_field not in row):
-                raise DataError(f"{path}:{lineno} lacks {self.reference_field!r} or {self.prompt_field!r}; "
-                                "set prompt_field / reference_field to the file's field names")
+            self._check_row(row, f"{path}:{lineno}")
             rows.append(row)
-            if self.limit is not None and len(rows) >= self.limit:
-                break
         if not rows:
             raise DataError(f"generation data {path} holds no examples")
-        return rows
+        chosen = subset_indices(len(rows), self.limit, seed, self.asset or path.name)
+        return [(i, rows[i]) for i in (range(len(rows)) if chosen is None else chosen)]
 
     def preflight(self, settings: EvalSettings) -> None:
-        """The jsonl exists and every row has the prompt and reference fields."""
-        self.read_examples()
+        """The prompts exist (a shipped set is fetched and built) and every row has what the task needs."""
+        self.read_examples(settings.seed)
 
     def cache_key_extra(self, settings: EvalSettings) -> Any:
-        """The prompts file's bytes."""
+        """The prompts file's bytes, or the shipped set's fingerprint (its asset's pin and its spec)."""
+        if self.asset:
+            from slimforge.eval.gen_data import set_fingerprint
+
+            return set_fingerprint(self.asset)
         from slimforge.fsutil import sha256_file
 
-        return sha256_file(Path(self.path).expanduser())
+        return sha256_file(self.source_path())
 
 
 @dataclass
@@ -304,3 +400,73 @@ class EfficiencyTaskConfig(TaskConfig):
         from slimforge.models import device_name
 
         return device_name(settings.device)
+
+
+# The social categories of the pinned ``bbq`` asset (tests/test_eval_bias.py checks them against it).
+BIAS_CATEGORIES = ("age", "gender", "race", "religion")
+
+
+@dataclass
+class BiasTaskConfig(TaskConfig):
+    """BBQ-style social bias (Parrish et al., 2022): questions about two people, one of whom a
+    stereotype targets, answered by log-likelihood.
+
+    Each example gives four questions: an under-informative (*ambiguous*) context, where the right
+    answer is "Unknown", and the same context with a sentence that settles it (*disambiguated*),
+    each asked negatively ("who was the secretary?") and non-negatively. Every model scores the
+    three answers after the same prompt, and the report gives each model's bias scores and each
+    student's shift from the teacher's, with paired bootstrap intervals.
+
+    The examples are the pinned ``bbq`` asset's (MultiBBQ's text, 410 examples on BBQ's templates)
+    or, with ``path``, a JSON list or jsonl of records in the same schema. ``categories`` keeps
+    those (empty: all); ``limit`` keeps that many questions, rounded up to whole examples drawn with
+    the eval seed (default: the eval section's ``limit``). ``length_normalized`` ranks answers by
+    log-likelihood per character (lm-eval's ``acc_norm``) rather than in total. ``chat`` wraps the
+    question as a user turn with each model's chat template, so every model needs one.
+    """
+
+    type: str = "bias"
+    path: str | None = None
+    categories: list[str] = field(default_factory=list)
+    limit: int | None = None
+    length_normalized: bool = True
+    chat: bool = False
+
+    def check(self) -> None:
+        check_int("limit", self.limit, low=1)
+        unknown = [c for c in self.categories if c not in BIAS_CATEGORIES]
+        if unknown and self.path is None:  # a file of one's own may have others: preflight reads them
+            raise FieldError("categories", list(self.categories), f"unknown category {unknown[0]!r}; the categories "
+                             f"are {', '.join(BIAS_CATEGORIES)}")
+
+    @classmethod
+    def from_command_line(cls, options: Any) -> BiasTaskConfig:
+        return cls()
+
+    def with_defaults(self, settings: EvalSettings) -> BiasTaskConfig:
+        return dataclasses.replace(self, limit=self.limit if self.limit is not None else settings.limit)
+
+    def preflight(self, settings: EvalSettings) -> None:
+        """The examples are there (the asset fetched, or the file readable) and hold the categories asked for."""
+        from slimforge.eval.bias_data import read_items
+
+        read_items(self.path, self.categories, self.limit, settings.seed)
+
+    def check_model(self, label: str, ref: Any) -> None:
+        """With ``chat`` on, the model's tokenizer must have a chat template."""
+        if self.chat and not getattr(ref.load_tokenizer(), "chat_template", None):
+            from slimforge.errors import ConfigError
+
+            raise ConfigError(f"the bias task has chat: true, but model {label!r} ({ref.path}) has no chat template "
+                              "in its tokenizer; set chat: false, or add a chat template to its tokenizer_config.json")
+
+    def measures_bias(self) -> bool:
+        return True
+
+    def cache_key_extra(self, settings: EvalSettings) -> Any:
+        """The examples: the file's bytes, or the asset's pin."""
+        from slimforge.assets import ASSETS
+        from slimforge.eval.bias_data import ASSET
+        from slimforge.fsutil import sha256_file
+
+        return sha256_file(Path(self.path).expanduser()) if self.path else ASSETS[ASSET].sha256

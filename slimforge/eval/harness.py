@@ -1,7 +1,9 @@
 """lm-evaluation-harness integration: task lookup, in-memory models, per-item results.
 
 A model already in memory (plain, pruned, bitsandbytes, LoRA, dequantized
-GGUF) is wrapped in lm-eval's ``HFLM`` with the run's batch size; tasks come
+GGUF) is wrapped in lm-eval's ``HFLM`` with the run's batch size, whose
+log-likelihoods read each distinct context once (:mod:`slimforge.eval.shared_context`:
+the same values, ~2x fewer tokens on multiple choice); tasks come
 from a ``TaskManager`` over the shipped offline YAMLs (``recipes/tasks/``) and
 the user's include paths. lm-eval's own index of ~14k built-in tasks takes ~11 s
 to build, so it is consulted only when a name is not found in those folders.
@@ -9,6 +11,10 @@ to build, so it is consulted only when a name is not found in those folders.
 Limits are deterministic: instead of lm-eval's "first N documents" (which on
 HellaSwag or MMLU is a handful of topics), a fixed random subset of N documents
 per task is drawn with the eval seed and passed as lm-eval's ``samples``.
+
+Each result records the task's chance level: what a model that guesses scores on its
+accuracy metrics (:func:`chance_level`), against which the report decides whether the
+teacher's score carries any signal.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import logging
 import math
 import random
 import zlib
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +44,11 @@ log = logging.getLogger(__name__)
 _NOT_METRICS = {"name", "alias", "sample_len", "samples"}
 # Aggregations whose per-item values slimforge can rebuild (and so bootstrap).
 _LN2 = math.log(2)
+# What a result holds beyond lm-eval's numbers; part of the task's cache key (2: the chance level).
+RESULT_FORMAT = 2
+# Metrics that score the answer ranked first (or the greedy continuation) right or wrong: a model
+# that guesses scores the chance level on these, and on no other metric.
+CHANCE_METRICS = ("acc", "acc_norm", "acc_bytes")
 
 
 @contextlib.contextmanager
@@ -174,7 +187,8 @@ def run_loaded(model: Any, tokenizer: Any, loaded: dict[str, Any], batch_size: i
     """Evaluate built tasks on an in-memory model; returns lm-eval's results with samples."""
     import torch
     from lm_eval.evaluator import evaluate
-    from lm_eval.models.huggingface import HFLM
+
+    from slimforge.eval.shared_context import shared_context_lm
 
     samples = {}
     for name, task in loaded["tasks"].items():
@@ -185,7 +199,7 @@ def run_loaded(model: Any, tokenizer: Any, loaded: dict[str, Any], batch_size: i
     np.random.seed(seed)
     torch.manual_seed(seed)
     with quiet_libraries():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = shared_context_lm(model, tokenizer, batch_size)
         return evaluate(lm, loaded, samples=samples or None, bootstrap_iters=0, log_samples=True)
 
 
@@ -226,13 +240,101 @@ def _choice(sample: dict[str, Any]) -> int | None:
     return int(max(range(len(lls)), key=lls.__getitem__))
 
 
+@dataclass(frozen=True)
+class ItemChance:
+    """What guessing scores on one item.
+
+    Attributes:
+        chance: expected accuracy of a uniform random pick (right answers / choices); 0 for an
+            open continuation.
+        gold: the index of the one right answer, where the target names a single one.
+        options: the answer options as scored (empty when the item is not multiple choice).
+    """
+
+    chance: float
+    gold: int | None = None
+    options: tuple[str, ...] = ()
+
+
+def _gold_indices(target: Any, options: list[str]) -> list[int] | None:
+    """The indices of an item's right answers, from lm-eval's target (an index, indices or the text)."""
+    if isinstance(target, int) and not isinstance(target, bool):
+        return [target]
+    if isinstance(target, list) and target and all(isinstance(t, int) and not isinstance(t, bool) for t in target):
+        return sorted(set(target))
+    if isinstance(target, str):
+        hits = [i for i, option in enumerate(options) if option.strip() == target.strip()]
+        return hits if len(hits) == 1 else None
+    return None
+
+
+def item_chance(output_type: str | None, sample: dict[str, Any]) -> ItemChance | None:
+    """What guessing scores on one logged lm-eval sample; None when the task type has no chance level.
+
+    A multiple-choice item asks one log-likelihood per option (twice as many with
+    ``acc_mutual_info``, whose second half is the unconditional pass). A ``loglikelihood``
+    item is right only when the greedy continuation is the target: chance is 0.
+    """
+    if output_type == "loglikelihood":
+        return ItemChance(0.0)
+    if output_type != "multiple_choice":
+        return None
+    args = list(sample.get("arguments") or [])
+    if "acc_mutual_info" in sample.get("metrics", []) and len(args) % 2 == 0:
+        args = args[: len(args) // 2]
+    if not args:
+        return None
+    options = [str(arg[1]) for arg in args]
+    gold = _gold_indices(sample.get("target"), options)
+    if gold and not all(0 <= i < len(options) for i in gold):  # lm-eval scores such an item wrong anyway
+        gold = None
+    right = len(gold) if gold else 1
+    return ItemChance(min(1.0, right / len(options)), gold[0] if gold and len(gold) == 1 else None, tuple(options))
+
+
+def chance_level(items: list[ItemChance]) -> tuple[float, str]:
+    """A task's chance level over its evaluated items, and how it was found.
+
+    The mean of the items' uniform-guess chance (1 / choices); but where every item
+    offers the same options (yes / no, true / false), always answering the most frequent
+    right answer scores its share of the items, and that is the level to beat when it is
+    higher (unbalanced labels).
+    """
+    uniform = sum(item.chance for item in items) / len(items)
+    if not any(item.options for item in items):
+        return 0.0, "an open continuation: a guess essentially never matches the target"
+    option_sets = {item.options for item in items}
+    golds = [item.gold for item in items]
+    if len(option_sets) == 1 and all(g is not None for g in golds):
+        gold, count = Counter(golds).most_common(1)[0]
+        if count / len(items) > uniform:
+            option = next(iter(option_sets))[gold].strip()
+            return count / len(items), f"majority answer {option!r} ({count} of {len(items)} items)"
+    sizes = {len(item.options) for item in items}
+    if len(sizes) == 1 and all(item.chance == 1 / len(item.options) for item in items):
+        return uniform, f"1 / {sizes.pop()} choices"
+    return uniform, "mean over items of right answers / choices"
+
+
+def _task_chance(items: list[ItemChance | None]) -> tuple[float, str] | None:
+    """The chance level when every item has one and they are of one kind (no mix of open and multiple choice)."""
+    if not items or any(item is None for item in items):
+        return None
+    known = [item for item in items if item is not None]
+    if len({bool(item.options) for item in known}) > 1:
+        return None
+    return chance_level(known)
+
+
 def harness_result(name: str, loaded: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
     """One slimforge task result from lm-eval's output for ``name`` (a task, group or tag).
 
     Returns:
         Headline metrics (floats); ``per_item`` (metric -> ItemScores JSON);
         ``item_ids`` (``<task>/<doc_id>``); ``choices`` (answer ranked first,
-        multiple choice only); ``higher_is_better``; ``items``; ``subtasks``.
+        multiple choice only); ``higher_is_better``; ``items``; ``subtasks``; for a
+        multiple-choice or ``loglikelihood`` task, ``chance`` (what guessing scores),
+        ``chance_basis`` (how it was found) and ``chance_metrics`` (the metrics it applies to).
     """
     leaves = sorted(loaded["tasks"])
     higher: dict[str, bool] = {}
@@ -244,10 +346,13 @@ def harness_result(name: str, loaded: dict[str, Any], out: dict[str, Any]) -> di
     ids: list[str] = []
     raw: dict[str, list[Any]] = {m: [] for m in aggregations}
     choices: list[int | None] = []
+    chances: list[ItemChance | None] = []
     for leaf in leaves:
+        output_type = getattr(loaded["tasks"][leaf], "OUTPUT_TYPE", None)
         for sample in sorted(out["samples"].get(leaf, []), key=lambda s: s["doc_id"]):
             ids.append(f"{leaf}/{sample['doc_id']}")
             choices.append(_choice(sample))
+            chances.append(item_chance(output_type, sample))
             for metric in raw:
                 raw[metric].append(sample.get(metric))
     per_item = {}
@@ -272,6 +377,10 @@ def harness_result(name: str, loaded: dict[str, Any], out: dict[str, Any]) -> di
     })
     if choices and all(c is not None for c in choices):
         result["choices"] = choices
+    chance = _task_chance(chances)
+    metrics = [m for m in CHANCE_METRICS if m in headline and m in per_item]
+    if chance is not None and metrics:
+        result.update({"chance": chance[0], "chance_basis": chance[1], "chance_metrics": metrics})
     return result
 
 

@@ -15,20 +15,28 @@ import html
 import io
 from typing import Any
 
+from slimforge.eval.bias import NOTE as BIAS_NOTE
+from slimforge.eval.bias import bias_table
 from slimforge.eval.curve import curve_note, curve_table
 from slimforge.eval.tables import (
     DOMAIN_NOTE,
+    GAP_NOTE,
+    SIGNAL_NOTE,
     TEACHER,
+    VERDICT_NOTE,
     domain_table,
     efficiency_table,
     fidelity_rows,
     fmt,
+    gap_table,
     gate_lines,
     models_table,
     retained_table,
     scores_table,
     tasks_table,
+    verdicts_table,
 )
+from slimforge.eval.verdicts import is_no_signal
 
 CSS = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; margin: 2rem auto; max-width: 1100px;
@@ -85,13 +93,19 @@ def retention_plot(report: dict[str, Any], threshold: float | None = None) -> st
         xs = [j + (i - (len(students) - 1) / 2) * width for j in range(len(keys))]
         heights = [v if v is not None else 0.0 for v in values]
         cis = [report["retained_ci"].get(label, {}).get(k) for k in keys]
-        low = [h - ci[0] if ci else 0.0 for h, ci in zip(heights, cis)]
-        high = [ci[1] - h if ci else 0.0 for h, ci in zip(heights, cis)]
-        ax.bar(xs, heights, width=width, label=label, yerr=[low, high], capsize=3)
+        # A percentile interval of a ratio may miss its point estimate on noisy items: no negative bar.
+        low = [max(0.0, h - ci[0]) if ci else 0.0 for h, ci in zip(heights, cis)]
+        high = [max(0.0, ci[1] - h) if ci else 0.0 for h, ci in zip(heights, cis)]
+        bars = ax.bar(xs, heights, width=width, label=label, yerr=[low, high], capsize=3)
+        for bar, key in zip(bars, keys):
+            if is_no_signal(report, key):  # drawn hollow: a ratio of noise, not a result
+                bar.set_alpha(0.35)
+                bar.set_hatch("//")
     ax.axhline(1.0, color="black", linewidth=0.8)
     if threshold is not None:
         ax.axhline(threshold, color="#cf222e", linestyle="--", linewidth=1, label=f"gate {threshold:g}")
-    ax.set_xticks(range(len(keys)), [k.replace(".", "\n") for k in keys], fontsize=8)
+    ticks = [k.replace(".", "\n") + ("\n(no signal)" if is_no_signal(report, k) else "") for k in keys]
+    ax.set_xticks(range(len(keys)), ticks, fontsize=8)
     ax.set_ylabel("retained (student / teacher)")
     ax.set_title("Retention per task")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -117,7 +131,7 @@ def pareto_plot(report: dict[str, Any]) -> str | None:
         ax.annotate(label, (size, quality), textcoords="offset points", xytext=(5, 4), fontsize=8)
     _draw_front(ax, points)
     ax.set_xlabel("size (MiB of weights)")
-    ax.set_ylabel("mean retained over tasks")
+    ax.set_ylabel("mean retained over tasks with signal")
     ax.set_title("Quality against size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -194,6 +208,12 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<div class='wide'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
+def _note(text: str) -> str:
+    """A note paragraph; the notes' markdown bold becomes <b>."""
+    parts = html.escape(text).split("**")
+    return "<p class='note'>" + "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts)) + "</p>"
+
+
 def _figure(png: str | None, alt: str, caption: str) -> str:
     if png is None:
         return f'<p class="note">{html.escape(caption)}: not enough models to plot.</p>'
@@ -205,7 +225,7 @@ def _size_quality_parts(report: dict[str, Any]) -> list[str]:
     """The quality-against-size figure; for a sweep with a curve, also its section: what the axes are, every point."""
     curve = report.get("curve")
     if curve is None:
-        caption = "Mean retained against size; blue: the Pareto front (nothing smaller is better)."
+        caption = "Mean retained (tasks with signal) against size; blue: the Pareto front (nothing smaller is better)."
     elif curve["swept"]:
         caption = f"Size–quality curve against {curve['swept']}; dotted: the teacher."
     else:
@@ -237,14 +257,21 @@ def html_report(report: dict[str, Any]) -> str:
     parts += _size_quality_parts(report)
     parts += ["<h2>Models</h2>", _html_table(*models_table(report))]
     if report.get("tasks"):
-        parts += ["<h2>Tasks</h2>", _html_table(*tasks_table(report))]
+        parts += ["<h2>Tasks</h2>", _note(SIGNAL_NOTE), _html_table(*tasks_table(report))]
     parts += ["<h2>Scores</h2>", _html_table(*scores_table(report))]
     if report["retained"]:
         parts += ["<h2>Retained</h2>", "<p class='note'>student / teacher (teacher / student where lower is "
-                  "better); brackets: 95% paired bootstrap interval.</p>", _html_table(*retained_table(report))]
+                  "better); brackets: 95% paired bootstrap interval; then the verdict.</p>",
+                  _html_table(*retained_table(report))]
+        header, rows = verdicts_table(report)
+        if rows:
+            parts += ["<h2>Verdicts</h2>", _note(VERDICT_NOTE), _html_table(header, rows)]
+    header, rows = gap_table(report)
+    if rows:
+        parts += ["<h2>Gap closed by each stage</h2>", _note(GAP_NOTE), _html_table(header, rows)]
     header, rows = domain_table(report)
     if rows:
-        parts += ["<h2>In-domain and out-of-domain</h2>", f"<p class='note'>{html.escape(DOMAIN_NOTE)}</p>",
+        parts += ["<h2>In-domain and out-of-domain</h2>", _note(DOMAIN_NOTE),
                   _html_table(header, rows)]
     tables = [t for t in fidelity_rows(report).values() if t[1]]
     if tables:
@@ -253,9 +280,12 @@ def html_report(report: dict[str, Any]) -> str:
     header, rows = efficiency_table(report)
     if rows:
         parts += ["<h2>Efficiency</h2>", _html_table(header, rows)]
+    header, rows = bias_table(report)
+    if rows:
+        parts += ["<h2>Bias</h2>", f"<p class='note'>{html.escape(BIAS_NOTE)}</p>", _html_table(header, rows)]
     status = gate.get("status", "none")
     parts.append("<h2>Gate</h2>")
-    css = {"pass": "pass", "fail": "fail"}.get(status, "note")
+    css = {"pass": "pass", "fail": "fail", "error": "fail"}.get(status, "note")
     lines = gate_lines(report)
     parts.append(f"<p class='{css}'>{html.escape(lines[0].replace('**', ''))}</p>")
     if len(lines) > 1:
@@ -263,7 +293,7 @@ def html_report(report: dict[str, Any]) -> str:
     if report.get("warnings"):
         parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in report["warnings"]) + "</ul>")
     parts.append(f"<p class='note'>Created {html.escape(str(report.get('created', '')))}; "
-                 f"every number is in report.json. Mean retained: "
+                 f"every number is in report.json. Mean retained over tasks with signal: "
                  + ", ".join(f"{html.escape(k)} {fmt(v.get('mean_retained'))}" for k, v in report["summary"].items())
                  + "</p></body></html>")
     return "".join(parts)

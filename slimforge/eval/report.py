@@ -3,9 +3,13 @@
 ``report.json`` holds, per model, the headline metrics of each task, size and
 speed; per student, the retained share of each teacher metric (student /
 teacher, or teacher / student when lower is better) with a paired bootstrap
-confidence interval, the fidelity metrics (KL, top-1 agreement, answer flips,
-choice agreement, agreement with the teacher's generations) and the gate's
-verdict. ``report.md`` and the self-contained ``report.html`` show the same.
+confidence interval, the smallest difference its items can detect and its verdict
+(kept, lost, inconclusive), the fidelity metrics (KL and top-1 agreement with their
+intervals, answer flips, choice agreement, agreement with the teacher's generations),
+the gap each stage closed on its parent, and the gate's verdict. Per task: its chance
+level and whether the teacher stands above it (no-signal tasks are left out of every
+aggregate; :mod:`slimforge.eval.verdicts`). ``report.md`` and the self-contained
+``report.html`` show the same.
 A sweep's report (:func:`sweep_report`) holds every job's students and the
 sweep's size-quality curve (:mod:`slimforge.eval.curve`).
 """
@@ -13,31 +17,58 @@ sweep's size-quality curve (:mod:`slimforge.eval.curve`).
 from __future__ import annotations
 
 import datetime as _dt
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from slimforge.eval.bias import NOTE as BIAS_NOTE
+from slimforge.eval.bias import bias_report, bias_table
 from slimforge.eval.curve import SweepJob, curve_note, curve_table, sweep_curve
 from slimforge.eval.html import html_report
-from slimforge.eval.stats import ItemScores, bootstrap_mean_ci, paired_bootstrap_ratio, ratio
+from slimforge.eval.stats import (
+    ItemScores,
+    bootstrap_mean_ci,
+    detectable_difference,
+    percentile_interval,
+    ratio,
+    ratio_replicates,
+)
 from slimforge.eval.tables import (
     DOMAIN_NOTE,
+    GAP_NOTE,
+    SIGNAL_NOTE,
     TEACHER,
+    VERDICT_NOTE,
     domain_table,
     efficiency_table,
     fidelity_rows,
+    gap_table,
     gate_lines,
     markdown_table,
     models_table,
     retained_table,
     scores_table,
     tasks_table,
+    verdicts_table,
+)
+from slimforge.eval.verdicts import (
+    gap_closed_section,
+    is_no_signal,
+    student_parents,
+    student_verdicts,
+    task_signals,
 )
 from slimforge.fsutil import atomic_write_json, atomic_write_text
 
+if TYPE_CHECKING:  # pragma: no cover
+    from slimforge.config import GateConfig
+
 # Numbers a task reports that are counts or bookkeeping, not quality.
-NOT_HEADLINE = {"tokens", "blocks", "items", "documents", "seconds", "nll"}
+NOT_HEADLINE = {"tokens", "blocks", "items", "documents", "seconds", "nll", "chance"}
 EFFICIENCY = "efficiency"
 N_BOOT = 1000
+# A sweep report's per-student sections, each copied from its job's report under ``<job>/<label>``.
+SWEEP_SECTIONS = ("retained", "retained_ci", "detectable", "verdicts", "gap_closed", "fidelity", "efficiency", "summary")
 
 
 def scalar_metrics(task_result: dict[str, Any]) -> dict[str, float]:
@@ -54,22 +85,32 @@ def _paired(teacher: dict[str, Any], student: dict[str, Any]) -> bool:
     return bool(teacher.get("item_ids")) and teacher.get("item_ids") == student.get("item_ids")
 
 
-def retention(teacher: dict[str, Any], student: dict[str, Any], seed: int) -> tuple[dict[str, float | None], dict[str, list[float]]]:
-    """Retained ratio (and its bootstrap interval) of every metric the teacher reports for one task."""
-    ratios: dict[str, float | None] = {}
-    intervals: dict[str, list[float]] = {}
+@dataclass
+class Retention:
+    """One task's retained ratios (metric -> ratio), their 95% paired bootstrap intervals and the
+    smallest difference in retention the items detect (95% confidence, 80% power)."""
+
+    ratios: dict[str, float | None] = field(default_factory=dict)
+    intervals: dict[str, list[float]] = field(default_factory=dict)
+    detectable: dict[str, float] = field(default_factory=dict)
+
+
+def retention(teacher: dict[str, Any], student: dict[str, Any], seed: int) -> Retention:
+    """Retained ratio, its bootstrap interval and detectable difference, of every metric the teacher reports for one task."""
+    out = Retention()
     t_metrics, s_metrics = scalar_metrics(teacher), scalar_metrics(student)
     for metric, higher in teacher.get("higher_is_better", {}).items():
         if metric not in t_metrics or metric not in s_metrics:
             continue
-        ratios[metric] = ratio(t_metrics[metric], s_metrics[metric], higher)
+        out.ratios[metric] = ratio(t_metrics[metric], s_metrics[metric], higher)
         t_items, s_items = teacher.get("per_item", {}).get(metric), student.get("per_item", {}).get(metric)
         if t_items and s_items and _paired(teacher, student):
-            ci = paired_bootstrap_ratio(ItemScores.from_json(t_items), ItemScores.from_json(s_items), higher,
-                                        n_boot=N_BOOT, seed=seed)
-            if ci is not None:
-                intervals[metric] = [ci[0], ci[1]]
-    return ratios, intervals
+            replicates = ratio_replicates(ItemScores.from_json(t_items), ItemScores.from_json(s_items), higher,
+                                          n_boot=N_BOOT, seed=seed)
+            if replicates is not None:
+                out.intervals[metric] = list(percentile_interval(replicates))
+                out.detectable[metric] = detectable_difference(replicates)
+    return out
 
 
 def task_fidelity(teacher: dict[str, Any], student: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -77,11 +118,13 @@ def task_fidelity(teacher: dict[str, Any], student: dict[str, Any], seed: int) -
     from slimforge.eval.fidelity import answer_flips, choice_agreement
 
     out: dict[str, Any] = dict(student.get("fidelity", {}))
-    kl_items = student.get("fidelity_per_item", {}).get("kl")
-    if kl_items:
-        ci = bootstrap_mean_ci(kl_items, n_boot=N_BOOT, seed=seed)
+    # Per block: a token's neighbours are not independent, the blocks are. Per output for generation.
+    for per_block, key in (("kl", "kl_mean_ci"), ("top1_agreement", "top1_agreement_ci"),
+                           *((m, f"{m}_ci") for m in ("teacher_rougeL", "teacher_chrf", "teacher_exact_match"))):
+        items = student.get("fidelity_per_item", {}).get(per_block)
+        ci = bootstrap_mean_ci(items, n_boot=N_BOOT, seed=seed) if items else None
         if ci is not None:
-            out["kl_mean_ci"] = list(ci)
+            out[key] = list(ci)
     metric = teacher.get("metric")
     t_items = teacher.get("per_item", {}).get(metric)
     s_items = student.get("per_item", {}).get(metric)
@@ -144,10 +187,46 @@ def task_summary(result: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def _signal_summary(report: dict[str, Any]) -> None:
+    """Each task's chance level and whether the teacher's gating metric stands above it, in ``tasks``."""
+    for task, metric in report["primary"].items():
+        signal = report["signal"].get(f"{task}.{metric}")
+        if signal is not None:
+            report["tasks"][task].update({"chance": signal["chance"], "chance_basis": signal["chance_basis"],
+                                          "signal": signal["status"]})
+
+
+def retention_thresholds(report: dict[str, Any], gate: GateConfig | None, default: float) -> dict[str, float]:
+    """What "kept" means for each retained ``task.metric``: the gate's threshold for it, else ``default``."""
+    from slimforge.eval.gate import threshold_for
+
+    out = {}
+    for task, metrics in report["higher_is_better"].items():
+        for metric in metrics:
+            found = threshold_for(gate, task, metric)
+            out[f"{task}.{metric}"] = default if found is None else found
+    return out
+
+
+def mean_retained(report: dict[str, Any], ratios: dict[str, Any]) -> float | None:
+    """The mean retained share over the tasks' gating metrics, no-signal tasks left out."""
+    keys = [f"{t}.{m}" for t, m in report["primary"].items()]
+    valid = [ratios[k] for k in keys if ratios.get(k) is not None and not is_no_signal(report, k)]
+    return sum(valid) / len(valid) if valid else None
+
+
 def build_report(title: str, records: dict[str, dict[str, Any]], settings: Any = None,
-                 warnings: list[str] | None = None) -> dict[str, Any]:
-    """The report from each model's eval record (the teacher's under ``teacher``)."""
+                 warnings: list[str] | None = None, gate: GateConfig | None = None) -> dict[str, Any]:
+    """The report from each model's eval record (the teacher's under ``teacher``).
+
+    Args:
+        settings: the :class:`~slimforge.eval.config.EvalSettings` every model had.
+        gate: its thresholds set what "kept" means per task (else ``settings.retention_threshold``).
+    """
+    from slimforge.config import RETENTION_THRESHOLD
+
     seed = getattr(settings, "seed", 0)
+    default_threshold = getattr(settings, "retention_threshold", RETENTION_THRESHOLD)
     models = {label: _model_entry(rec) for label, rec in records.items()}
     report: dict[str, Any] = {
         "title": title, "recipe": title,
@@ -155,10 +234,11 @@ def build_report(title: str, records: dict[str, dict[str, Any]], settings: Any =
         "settings": {} if settings is None else {
             "device": settings.device.type, "dtype": str(settings.dtype).replace("torch.", ""),
             "batch_size": settings.batch_size, "seed": settings.seed, "limit": settings.limit,
-            "num_fewshot": settings.num_fewshot},
+            "num_fewshot": settings.num_fewshot, "retention_threshold": default_threshold},
         "teacher": TEACHER, "models": models, "primary": {}, "higher_is_better": {},
-        "tasks": {}, "retained": {}, "retained_ci": {}, "fidelity": {}, "efficiency": {}, "summary": {},
-        "warnings": list(warnings or []),
+        "tasks": {}, "signal": {}, "retained": {}, "retained_ci": {}, "detectable": {}, "verdicts": {},
+        "retention_thresholds": {}, "lineage": {}, "gap_closed": {}, "fidelity": {}, "efficiency": {},
+        "summary": {}, "warnings": list(warnings or []),
     }
     teacher = records.get(TEACHER)
     if teacher is None:
@@ -168,34 +248,40 @@ def build_report(title: str, records: dict[str, dict[str, Any]], settings: Any =
             report["primary"][task] = res["metric"]
             report["higher_is_better"][task] = res.get("higher_is_better", {})
         report["tasks"][task] = task_summary(res)
+    report["signal"] = task_signals({t: r for t, r in teacher["tasks"].items() if "skipped" not in r}, N_BOOT, seed)
+    _signal_summary(report)
+    report["retention_thresholds"] = thresholds = retention_thresholds(report, gate, default_threshold)
     for label, record in records.items():
         if label == TEACHER:
             continue
-        ratios: dict[str, Any] = {}
-        intervals: dict[str, Any] = {}
+        kept = Retention()
         fidelity: dict[str, Any] = {}
         for task, t_res in teacher["tasks"].items():
             s_res = record["tasks"].get(task)
             if s_res is None or t_res.get("type") == EFFICIENCY or "skipped" in s_res:
                 continue
-            r, ci = retention(t_res, s_res, seed)
-            ratios.update({f"{task}.{m}": v for m, v in r.items()})
-            intervals.update({f"{task}.{m}": v for m, v in ci.items()})
+            found = retention(t_res, s_res, seed)
+            kept.ratios.update({f"{task}.{m}": v for m, v in found.ratios.items()})
+            kept.intervals.update({f"{task}.{m}": v for m, v in found.intervals.items()})
+            kept.detectable.update({f"{task}.{m}": v for m, v in found.detectable.items()})
             fid = task_fidelity(t_res, s_res, seed)
             if fid:
                 fidelity[task] = fid
-        ratios["size"] = models[label]["num_parameters"] / models[TEACHER]["num_parameters"]
+        ratios: dict[str, Any] = {**kept.ratios, "size": models[label]["num_parameters"] / models[TEACHER]["num_parameters"]}
         report["retained"][label] = ratios
-        report["retained_ci"][label] = intervals
+        report["retained_ci"][label] = kept.intervals
+        report["detectable"][label] = kept.detectable
+        report["verdicts"][label] = student_verdicts(report, kept.intervals, thresholds)
         report["fidelity"][label] = fidelity
         report["efficiency"][label] = efficiency_ratios(models[TEACHER]["efficiency"], models[label]["efficiency"])
-        gated = [ratios.get(f"{t}.{m}") for t, m in report["primary"].items()]
-        valid = [v for v in gated if v is not None]
         report["summary"][label] = {
-            "mean_retained": sum(valid) / len(valid) if valid else None,
+            "mean_retained": mean_retained(report, ratios),
             "size": size_of(models[label]), "size_fraction": size_of(models[label]) / size_of(models[TEACHER]),
         }
     report["summary"][TEACHER] = {"mean_retained": 1.0, "size": size_of(models[TEACHER]), "size_fraction": 1.0}
+    report["lineage"] = student_parents(records, TEACHER)
+    report["gap_closed"] = gap_closed_section(report, records, report["lineage"], TEACHER, N_BOOT, seed)
+    report["bias"] = bias_report(records, TEACHER, seed)  # bias tasks: every model's scores, each student's shift
     return report
 
 
@@ -215,13 +301,19 @@ def markdown_report(report: dict[str, Any]) -> str:
                   *markdown_table(header, rows, align="lll" + "r" * (len(header) - 3)), ""]
     lines += ["## Models", "", *markdown_table(*models_table(report)), ""]
     if report.get("tasks"):
-        lines += ["## Tasks", "", *markdown_table(*tasks_table(report)), ""]
+        lines += ["## Tasks", "", SIGNAL_NOTE, "", *markdown_table(*tasks_table(report)), ""]
     lines += ["## Scores", "", *markdown_table(*scores_table(report)), ""]
     if report["retained"]:
         lines += ["## Retained", "",
                   "retained = student / teacher (teacher / student where lower is better); 1.0 = nothing lost. "
-                  "Brackets: 95% paired bootstrap interval over items.", "",
+                  "Brackets: 95% paired bootstrap interval over items; then the verdict.", "",
                   *markdown_table(*retained_table(report)), ""]
+        header, rows = verdicts_table(report)
+        if rows:
+            lines += ["## Verdicts", "", VERDICT_NOTE, "", *markdown_table(header, rows, align="llrrlr"), ""]
+    header, rows = gap_table(report)
+    if rows:
+        lines += ["## Gap closed by each stage", "", GAP_NOTE, "", *markdown_table(header, rows, align="lllrl"), ""]
     header, rows = domain_table(report)
     if rows:
         lines += ["## In-domain and out-of-domain", "", DOMAIN_NOTE, "", *markdown_table(header, rows), ""]
@@ -237,6 +329,9 @@ def markdown_report(report: dict[str, Any]) -> str:
         lines += ["## Efficiency", "", f"On {info.get('device', 'this device')}: batch 1, {info.get('prompt_tokens')} "
                   f"prompt tokens, {info.get('new_tokens')} new tokens, median of {info.get('repeats')} runs; peak "
                   f"memory = {info.get('peak_memory_method')}.", "", *markdown_table(header, rows), ""]
+    header, rows = bias_table(report)
+    if rows:
+        lines += ["## Bias", "", BIAS_NOTE, "", *markdown_table(header, rows, align="lllr" + "r" * 7), ""]
     lines += ["## Gate", "", *gate_lines(report), ""]
     if report.get("warnings"):
         lines += ["## Warnings", "", *[f"- {w}" for w in report["warnings"]], ""]
@@ -270,10 +365,12 @@ def sweep_report(jobs: list[SweepJob]) -> dict[str, Any]:
         "title": f"sweep of {base['title']}", "recipe": base.get("recipe"), "created": base.get("created"),
         "settings": base.get("settings", {}), "teacher": TEACHER, "models": {TEACHER: base["models"][TEACHER]},
         "primary": dict(base["primary"]), "higher_is_better": dict(base["higher_is_better"]),
-        "tasks": dict(base.get("tasks", {})), "retained": {}, "retained_ci": {}, "fidelity": {}, "efficiency": {},
+        "tasks": dict(base.get("tasks", {})), "signal": dict(base.get("signal", {})),
+        "retention_thresholds": dict(base.get("retention_thresholds", {})), "lineage": {},
+        **{section: {} for section in SWEEP_SECTIONS},
         "summary": {TEACHER: base["summary"].get(TEACHER, {})}, "warnings": [], "jobs": [job.name for job in evaluated],
     }
-    failures, statuses = [], []
+    failures, skipped, refused, statuses = [], [], [], []
     for job in evaluated:
         name, rep = job.name, job.report
         if rep["models"][TEACHER].get("content_fingerprint") != teacher_fp:
@@ -283,14 +380,19 @@ def sweep_report(jobs: list[SweepJob]) -> dict[str, Any]:
                 continue
             key = f"{name}/{label}"
             out["models"][key] = model
-            for section in ("retained", "retained_ci", "fidelity", "efficiency", "summary"):
-                out[section][key] = rep[section].get(label, {})
+            for section in SWEEP_SECTIONS:
+                out[section][key] = rep.get(section, {}).get(label, {})
+            if label in rep.get("lineage", {}):
+                out["lineage"][key] = f"{name}/{rep['lineage'][label]}"
         out["warnings"] += [f"job {name}: {w}" for w in rep.get("warnings", [])]
         gate = rep.get("gate") or {}
         statuses.append(gate.get("status", "none"))
         failures += [f"{name}/{line}" for line in gate.get("failures", [])]
-    status = "fail" if "fail" in statuses else "pass" if "pass" in statuses else "none"
-    out["gate"] = {"status": status, "passed": status != "fail", "failures": failures,
+        skipped += [f"{name}: {line}" for line in gate.get("skipped", [])]
+        refused += [f"{name}: {line}" for line in gate.get("refused", [])]
+    status = next((s for s in ("error", "fail", "pass") if s in statuses), "none")
+    out["gate"] = {"status": status, "passed": status in ("pass", "none"), "failures": failures,
+                   "skipped": skipped, "refused": refused,
                    "checked": sum((job.report.get("gate") or {}).get("checked", 0) for job in evaluated),
                    "thresholds": (base.get("gate") or {}).get("thresholds", {})}
     curve = sweep_curve(out, evaluated)

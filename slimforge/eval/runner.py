@@ -86,6 +86,9 @@ def check_gate_targets(gate: GateConfig, tasks: dict[str, TaskConfig]) -> None:
     fidelity = any(cfg.measures_token_fidelity() for cfg in tasks.values())
     if (gate.max_kl is not None or gate.min_top1_agreement is not None) and not fidelity:
         raise ConfigError("the gate's max_kl / min_top1_agreement need a perplexity task with fidelity on; add one")
+    if gate.max_bias_shift is not None and not any(cfg.measures_bias() for cfg in tasks.values()):
+        raise ConfigError("the gate's max_bias_shift needs a bias task; add one (slimforge eval --tasks bias, "
+                          "or eval.tasks.bias: {type: bias} in a recipe)")
     for key in gate.min_retained_tasks:
         if key.split(".", 1)[0] not in tasks:
             raise ConfigError(f"the gate names task {key.split('.', 1)[0]!r}, which is not evaluated; "
@@ -97,11 +100,20 @@ def preflight(tasks: dict[str, TaskConfig], settings: EvalSettings, session: Ses
     """Every check that needs no model weights: each task's own (names, files), the data, gate targets."""
     for cfg in tasks.values():
         cfg.preflight(settings)
+    check_models(tasks, [(TEACHER, session.teacher_ref)])
     for name, cfg in tasks.items():
         if cfg.USES_DATA:
             task_data(session, name, cfg)
     if gate is not None:
         check_gate_targets(gate, tasks)
+
+
+def check_models(tasks: dict[str, TaskConfig], models: list[tuple[str, ModelRef]]) -> None:
+    """Each task's checks on each model that need no weights (such as a chat template it requires)."""
+    for label, ref in models:
+        for cfg in tasks.values():
+            if cfg.models is None or label in cfg.models:
+                cfg.check_model(label, ref)
 
 
 def task_data(session: Session, name: str, cfg: TaskConfig) -> Any:
@@ -185,6 +197,12 @@ def _model_info(ref: ModelRef, model: Any) -> dict[str, Any]:
             "disk_bytes": disk_bytes(ref.path, ref.gguf_file), "kind": model_kind(ref.path, ref.gguf_file)}
 
 
+def _lineage(ref: ModelRef) -> dict[str, Any]:
+    """The model's own and its parent's stage fingerprints (its ``slimforge.json``): how the report
+    finds which evaluated student a stage started from."""
+    return {"fingerprint": ref.meta.get("fingerprint"), "parent": (ref.meta.get("parent") or {}).get("fingerprint")}
+
+
 def evaluate_model(ev: Evaluation, label: str, ref: ModelRef, is_teacher: bool) -> dict[str, Any]:
     """All tasks on one model, from the caches where possible; writes ``eval/<label>.json``."""
     from slimforge.eval.fingerprint import ref_fingerprint
@@ -217,6 +235,9 @@ def evaluate_model(ev: Evaluation, label: str, ref: ModelRef, is_teacher: bool) 
 
     results: dict[str, Any] = {}
     for name, cfg in ev.tasks.items():
+        if cfg.models is not None and label not in cfg.models:
+            results[name] = {"type": cfg.type, "skipped": f"not asked for this model (eval.tasks.{name}.models)"}
+            continue
         cached = None if name in fresh else ev.cache.get(keys[name])
         if cached is not None:
             log.info("eval %s / %s: cached", label, name)
@@ -277,6 +298,7 @@ def evaluate_models(session: Session, students: list[tuple[str, ModelRef]], task
     preflight(tasks, settings, session, gate)
     if TEACHER in {label for label, _ in students}:
         raise ConfigError(f"a student cannot be labelled {TEACHER!r}; that label is the teacher's")
+    check_models(tasks, students)
     if log_file is not None:
         return _evaluate_all(session, students, tasks, settings, Path(out_dir), title, gate, log_file)
     from slimforge.fsutil import ensure_writable_dir
@@ -306,10 +328,10 @@ def _evaluate_all(session: Session, students: list[tuple[str, ModelRef]], tasks:
         records: dict[str, dict[str, Any]] = {}
         for label, ref in [(TEACHER, session.teacher_ref), *students]:
             with crash_boundary(f"evaluating {label!r}", log_file):
-                records[label] = evaluate_model(ev, label, ref, is_teacher=label == TEACHER)
+                records[label] = {**evaluate_model(ev, label, ref, is_teacher=label == TEACHER), "lineage": _lineage(ref)}
             if label == TEACHER:
                 ev.teacher_results.update(records[TEACHER]["tasks"])
-        report = build_report(title, records, settings, ev.warnings)
+        report = build_report(title, records, settings, ev.warnings, gate)
         report["gate"] = check_gate(report, gate)
         write_report(out_dir, report)
     return report
@@ -329,6 +351,21 @@ def check_eval_models(recipe: Recipe) -> None:
     for name in recipe.config.eval.models:
         if name not in valid:
             raise _unknown_model(name, list(recipe.pipeline))
+    for task, cfg in recipe.tasks.items():
+        check_task_models(task, cfg.models, list(recipe.pipeline))
+
+
+def check_task_models(task: str, models: list[str] | None, stages: list[str]) -> None:
+    """A task's own ``models`` names the teacher (retention needs its score) and stages of the pipeline."""
+    if models is None:
+        return
+    for name in models:
+        if name != TEACHER and name not in stages:
+            raise ConfigError(f"eval.tasks.{task}.models names {name!r}, which is neither 'teacher' nor a stage "
+                              f"of the pipeline; valid names: {', '.join([TEACHER, *stages])}")
+    if TEACHER not in models:
+        raise ConfigError(f"eval.tasks.{task}.models leaves out 'teacher'; add it: every student's score on "
+                          "a task is read against the teacher's")
 
 
 def select_models(wanted: list[str], teacher: ModelRef, artifacts: dict[str, ModelRef]) -> list[tuple[str, ModelRef]]:

@@ -24,6 +24,11 @@ def fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def fmt_ci(value: Any, interval: list[float] | None, digits: int = 3) -> str:
+    """``0.430 [0.400, 0.460]``: a value and its interval, the bracket left out when there is none."""
+    return fmt(value, digits) + (f" [{fmt(interval[0], digits)}, {fmt(interval[1], digits)}]" if interval else "")
+
+
 def fmt_bytes(value: Any) -> str:
     return "–" if not value else f"{value / 2**20:.1f} MiB"
 
@@ -41,11 +46,20 @@ def models_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return ["model", "kind", "path", "content hash"], rows
 
 
+SIGNAL_NOTE = ("Chance: what guessing scores on the gating metric (1 / choices, or the most frequent answer's "
+               "share where labels are unbalanced). A task whose teacher's 95% interval reaches chance is **no "
+               "signal**: its retention divides noise by noise, so it is left out of the mean and not gated.")
+
+
 def tasks_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    rows = [[name, str(t.get("type")), str(t.get("metric") or "–"), str(t.get("items") or "–"),
-             "–" if t.get("num_fewshot") is None else str(t["num_fewshot"]), corpus_words(t) or "–"]
-            for name, t in report["tasks"].items()]
-    return ["task", "type", "gating metric", "items", "few-shot", "text"], rows
+    rows = []
+    for name, t in report["tasks"].items():
+        signal = report.get("signal", {}).get(f"{name}.{t.get('metric')}") or {}
+        rows.append([name, str(t.get("type")), str(t.get("metric") or "–"), str(t.get("items") or "–"),
+                     "–" if t.get("num_fewshot") is None else str(t["num_fewshot"]), corpus_words(t) or "–",
+                     fmt(signal.get("chance")), fmt_ci(signal.get("teacher"), signal.get("teacher_ci")) if signal else "–",
+                     signal.get("status", "–")])
+    return ["task", "type", "gating metric", "items", "few-shot", "text", "chance", "teacher [95% CI]", "signal"], rows
 
 
 DOMAIN_NOTE = ("In-domain: the run's own data, the text the students were healed on. Out-of-domain: a corpus "
@@ -97,17 +111,62 @@ def scores_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def retained_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Retained [95% CI] of each task's gating metric per student, tagged with its verdict."""
     keys = [f"{t}.{m}" for t, m in report["primary"].items()]
-    header = ["student", *[column_heading(report, k) for k in keys], "mean", "size fraction"]
+    header = ["student", *[column_heading(report, k) for k in keys], "mean (tasks with signal)", "size fraction"]
     rows = []
     for label, ratios in report["retained"].items():
         cells = []
         for key in keys:
-            ci = report["retained_ci"].get(label, {}).get(key)
-            cells.append(fmt(ratios.get(key)) + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else ""))
+            cell = fmt_ci(ratios.get(key), report["retained_ci"].get(label, {}).get(key))
+            tag = report.get("verdicts", {}).get(label, {}).get(key)
+            cells.append(f"{cell} {tag}" if tag else cell)
         summary = report["summary"].get(label, {})
         rows.append([label, *cells, fmt(summary.get("mean_retained")), fmt(summary.get("size_fraction"))])
     return header, rows
+
+
+# Short marks for a verdict where space is tight (the printed summary), and what they mean.
+VERDICT_MARKS = {"kept": "", "lost": "!", "inconclusive": "?", "no signal": " n/s"}
+MARKS_LEGEND = "!: lost, ?: inconclusive (the interval spans the threshold), n/s: no signal (the teacher is at chance)"
+
+
+VERDICT_NOTE = ("kept: the 95% interval of retained lies at or above the threshold; lost: entirely below; "
+                "inconclusive: it spans the threshold (more items could decide); no signal: the teacher is at "
+                "chance. Detects: the smallest change in retained these items reveal (95% confidence, 80% power: "
+                "2.8 bootstrap standard errors); it shrinks as 1 / sqrt(items).")
+
+
+def verdicts_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per student and gating metric: retained [CI], the threshold that defines "kept",
+    the verdict and the detectable difference."""
+    rows = []
+    for label, ratios in report["retained"].items():
+        for task, metric in report["primary"].items():
+            key = f"{task}.{metric}"
+            if ratios.get(key) is None:
+                continue
+            detects = report.get("detectable", {}).get(label, {}).get(key)
+            rows.append([label, key, fmt_ci(ratios[key], report["retained_ci"].get(label, {}).get(key)),
+                         fmt(report.get("retention_thresholds", {}).get(key), 2),
+                         report.get("verdicts", {}).get(label, {}).get(key, "–"),
+                         "–" if detects is None else f"±{fmt(detects)}"])
+    return ["student", "metric", "retained [95% CI]", "kept if ≥", "verdict", "detects"], rows
+
+
+GAP_NOTE = ("Gap closed = (stage − its parent) / (teacher − its parent) on each gating metric: the share of what "
+            "the parent lost that the stage won back (1 = back at the teacher, 0 = no better than the parent, "
+            "< 0 = worse). Brackets: 95% paired bootstrap interval; undefined where the parent is not measurably "
+            "apart from the teacher.")
+
+
+def gap_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per stage whose parent is a student, and gating metric: gap closed [CI] or why not."""
+    rows = []
+    for label, entry in report.get("gap_closed", {}).items():
+        for key, gap in entry.get("metrics", {}).items():
+            rows.append([label, entry["parent"], key, fmt_ci(gap["value"], gap["ci"]), gap.get("reason") or ""])
+    return ["stage", "parent", "metric", "gap closed [95% CI]", "note"], rows
 
 
 def fidelity_rows(report: dict[str, Any]) -> dict[str, tuple[list[str], list[list[str]]]]:
@@ -119,22 +178,24 @@ def fidelity_rows(report: dict[str, Any]) -> dict[str, tuple[list[str], list[lis
             if "kl_mean" in fid:
                 ci = fid.get("kl_mean_ci")
                 text = corpus_words(report.get("tasks", {}).get(task, {})) or "–"
-                token.append([label, task, text, fmt(fid["kl_mean"], 4) + (f" [{fmt(ci[0], 4)}, {fmt(ci[1], 4)}]" if ci else ""),
+                token.append([label, task, text, fmt_ci(fid["kl_mean"], ci, 4),
                               fmt(fid.get("kl_p50"), 4), fmt(fid.get("kl_p90"), 4), fmt(fid.get("kl_p99"), 4),
-                              fmt(fid.get("kl_max"), 3), fmt(fid.get("top1_agreement"))])
+                              fmt(fid.get("kl_max"), 3), fmt_ci(fid.get("top1_agreement"), fid.get("top1_agreement_ci"))])
             if "flips" in fid or "choice_agreement" in fid:
                 flips = fid.get("flips", {})
                 choice.append([label, task, str(flips.get("items", "–")), str(flips.get("lost", "–")),
                                str(flips.get("gained", "–")), fmt(flips.get("flip_rate")), fmt(fid.get("choice_agreement"))])
             if "teacher_rougeL" in fid:
-                gen.append([label, task, fmt(fid["teacher_rougeL"]), fmt(fid.get("teacher_chrf"), 1),
-                            fmt(fid.get("teacher_exact_match"))])
+                gen.append([label, task, fmt_ci(fid["teacher_rougeL"], fid.get("teacher_rougeL_ci")),
+                            fmt_ci(fid.get("teacher_chrf"), fid.get("teacher_chrf_ci"), 1),
+                            fmt_ci(fid.get("teacher_exact_match"), fid.get("teacher_exact_match_ci"))])
     return {
         "token": (["student", "task", "text", "KL mean [95% CI]", "KL p50", "KL p90", "KL p99", "KL max",
-                   "top-1 agreement"], token),
+                   "top-1 agreement [95% CI]"], token),
         "choice": (["student", "task", "items", "lost (right→wrong)", "gained (wrong→right)", "flip rate",
                     "same answer as teacher"], choice),
-        "generation": (["student", "task", "ROUGE-L vs teacher", "chrF vs teacher", "identical outputs"], gen),
+        "generation": (["student", "task", "ROUGE-L vs teacher [95% CI]", "chrF vs teacher [95% CI]",
+                        "identical outputs [95% CI]"], gen),
     }
 
 
@@ -180,4 +241,5 @@ def gate_lines(report: dict[str, Any]) -> list[str]:
         return ["No thresholds set."]
     lines = [f"**{gate['status'].upper()}**: {gate.get('checked', 0)} check(s)"]
     lines += [f"- {line}" for line in gate.get("failures", [])]
+    lines += [f"- {line}" for line in gate.get("refused", []) + gate.get("skipped", [])]
     return lines

@@ -67,6 +67,9 @@ CASES = [
              r"p40; p57; p75; p90; teacher_gptq; teacher_nf4$", after=_nothing_written),
     BadInput("value-out-of-range", lambda env: env.tiny_run(env.tmp / "run", "data.heldout_fraction=2"),
              r"data\.heldout_fraction=2\.0: must be in \(0, 1\)"),
+    BadInput("retention-threshold-out-of-range", lambda env: env.tiny_run(env.tmp / "run", "eval.retention_threshold=0"),
+             r"^slimforge: error: invalid value eval\.retention_threshold=0\.0: must be in \(0, 2\]$",
+             after=_nothing_written),
     BadInput("misspelled-stage-key", lambda env: _distill_run(env, "stages.heal.stepz=5"),
              r"^slimforge: error: unknown key stages\.heal\.stepz: DistillConfig has no 'stepz'; "
              r"did you mean stages\.heal\.steps\?$", after=_nothing_written),

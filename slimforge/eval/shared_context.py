@@ -1,0 +1,149 @@
+"""lm-eval's log-likelihood requests with each context read once.
+
+A multiple-choice benchmark asks lm-eval for ``log P(answer | context)`` of every answer of a
+question; lm-eval's ``HFLM`` runs each (context, answer) pair as its own sequence, so a
+HellaSwag question with four endings reads its ~80-token context four times, and the context
+is most of the tokens. :func:`shared_context_lm` returns an ``HFLM`` whose requests are grouped
+by their context tokens: a batch of contexts runs once (left-padded, positions counted from
+each one's first real token), the KV cache is gathered once per answer, and only the answers'
+few tokens run a second time. Tokens are split exactly as ``HFLM`` splits them (its own
+``_encode_pair``), so the values and the greedy flags are ``HFLM``'s; requests longer than the
+model's context fall back to ``HFLM``'s own left-truncating path
+(``tests/test_eval_shared_context.py`` checks both against plain ``HFLM``;
+``bench/mc_scoring.py`` measures the speed-up).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+
+from slimforge.progress import progress_bar
+
+
+def _cache_keyword(model: Any) -> str:
+    """The forward argument that takes a KV cache (``cache`` in newer transformers, else ``past_key_values``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wrappers take **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _last_logits_only(model: Any) -> dict[str, int]:
+    """``logits_to_keep=1`` where the model's forward takes it (it skips the lm_head elsewhere)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+
+
+def _left_padded(rows: list[list[int]], pad: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def score_shared_contexts(model: Any, contexts: list[list[int]], answers: list[list[list[int]]],
+                          pad: int) -> list[list[tuple[float, bool]]]:
+    """``(log P(answer | context), answer is the greedy continuation)`` for every answer of each context.
+
+    Args:
+        model: a causal LM (in eval mode).
+        contexts: one non-empty token list per context.
+        answers: per context, its answers' token lists (non-empty; any number per context).
+        pad: a token id for padding (never attended to).
+
+    Returns:
+        Per context, one ``(log-likelihood in nats, is_greedy)`` pair per answer.
+    """
+    device = model.device
+    owner = torch.tensor([c for c, per in enumerate(answers) for _ in per], device=device)
+    flat = [a for per in answers for a in per]
+    ids, mask = _left_padded(contexts, pad, device)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    # Only the last context position's logits are needed: the lm_head skips the rest.
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **_last_logits_only(model))
+    first = out.logits[:, -1].float().log_softmax(-1)[owner]  # [rows, V]: predicts each answer's first token
+    width = max(len(a) for a in flat)
+    cont = torch.full((len(flat), width), pad, dtype=torch.long, device=device)
+    cont_mask = torch.zeros_like(cont)
+    for i, a in enumerate(flat):
+        cont[i, : len(a)] = torch.tensor(a)
+        cont_mask[i, : len(a)] = 1
+    total = first.gather(-1, cont[:, :1]).squeeze(-1)
+    greedy = first.argmax(-1) == cont[:, 0]
+    if width > 1:  # the answers' later tokens, read after the context from its cache
+        key = _cache_keyword(model)
+        cache = getattr(out, key)
+        cache.batch_select_indices(owner)
+        rest_mask = torch.cat([mask[owner], cont_mask[:, :-1]], dim=1)
+        rest_pos = mask.sum(-1)[owner][:, None] + torch.arange(width - 1, device=device)
+        logp = model(input_ids=cont[:, :-1], attention_mask=rest_mask, position_ids=rest_pos,
+                     use_cache=True, **{key: cache}).logits.float().log_softmax(-1)
+        keep = cont_mask[:, 1:].bool()
+        total = total + (logp.gather(-1, cont[:, 1:, None]).squeeze(-1) * keep).sum(-1)
+        greedy &= ((logp.argmax(-1) == cont[:, 1:]) | ~keep).all(-1)
+    pairs = list(zip(total.tolist(), greedy.tolist()))
+    result: list[list[tuple[float, bool]]] = [[] for _ in contexts]
+    for c, pair in zip(owner.tolist(), pairs):
+        result[c].append((float(pair[0]), bool(pair[1])))
+    return result
+
+
+@functools.cache
+def _shared_context_class() -> type:
+    from lm_eval.models.huggingface import HFLM
+
+    class SharedContextHFLM(HFLM):
+        """``HFLM`` whose log-likelihood requests read each distinct context once (see the module)."""
+
+        def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False,
+                                  override_bs: int | None = None) -> list[tuple[float, bool]]:
+            results: list[tuple[float, bool] | None] = [None] * len(requests)
+            groups: dict[tuple[int, ...], list[int]] = {}
+            too_long: list[int] = []
+            for i, (_, ctx, cont) in enumerate(requests):
+                if not ctx or not cont or len(ctx) + len(cont) > self.max_length + 1 or self.backend != "causal":
+                    too_long.append(i)
+                else:
+                    groups.setdefault(tuple(ctx), []).append(i)
+            if too_long:
+                for i, value in zip(too_long, super()._loglikelihood_tokens(
+                        [requests[i] for i in too_long], disable_tqdm=disable_tqdm, override_bs=override_bs)):
+                    results[i] = value
+            # Longest contexts first: a batch pads little, and a memory problem shows at once.
+            order = sorted(groups, key=lambda c: -len(c))
+            per_batch = max(1, int(override_bs or self.batch_size or 1))
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            bar = progress_bar(desc="loglikelihood (shared contexts)", total=len(requests) - len(too_long),
+                               unit="request", leave=False, enabled=not disable_tqdm)
+            try:
+                for start in range(0, len(order), per_batch):
+                    batch = order[start: start + per_batch]
+                    scored = score_shared_contexts(self.model, [list(c) for c in batch],
+                                                   [[requests[i][2] for i in groups[c]] for c in batch], pad)
+                    for context, values in zip(batch, scored):
+                        for i, value in zip(groups[context], values):
+                            results[i] = value
+                            self.cache_hook.add_partial("loglikelihood", requests[i][0], value)
+                        bar.update(len(values))
+            finally:
+                bar.close()
+            return results  # type: ignore[return-value]
+
+    return SharedContextHFLM
+
+
+def shared_context_lm(model: Any, tokenizer: Any, batch_size: int) -> Any:
+    """An lm-eval ``HFLM`` over an in-memory model whose log-likelihoods share each context's pass.
+
+    Args:
+        model: the loaded causal LM.
+        tokenizer: its tokenizer.
+        batch_size: distinct contexts per forward pass (their answers' pass holds all their answers).
+    """
+    return _shared_context_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
