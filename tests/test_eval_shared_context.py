@@ -105,11 +105,11 @@ def test_scorer_reads_each_context_once(tokenizer, monkeypatch):
     from slimforge.eval import shared_context
 
     model = build_model("llama", tokenizer)
-    seen: list[int] = []
+    seen: list[tuple[int, int]] = []
     forward = model.forward
 
     def counting(*args, **kwargs):
-        seen.append(int(kwargs["input_ids"].shape[0]))
+        seen.append(tuple(kwargs["input_ids"].shape))
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(model, "forward", counting)
@@ -117,4 +117,26 @@ def test_scorer_reads_each_context_once(tokenizer, monkeypatch):
     answers = [tokenizer(" and love")["input_ids"], tokenizer(" of night")["input_ids"], tokenizer(" a crown")["input_ids"]]
     out = shared_context.score_shared_contexts(model, [ctx], [answers], pad=0)
     assert len(out[0]) == 3
-    assert seen == [1, 3]  # one row for the context, then one per answer for the answers' tokens
+    # The context's tokens run once; after that only the answers' own tokens (less their last) run.
+    assert seen[0] == (1, len(ctx))
+    assert sum(rows * width for rows, width in seen[1:]) == sum(len(a) - 1 for a in answers)
+
+
+def test_hflm_path_takes_what_sharing_would_not_speed_up(tokenizer, monkeypatch):
+    """One answer per context (LAMBADA) or answers longer than what sharing saves (PIQA) go to HFLM."""
+    from slimforge.eval import shared_context
+
+    model = build_model("llama", tokenizer)
+    calls: list[int] = []
+    real = shared_context.score_shared_contexts
+    monkeypatch.setattr(shared_context, "score_shared_contexts",
+                        lambda m, contexts, answers, pad: calls.append(len(contexts)) or real(m, contexts, answers, pad))
+    lm = shared_context.shared_context_lm(model, tokenizer, batch_size=4)
+    long_ctx = tokenizer("the king spoke of war and peace and night and day to the queen")["input_ids"]
+    short_ctx = tokenizer("a crown")["input_ids"]
+    word, long_answer = tokenizer(" love")["input_ids"], tokenizer(" of war and peace and love and night")["input_ids"]
+    requests = [(("", ""), long_ctx, word), (("", ""), long_ctx, word[::-1] or word),   # shared: saves a context
+                (("", ""), short_ctx, long_answer), (("", ""), short_ctx, long_answer[::-1]),  # PIQA-like: plain
+                (("", ""), long_ctx[:-1], word)]                                         # one answer: plain
+    lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert calls == [1]
