@@ -104,4 +104,15 @@ def test_default_recipe_on_the_real_teacher(teacher_folder, tmp_path, capsys):
     # (Measured: x1.26 on Wikipedia perplexity, the largest single loss after the prune itself.)
     assert models["nf4"]["disk_bytes"] < 0.5 * models["heal"]["disk_bytes"]
     assert models["nf4"]["tasks"]["wikipedia"]["perplexity"] < 1.4 * models["heal"]["tasks"]["wikipedia"]["perplexity"]
+    # Issue 14: the costly tasks ran on the teacher and the final student only, the report says
+    # where the teacher is above chance, and ARC-Easy is sized to decide retention to about 0.1.
+    for task in ("arc_easy", "piqa", "lambada_openai", "completion", "summarization", "translation", "bias"):
+        assert "skipped" not in models["nf4"]["tasks"].get(task, {"skipped": "missing"}), task
+        assert models["heal"]["skipped"][task].startswith("not asked for this model"), task
+    assert report["signal"]["arc_easy.acc_norm"]["status"] == "signal"
+    assert report["signal"]["arc_easy.acc_norm"]["chance"] == 0.25
+    low, high = report["retained_ci"]["nf4"]["arc_easy.acc_norm"]
+    assert high - low <= 0.3, (low, high)
+    assert report["verdicts"]["nf4"]
+    assert "shift" in report["bias"]["nf4"]["bias"] and "heal" not in report["bias"], report["bias"].keys()
     assert f"report: {tmp_path / 'run' / 'report.html'}" in out
