@@ -110,7 +110,7 @@ def test_default_recipe_on_the_real_teacher(teacher_folder, tmp_path, capsys):
         assert "skipped" not in models["nf4"]["tasks"].get(task, {"skipped": "missing"}), task
         assert models["heal"]["skipped"][task].startswith("not asked for this model"), task
     assert report["signal"]["arc_easy.acc_norm"]["status"] == "signal"
-    assert report["signal"]["arc_easy.acc_norm"]["chance"] == 0.25
+    assert report["signal"]["arc_easy.acc_norm"]["chance"] == pytest.approx(0.25, abs=0.01)  # a few items have 3 or 5 choices
     low, high = report["retained_ci"]["nf4"]["arc_easy.acc_norm"]
     assert high - low <= 0.3, (low, high)
     assert report["verdicts"]["nf4"]
