@@ -98,7 +98,7 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     """The ids that end an answer: the generation config's (a chat model's end-of-turn), else the tokenizer's."""
-    eos = model.generation_config.eos_token_id
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos = tokenizer.eos_token_id if eos is None else eos
     return [int(e) for e in (eos if isinstance(eos, list | tuple) else [eos]) if e is not None]
 

@@ -31,6 +31,7 @@ from slimforge.errors import DataError
 from slimforge.eval.config import TEACHER_PPL, GenerationTaskConfig
 from slimforge.eval.stats import ItemScores, aggregate
 from slimforge.progress import progress_bar
+from slimforge.sampling import eos_ids
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +77,6 @@ class Continuation:
     tokens: int
     end: str
     stop: str | None = None
-
-
-def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The ids that end a sequence: the model's generation config's, else the tokenizer's."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if ids is None:
-        ids = tokenizer.eos_token_id
-    return [ids] if isinstance(ids, int) else [int(i) for i in ids or []]
 
 
 def _continuation(new_ids: list[int], eos: set[int], pad_id: int | None, tokenizer: Any,
@@ -136,7 +129,7 @@ def generate_greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_toke
     from transformers import StoppingCriteriaList
 
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
-    eos = eos_token_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     order = length_order([len(ids) for ids in encoded])
     outputs: list[Continuation | None] = [None] * len(prompts)
@@ -218,7 +211,7 @@ def teacher_perplexity_scores(scorer: Any, scorer_tokenizer: Any, rows: list[dic
     model ended, the stop string after one cut there, nothing after one stopped by the cap.
     Values are mean NLL per token, weighted by tokens: the aggregate is corpus perplexity.
     """
-    eos = eos_token_ids(scorer, scorer_tokenizer)
+    eos = eos_ids(scorer, scorer_tokenizer)
     contexts = [scorer_tokenizer(render_prompt(row, cfg, scorer_tokenizer), add_special_tokens=not cfg.chat)
                 ["input_ids"] for row in rows]
     continuations = []

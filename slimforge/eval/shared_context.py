@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from slimforge.progress import progress_bar
+from slimforge.sampling import left_pad
 
 
 def _cache_keyword(model: Any) -> str:
@@ -43,16 +44,6 @@ def _target_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
 
 
-def _left_padded(rows: list[list[int]], pad: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.no_grad()
 def score_shared_contexts(model: Any, contexts: list[list[int]], answers: list[list[list[int]]],
                           pad: int) -> list[list[tuple[float, bool]]]:
@@ -70,7 +61,7 @@ def score_shared_contexts(model: Any, contexts: list[list[int]], answers: list[l
     device = model.device
     owner_list = [c for c, per in enumerate(answers) for _ in per]
     flat = [a for per in answers for a in per]
-    ids, mask = _left_padded(contexts, pad, device)
+    ids, mask = (t.to(device) for t in left_pad(contexts, pad))
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     # Only the last context position's logits are needed: the lm_head skips the rest.
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **_last_logits_only(model))
