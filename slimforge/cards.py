@@ -363,11 +363,16 @@ def load_section(inp: CardInput) -> list[str]:
                   f'llama-cli -m {where}/{gguf} -p "Once upon a time"', "```", ""]
         return lines
     if fmt == "lora":
-        lines += [f"A LoRA adapter over the quantized base `{inp.files.get('adapter_base')}` "
-                  "(named in `adapter_config.json`; keep both folders):", "",
-                  "```python", "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+        reference = inp.files.get("adapter_base_reference") or inp.files.get("adapter_base")
+        lines += [f"A LoRA adapter over the quantized base `{inp.files.get('adapter_base')}`, which "
+                  "`adapter_config.json` names relative to this folder: move or copy the two together. peft's "
+                  "`AutoPeftModelForCausalLM` reads that name relative to the current directory, so load the "
+                  "base first (or ship a plain merged folder: the `merge_lora` distill stage):", "",
+                  "```python", "import os", "", "from peft import PeftModel",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f'path = "{where}"', "tokenizer = AutoTokenizer.from_pretrained(path)",
-                  "model = AutoPeftModelForCausalLM.from_pretrained(path)",
+                  f'base = AutoModelForCausalLM.from_pretrained(os.path.join(path, "{reference}"))',
+                  "model = PeftModel.from_pretrained(base, path)",
                   *(PLAIN_PATH_SNIPPET if inp.files.get("adapter_base_format") == "bitsandbytes" else []), "```", ""]
         return lines
     note = {"bitsandbytes": "The bitsandbytes settings are in `config.json`; transformers applies them while loading.",

@@ -74,6 +74,55 @@ def check_choice(name: str, value: str | None, choices: tuple[str, ...]) -> None
         raise FieldError(name, value, f"must be one of {', '.join(choices)}")
 
 
+def check_choices(name: str, values: list[str] | None, choices: tuple[str, ...]) -> None:
+    """Each of ``values`` must be one of ``choices``, none twice; None and an empty list pass."""
+    if values is None:
+        return
+    if any(v not in choices for v in values):
+        raise FieldError(name, list(values), f"each must be one of {', '.join(choices)}")
+    twice = sorted({v for v in values if list(values).count(v) > 1})
+    if twice:
+        raise FieldError(name, list(values), f"lists {', '.join(twice)} more than once; name each once")
+
+
+# --- what a stage's config hash covers ----------------------------------------------------
+
+# Metadata of a field that changes where a stage reports, never what it makes: such a field stays
+# out of the stage's config hash (adding or changing it redoes no finished stage) and out of what
+# a training checkpoint records (it may change between attempts).
+NOT_HASHED: dict[str, Any] = {"hashed": False}
+# Metadata of a field added to a schema after stages were made with it: it joins the config hash
+# only when set away from its default, so the stages that leave it alone keep their hashes.
+HASHED_WHEN_SET: dict[str, Any] = {"hashed": "when set"}
+
+
+def hashed_config(obj: Any) -> dict[str, Any]:
+    """``dataclasses.asdict(obj)`` without the fields declared with :data:`NOT_HASHED`, nor those
+    declared with :data:`HASHED_WHEN_SET` that hold their default, at any depth."""
+    import dataclasses
+
+    values = dataclasses.asdict(obj)
+    _drop_unhashed(obj, values)
+    return values
+
+
+def _drop_unhashed(obj: Any, values: dict[str, Any]) -> None:
+    import dataclasses
+
+    for f in dataclasses.fields(obj):
+        hashed = f.metadata.get("hashed", True)
+        if hashed is False or (hashed == "when set" and getattr(obj, f.name) == _field_default(f)):
+            del values[f.name]
+        elif dataclasses.is_dataclass(getattr(obj, f.name)):
+            _drop_unhashed(getattr(obj, f.name), values[f.name])
+
+
+def _field_default(f: Any) -> Any:
+    import dataclasses
+
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 # --- top-level sections ------------------------------------------------------------------
 
 

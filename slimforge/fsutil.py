@@ -27,8 +27,9 @@ CHECKSUMS_FILE = "checksums.json"
 # Files of an artifact that describe it rather than make it up: provenance (``slimforge.json``,
 # ``recipe.yaml``) carries timestamps and run paths, and each evaluation rewrites the model card.
 DESCRIPTIVE_FILES = frozenset({"slimforge.json", "recipe.yaml", "README.md", CHECKSUMS_FILE})
-# Folders of training logs inside an artifact (TensorBoard event files carry timestamps).
-LOG_DIRS = frozenset({"tensorboard"})
+# Folders of training logs inside an artifact, one per experiment tracker (distill/tracker_names.py):
+# TensorBoard event files, an MLflow file store and an offline W&B run all carry timestamps.
+LOG_DIRS = frozenset({"tensorboard", "mlruns", "wandb"})
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:

@@ -1,9 +1,13 @@
 """Model I/O: the one device/dtype helper, the one loader and the one artifact writer.
 
-A model comes from a Hugging Face hub id, a local HF folder or a GGUF file. A
-stage's output is a standard HF folder (safetensors, tokenizer, generation
-config) plus ``slimforge.json`` (what produced it) and ``recipe.yaml`` (the
-resolved recipe), and loads with plain ``AutoModelForCausalLM.from_pretrained``.
+A model comes from a Hugging Face hub id, a local HF folder, a GGUF file or a LoRA
+adapter folder. A stage's output is a standard HF folder (safetensors, tokenizer,
+generation config) plus ``slimforge.json`` (what produced it) and ``recipe.yaml`` (the
+resolved recipe), which loads with plain ``AutoModelForCausalLM.from_pretrained``; or,
+for a GGUF export, a ``.gguf`` file beside the tokenizer; or, for a LoRA distillation of
+a quantized base, the adapter alone, whose ``adapter_config.json`` names its base relative
+to the adapter folder (:func:`adapter_base` reads it; peft reads it relative to the
+current directory).
 
 Secure defaults: ``trust_remote_code`` is off unless the recipe turns it on, and
 pickle weights (``.bin``/``.pt``) are refused unless ``allow_pickle`` is set.
@@ -286,6 +290,81 @@ def resolve_model(spec: str, label: str, *, gguf_file: str | None = None, revisi
                                 code_setting=code_setting)
 
 
+# --- LoRA adapter folders ----------------------------------------------------------------
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """A peft adapter folder: ``adapter_config.json`` and no model (``config.json``) of its own."""
+    return (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file()
+
+
+def adapter_base_reference(adapter_dir: Path, base: Path) -> str:
+    """What an adapter saved in ``adapter_dir`` names as its local ``base``: the path relative to the
+    adapter folder, so the two survive being moved or copied together (a run directory holds both).
+
+    Absolute only where no relative path exists (another drive).
+    """
+    try:
+        return Path(os.path.relpath(base.resolve(), adapter_dir.resolve())).as_posix()
+    except ValueError:
+        return str(base.resolve())
+
+
+def point_adapter_at_base(adapter_dir: Path, base: Path) -> None:
+    """Make the adapter saved in ``adapter_dir`` name its local ``base`` by :func:`adapter_base_reference`."""
+    config_file = adapter_dir / ADAPTER_CONFIG
+    config = read_json(config_file)
+    config["base_model_name_or_path"] = adapter_base_reference(adapter_dir, base)
+    atomic_write_json(config_file, config)
+
+
+def adapter_base(folder: Path) -> str | None:
+    """Where an adapter folder's base model is, as this process can open it; None when ``folder`` is
+    not an adapter or its config names no base.
+
+    ``base_model_name_or_path`` is read first as slimforge writes it, relative to the adapter
+    folder; when nothing is there, as peft reads it (absolute, relative to the current directory,
+    or a hub id); when that is missing too, the absolute path the adapter's ``slimforge.json``
+    recorded when it was made (for an adapter moved away from its base).
+    """
+    from slimforge.fsutil import read_json_or_none
+
+    named = str((read_json_or_none(folder / ADAPTER_CONFIG, instead=None) or {}).get("base_model_name_or_path") or "")
+    if not named:
+        return None
+    beside = folder.expanduser() / Path(named).expanduser()  # an absolute name stays itself
+    if beside.exists():
+        return str(beside.resolve())
+    if Path(named).expanduser().exists() or not _looks_like_local_path(named):
+        return named
+    recorded = str(read_artifact_meta(folder).get("base_model") or "")
+    return recorded if recorded and Path(recorded).exists() else named
+
+
+def require_adapter_base(folder: Path) -> str:
+    """:func:`adapter_base` of an adapter folder, refusing a base that should be local but is not there.
+
+    Raises:
+        ModelLoadError: the adapter names no base, or a local base that is missing.
+    """
+    base = adapter_base(folder)
+    if not base:
+        raise ModelLoadError(f"{folder / ADAPTER_CONFIG} names no base model (base_model_name_or_path is empty "
+                             "or unreadable); restore the adapter's config, or load the base yourself and apply "
+                             "the adapter with peft")
+    if _looks_like_local_path(base) and not Path(base).expanduser().exists():
+        raise ModelLoadError(f"the LoRA adapter {folder} names its base model {base!r}, which is not there "
+                             "(looked relative to the adapter and where the adapter was made); copy the base "
+                             "folder along with the adapter, keeping their relative places, or ship a merged "
+                             "export instead (distill method merge_lora)")
+    if Path(base).expanduser().is_dir() and is_adapter_folder(Path(base).expanduser()):
+        raise ModelLoadError(f"the LoRA adapter {folder} names another adapter folder ({base}) as its base model; "
+                             "set its base_model_name_or_path to the model the adapter was trained on")
+    return base
+
+
 # --- loading -----------------------------------------------------------------------------
 
 
@@ -304,8 +383,11 @@ def check_model_folder(folder: Path, trust_remote_code: bool = False,
     """
     config_file = folder / "config.json"
     if not config_file.is_file():
-        if (folder / "adapter_config.json").is_file():
-            return  # a LoRA adapter: its base model is checked when it loads
+        if is_adapter_folder(folder):
+            base = require_adapter_base(folder)
+            if Path(base).is_dir():
+                check_model_folder(Path(base), trust_remote_code, code_setting)
+            return
         gguf = next(iter(sorted(folder.glob("*.gguf"))), None)
         if gguf is not None:
             raise ModelLoadError(f"model folder {folder} has no config.json but holds {gguf.name}; "
@@ -414,7 +496,8 @@ def _gguf_location(path: str, gguf_file: str | None) -> tuple[str, str]:
 
 
 def load_config(path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
-    """A model's transformers config (no weights) from a hub id or an HF folder.
+    """A model's transformers config (no weights) from a hub id or an HF folder (an adapter
+    folder's: its base model's).
 
     Raises:
         ModelLoadError: the config cannot be read (missing files, the model's own code
@@ -423,6 +506,8 @@ def load_config(path: str, revision: str | None = None, trust_remote_code: bool 
     from transformers import AutoConfig
 
     kind = classify_source(path)
+    if kind == "folder" and is_adapter_folder(Path(path).expanduser()):
+        return load_config(require_adapter_base(Path(path).expanduser()), revision, trust_remote_code)
     location = path if kind == "hub" else str(Path(path).expanduser())
     try:
         return AutoConfig.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
@@ -444,6 +529,9 @@ def load_tokenizer(path: str, gguf_file: str | None = None, revision: str | None
 
     kind = classify_source(path, gguf_file)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
+    folder = Path(path).expanduser()
+    if kind == "folder" and is_adapter_folder(folder) and not (folder / "tokenizer_config.json").is_file():
+        return load_tokenizer(require_adapter_base(folder), revision=revision, trust_remote_code=trust_remote_code)
     if kind == "gguf":
         path, kwargs["gguf_file"] = _gguf_location(path, gguf_file)
         if (Path(path).expanduser() / "tokenizer_config.json").is_file():
@@ -494,10 +582,16 @@ def load_model(path: str, device: Any = "cpu", dtype: Any = None, gguf_file: str
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision, "dtype": dtype}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    location = path
+    location, adapter = path, None
     if kind == "folder":
         location = str(Path(path).expanduser())
         _refuse_pickle_only(Path(location), allow_pickle)
+        if is_adapter_folder(Path(location)):
+            # transformers would read the base's name relative to the current directory; ours is
+            # relative to the adapter folder, so the base is found here and the adapter applied to it.
+            adapter, location = location, require_adapter_base(Path(location))
+            if Path(location).is_dir():
+                _refuse_pickle_only(Path(location), allow_pickle)
     if kind in ("folder", "hub") and not allow_pickle:
         kwargs["use_safetensors"] = True
     if kind == "gguf":
@@ -505,7 +599,14 @@ def load_model(path: str, device: Any = "cpu", dtype: Any = None, gguf_file: str
     if device.type == "cuda":
         kwargs["device_map"] = {"": str(device)}
     try:
+        if kind == "gguf":
+            # transformers' GGUF loader leaves some hyperparameters at its defaults; read them from the file.
+            from slimforge.quantize.gguf_arch import gguf_config
+
+            kwargs["config"] = gguf_config(location, kwargs["gguf_file"])
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        if adapter is not None:
+            model.load_adapter(adapter)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = "; if this machine is offline, give a local folder" if kind == "hub" else ""
@@ -666,8 +767,9 @@ def folder_facts(folder: Path, meta: dict[str, Any] | None = None) -> dict[str, 
     if facts["format"] == "gguf":
         facts["gguf_file"] = gguf
     elif facts["format"] == "lora" and adapter.is_file():
-        base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        base = adapter_base(folder)
         facts["adapter_base"] = base
+        facts["adapter_base_reference"] = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
         base_dir = Path(str(base)).expanduser() if base else None
         if base_dir is not None and (base_dir / "config.json").is_file():
             facts["adapter_base_format"] = "bitsandbytes" if artifact_format(base_dir) == "bitsandbytes" else "hf"

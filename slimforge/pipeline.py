@@ -30,7 +30,7 @@ from typing import Any
 
 import slimforge.dist as dist
 from slimforge._version import __version__
-from slimforge.config import Recipe, validate_recipe
+from slimforge.config import Recipe, hashed_config, validate_recipe
 from slimforge.errors import ConfigError, RunDirError
 from slimforge.fsutil import (
     CHECKSUMS_FILE,
@@ -70,8 +70,8 @@ TRAINING_KINDS = ("distill",)
 
 
 def config_hash(obj: Any) -> str:
-    """Hash of a dataclass or mapping, independent of key order."""
-    return stable_hash(asdict(obj) if hasattr(obj, "__dataclass_fields__") else obj)
+    """Hash of a dataclass (its fields but those declared ``NOT_HASHED``) or mapping, independent of key order."""
+    return stable_hash(hashed_config(obj) if hasattr(obj, "__dataclass_fields__") else obj)
 
 
 # --- what preflight checks see -----------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,14 +146,18 @@ def test_rewriting_a_card_changes_no_fingerprint_and_a_rerun_reuses_everything(r
 
 @pytest.fixture(scope="module")
 def formats(teacher_dir, corpus_dir, tmp_path_factory):
-    """A GGUF file, a bitsandbytes NF4 folder and a QLoRA adapter over it, through the Python API."""
+    """A GGUF file, a bitsandbytes NF4 folder, a QLoRA adapter over it (in another run directory), and
+    that adapter merged (dequantized; re-quantized), through the Python API."""
     root = tmp_path_factory.mktemp("formats")
     data = {"path": str(corpus_dir), "block_size": 32}
     gguf = slimforge.quantize(teacher_dir, root / "gguf", method="gguf", type="Q8_0", data=data, name="gg")
     nf4 = slimforge.quantize(teacher_dir, root / "nf4", method="bnb_nf4", data=data, name="nf4")
     lora = slimforge.distill(nf4, teacher=teacher_dir, out_dir=root / "qlora", data=data, name="qlora", steps=1,
                              batch_size=2, eval_blocks=2, lora={"enabled": True, "r": 4})
-    return {"gguf": gguf, "bitsandbytes": nf4, "lora": lora}
+    merged = slimforge.run_stage("distill", lora, root / "merged", method="merge_lora", data=data, name="merged")
+    requantized = slimforge.run_stage("distill", lora, root / "requant", method="merge_lora", requantize=True,
+                                      data=data, name="requant")
+    return {"gguf": gguf, "bitsandbytes": nf4, "lora": lora, "merged": merged, "requantized": requantized}
 
 
 @pytest.mark.parametrize("kind, needs", [("gguf", "gguf"), ("bitsandbytes", "bitsandbytes"),
@@ -174,6 +179,81 @@ def test_each_format_gets_the_snippet_that_loads_it(formats, kind, needs):
     with torch.no_grad():
         logits = namespace["model"](input_ids=torch.tensor([[1, 5, 9, 33]])).logits
     assert torch.isfinite(logits).all()
+
+
+# Runs each card's snippet in a fresh interpreter, as a user would (no slimforge), and records the
+# optional packages each load imported and the logits it gives.
+LOAD_SNIPPETS = """
+import json, sys
+import torch
+OPTIONAL = ("peft", "bitsandbytes", "gguf", "compressed_tensors", "slimforge")
+snippets, results = json.loads(open(sys.argv[1]).read()), {}
+for name, snippet in snippets.items():
+    before = {m for m in OPTIONAL if m in sys.modules}
+    space = {}
+    exec(snippet, space)
+    with torch.no_grad():
+        logits = space["model"](input_ids=torch.tensor([[1, 5, 9, 33, 70, 100]])).logits.float()
+    results[name] = {"new": sorted({m for m in OPTIONAL if m in sys.modules} - before),
+                     "before": sorted(before), "logits": logits.tolist()}
+open(sys.argv[2], "w").write(json.dumps(results))
+"""
+
+
+def stored_dtype(folder) -> str:
+    """The dtype a folder's config says its unquantized weights have (an adapter's: its base's; GGUF: float32)."""
+    from slimforge.models import adapter_base
+
+    config = folder / "config.json"
+    if not config.is_file():
+        base = adapter_base(folder)
+        return stored_dtype(Path(base)) if base else "float32"  # GGUF dequantizes to float32
+    return json.loads(config.read_text()).get("dtype", "float32")
+
+
+def card_needs(card: str) -> set[str]:
+    """The modules the card's "Needs `pip install transformers ...`" line names besides transformers."""
+    packages = re.search(r"Needs `pip install transformers ?([^`]*)`", card).group(1).split()
+    return {p.replace("-", "_") for p in packages}
+
+
+def test_every_format_loads_in_plain_transformers_with_the_packages_its_card_names(run_dir, formats, tmp_path):
+    """The README's promise, format by format: the card's snippet loads the folder in a process without
+    slimforge, importing exactly the packages the card (and the README) names, into the model slimforge evaluates."""
+    import subprocess
+    import sys
+
+    from slimforge.models import load_model
+
+    folders = {"hf": run_dir / "stages" / "heal", "merged": formats["merged"],
+               "compressed-tensors": run_dir / "stages" / "q", "gguf": formats["gguf"],
+               "bitsandbytes": formats["bitsandbytes"], "requantized": formats["requantized"], "lora": formats["lora"]}
+    cards = {name: (folder / "README.md").read_text() for name, folder in folders.items()}
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_SNIPPETS)
+    results = {}
+    # the adapter in its own process: its base's bitsandbytes must show up as its own need
+    for group in (["hf", "merged", "compressed-tensors", "gguf", "bitsandbytes", "requantized"], ["lora"]):
+        (tmp_path / "in.json").write_text(json.dumps({name: python_snippet(cards[name]) for name in group}))
+        done = subprocess.run([sys.executable, str(script), str(tmp_path / "in.json"), str(tmp_path / "out.json")],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results.update(json.loads((tmp_path / "out.json").read_text()))
+    assert card_needs(cards["hf"]) == card_needs(cards["merged"]) == set()
+    assert card_needs(cards["lora"]) == {"peft", "bitsandbytes"}
+    for name, folder in folders.items():
+        new, before = set(results[name]["new"]), set(results[name]["before"])
+        assert "slimforge" not in new | before, name
+        assert new <= card_needs(cards[name]) <= new | before, (name, new, before)
+        model = load_model(str(folder), dtype=torch.float32, with_tokenizer=False,
+                           gguf_file=json.loads((folder / "slimforge.json").read_text()).get("gguf_file"))
+        with torch.no_grad():
+            ours = model(input_ids=torch.tensor([[1, 5, 9, 33, 70, 100]])).logits
+        theirs = torch.tensor(results[name]["logits"])
+        # weights stored in bf16 (the bnb_*, rtn and merge_lora defaults) run in bf16 under plain
+        # transformers, where slimforge's loader computes in float32
+        tolerance = 2e-2 if stored_dtype(folder) == "bfloat16" else 1e-5
+        assert float((theirs - ours).abs().max()) <= tolerance * max(1.0, float(ours.abs().max())), name
 
 
 # --- rendering alone ------------------------------------------------------------------------
@@ -322,7 +402,7 @@ def test_the_format_a_stage_declares_is_the_format_its_files_show(run_dir, forma
         assert kind == (declared if declared != "compressed-tensors" else "quantized"), name
         seen[name] = declared
     assert seen == {"sp": "hf", "heal": "hf", "q": "compressed-tensors", "gguf": "gguf",
-                    "bitsandbytes": "bitsandbytes", "lora": "lora"}
+                    "bitsandbytes": "bitsandbytes", "lora": "lora", "merged": "hf", "requantized": "bitsandbytes"}
 
 
 def test_a_folder_slimforge_did_not_make_is_read_from_its_files(tmp_path):

@@ -284,8 +284,9 @@ def test_qlora_on_an_nf4_student_keeps_the_adapter(sharp_teacher, corpus_dir, tm
     heal = run_dir / "stages" / "heal"
     assert (heal / "adapter_config.json").is_file() and (heal / "adapter_model.safetensors").is_file()
     adapter_cfg = json.loads((heal / "adapter_config.json").read_text())
-    assert os.path.isabs(adapter_cfg["base_model_name_or_path"])
-    loaded = AutoModelForCausalLM.from_pretrained(heal)
+    assert adapter_cfg["base_model_name_or_path"] == "../student"  # relative: the run directory can move
+    loaded = AutoModelForCausalLM.from_pretrained(heal / adapter_cfg["base_model_name_or_path"])
+    loaded.load_adapter(str(heal))
     from slimforge.quantize.bnb_cpu import keep_4bit_layers_off_cpu_packing
 
     keep_4bit_layers_off_cpu_packing(loaded)  # as the card says: tiny widths crash bnb's AVX512-BF16 path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -157,9 +158,16 @@ def test_a_folder_without_config_json_is_refused(tmp_path, teacher_dir):
     (folder / "tiny.gguf").write_bytes(b"GGUF")
     with pytest.raises(ModelLoadError, match=rf"no config\.json but holds tiny\.gguf; give that file \({folder / 'tiny.gguf'}\)"):
         ModelRef.from_source(str(folder), "teacher")
-    adapter = tmp_path / "adapter"  # a LoRA adapter folder has adapter_config.json instead
+    adapter = tmp_path / "adapter"  # a LoRA adapter folder has adapter_config.json instead, naming its base
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match=r"adapter_config\.json names no base model"):
+        models.check_model_folder(adapter)
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "../gone"}))
+    with pytest.raises(ModelLoadError, match=r"the LoRA adapter .* names its base model '\.\./gone', which is not there"):
+        models.check_model_folder(adapter)
+    relative = os.path.relpath(teacher_dir, adapter)  # relative to the adapter folder, as slimforge writes it
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": relative}))
     models.check_model_folder(adapter)
 
 

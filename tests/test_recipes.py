@@ -181,7 +181,13 @@ def load_artifact(folder: Path):
     kwargs = {"gguf_file": meta["gguf_file"]} if meta.get("gguf_file") else {}
     from slimforge.quantize.bnb_cpu import keep_4bit_layers_off_cpu_packing
 
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+    if (folder / "adapter_config.json").is_file():  # as its card says: the base is named relative to the adapter
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(folder / read_json(folder / "adapter_config.json")["base_model_name_or_path"])
+        model = PeftModel.from_pretrained(base, folder).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
     keep_4bit_layers_off_cpu_packing(model)  # as its card says: tiny 4-bit widths crash bnb's AVX512-BF16 path
     return model
 

@@ -25,3 +25,9 @@ register(
     "slimforge.distill.stages:distill_stage", "slimforge.distill.config:DistillConfig",
     "logit (+ hidden-state) distillation from the live teacher or its top-k cache; LoRA/QLoRA; on-policy",
 )
+register(
+    "distill", "merge_lora",
+    "slimforge.distill.merge:merge_lora_stage", "slimforge.distill.config:MergeLoraConfig",
+    "merge a LoRA adapter (a QLoRA distillation) into its dequantized base: a plain folder, or re-quantized "
+    "as the base",
+)

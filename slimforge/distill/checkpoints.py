@@ -18,13 +18,13 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from slimforge import dist
+from slimforge.config import hashed_config
 from slimforge.distill.config import DistillConfig
 from slimforge.errors import SlimforgeError
 from slimforge.fsutil import atomic_write_json, partial_path, read_json, stable_hash
@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 # Config fields that change how often the run writes or logs, never the weights it reaches, so a
-# checkpoint made under other values continues the same trajectory. Every other field invalidates:
+# checkpoint made under other values continues the same trajectory (as do the fields the stage's
+# config hash leaves out, ``NOT_HASHED``: where it reports). Every other field invalidates:
 # `steps` shapes the LR schedule; `eval_every`/`eval_blocks` decide what joins the history.
 RESUME_NEUTRAL_FIELDS = ("checkpoint_every", "keep_checkpoints", "log_every")
 
@@ -46,7 +47,7 @@ def student_signature(model: Any) -> str:
 def made_under(cfg: DistillConfig, seed: int, student: Any, data: Any, cache: Any,
                kept_layers: list[int] | None, provenance: dict[str, Any]) -> dict[str, Any]:
     """Everything a checkpoint's trajectory depends on (see ``RESUME_NEUTRAL_FIELDS``), as JSON reads it back."""
-    config = {k: v for k, v in asdict(cfg).items() if k not in RESUME_NEUTRAL_FIELDS}
+    config = {k: v for k, v in hashed_config(cfg).items() if k not in RESUME_NEUTRAL_FIELDS}
     record = {"config": config, "seed": seed, "world_size": dist.world_size(),
               "student": student_signature(student), "kept_layers": kept_layers,
               "data": getattr(data, "fingerprint", None), "train_blocks": len(data.train),

@@ -6,14 +6,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from slimforge.config import (
+    DTYPES,
+    NOT_HASHED,
     FieldError,
     StageConfig,
     check_choice,
+    check_choices,
     check_fraction,
     check_int,
     named_settings,
 )
 from slimforge.distill.loss_names import KD_LOSSES
+from slimforge.distill.tracker_names import TRACKERS, TRACKING_EXTRA, missing_tracker_packages
 
 if TYPE_CHECKING:  # pragma: no cover
     from slimforge.models import ModelRef
@@ -293,6 +297,11 @@ class DistillConfig(StageConfig):
 
     The loss is ``(1 - ce_weight) * T^2 * divergence(teacher || student at T) +
     ce_weight * CE(data) + hidden_weight * hidden-state loss``.
+
+    ``trackers`` are where the main process reports training and held-out metrics, inside the
+    stage's folder: ``tensorboard`` (``tensorboard/``), ``mlflow`` (a local file store,
+    ``mlruns/``) and ``wandb`` (an offline run, ``wandb/``); ``[]`` reports to none. They are
+    not part of the stage's config hash: changing them redoes no finished stage.
     """
 
     kind: str = "distill"
@@ -331,6 +340,7 @@ class DistillConfig(StageConfig):
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     log_every: int = 1
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"], metadata=NOT_HASHED)
 
     def check(self) -> None:
         check_choice("loss", self.loss, tuple(KD_LOSSES))
@@ -363,6 +373,11 @@ class DistillConfig(StageConfig):
         if self.teacher_cache and self.hidden_weight > 0:
             raise FieldError("teacher_cache", True, "hidden-state distillation needs the live teacher; "
                              "set hidden_weight=0 or teacher_cache=false")
+        check_choices("trackers", self.trackers, tuple(TRACKERS))
+        missing = missing_tracker_packages(self.trackers)
+        if missing:
+            raise FieldError("trackers", list(self.trackers), f"not installed: {', '.join(missing)}; "
+                             f"{TRACKING_EXTRA} (or take {'it' if len(missing) == 1 else 'them'} off the list)")
 
     def check_teacher(self, teacher: TeacherInfo) -> None:
         """Checks against the teacher, valid wherever the stage sits in the pipeline."""
@@ -435,3 +450,34 @@ class DistillConfig(StageConfig):
     def artifact_format(self, meta: dict[str, Any]) -> str | None:
         # LoRA over a quantized base saves the adapter alone (over any other base it is merged).
         return "lora" if (meta.get("distill") or {}).get("lora") == "adapter" else "hf"
+
+
+@dataclass
+class MergeLoraConfig(StageConfig):
+    """Merge a LoRA adapter folder (a QLoRA distillation's artifact) into its base: a folder that
+    loads with plain transformers, no peft.
+
+    The base's bitsandbytes layers are dequantized to the exact float32 weights its forward
+    multiplies by, the adapter is added in float32, and the merged model is stored in ``dtype``
+    (``auto``: the dtype of the base's unquantized tensors, which is the teacher's unless the bnb
+    stage's ``storage_dtype`` chose another). ``requantize: true`` quantizes the merged model again
+    with the base's own bitsandbytes settings: the base's format back, at the cost of one more
+    rounding of every weight.
+    """
+
+    kind: str = "distill"
+    method: str = "merge_lora"
+    requantize: bool = False
+    dtype: str = "auto"
+
+    def check(self) -> None:
+        check_choice("dtype", self.dtype, DTYPES)
+
+    def card_settings(self, meta: dict[str, Any]) -> list[str]:
+        merge = meta.get("merge") or {}
+        if self.requantize:
+            return [f"merged, then re-quantized as {merge.get('base_format', 'the base')}"]
+        return [f"merged into the dequantized base, stored as {merge.get('dtype', self.dtype)}"]
+
+    def artifact_format(self, meta: dict[str, Any]) -> str | None:
+        return "bitsandbytes" if self.requantize else "hf"

@@ -90,9 +90,10 @@ def distill_stage(ctx: StageContext) -> StageOutput:
     require_loss_tokens(cfg, data)
     cache = ensure_teacher_cache(cfg, ctx.session, ctx.seed) if cfg.teacher_cache else None
     teacher = None if cache is not None else ctx.teacher()[0]
-    trainer = DistillTrainer(cfg, student, data, ctx.work_dir, ctx.out_dir / "tensorboard", ctx.seed, ctx.device,
+    trainer = DistillTrainer(cfg, student, data, ctx.work_dir, ctx.out_dir, ctx.seed, ctx.device,
                              teacher=teacher, cache=cache, kept_layers=ctx.parent.meta.get("kept_layers"),
-                             provenance={"parent": ctx.parent.fingerprint, "teacher": ctx.teacher_ref.fingerprint})
+                             provenance={"parent": ctx.parent.fingerprint, "teacher": ctx.teacher_ref.fingerprint},
+                             run_name=ctx.name)
     before = trainer.evaluate(student) if trainer.resume_point() is None else None
     result = trainer.train()
     model = result.model
@@ -155,11 +156,19 @@ def _has_quant_config(path: str) -> bool:
 
 def _save_adapter(ctx: StageContext, model: Any, tokenizer: Any, meta: dict[str, Any],
                   metrics: dict[str, Any]) -> StageOutput:
-    """A quantized base keeps its weights; the artifact is the adapter, pointing at its base."""
-    base = str(Path(ctx.parent.path).resolve())
+    """A quantized base keeps its weights; the artifact is the adapter, pointing at its base.
+
+    ``adapter_config.json`` names the base relative to the adapter folder, so a run directory
+    (which holds both) can be moved or copied; ``slimforge.json`` also records the absolute path.
+    """
+    from slimforge.models import point_adapter_at_base
+
+    base = str(Path(ctx.parent.path).expanduser().resolve())
     for adapter in model.peft_config.values():
-        adapter.base_model_name_or_path = base  # absolute, so the adapter loads from anywhere
+        adapter.base_model_name_or_path = base  # what peft's save reads (the base's vocabulary)
     model.save_pretrained(ctx.out_dir)
+    # out_dir is a sibling of the final artifact folder, so a path relative to one is relative to the other.
+    point_adapter_at_base(ctx.out_dir, Path(base))
     tokenizer.save_pretrained(ctx.out_dir)
     meta["distill"]["lora"] = "adapter"
     meta["base_model"] = base

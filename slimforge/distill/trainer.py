@@ -14,7 +14,7 @@ state is written.
 This module is the loop; its parts live beside it: the objective wiring (student
 preparation, teacher targets, the loss of a batch) in :mod:`~slimforge.distill.wiring`,
 checkpoints (what each was made under, which one to resume) in
-:mod:`~slimforge.distill.checkpoints`, held-out metrics and TensorBoard in
+:mod:`~slimforge.distill.checkpoints`, held-out metrics and the experiment trackers in
 :mod:`~slimforge.distill.metrics`.
 """
 
@@ -35,7 +35,7 @@ import torch
 from slimforge import dist
 from slimforge.distill.checkpoints import Checkpoints, made_under
 from slimforge.distill.config import DistillConfig
-from slimforge.distill.metrics import RunLog, heldout_metrics
+from slimforge.distill.metrics import RunLog, build_trackers, heldout_metrics, tracker_config
 from slimforge.distill.wiring import KDObjective, StudentWithLoss, masked_linears, prepare_student
 from slimforge.errors import ConfigError, DataError, SlimforgeError
 from slimforge.progress import progress_bar
@@ -145,11 +145,15 @@ class DistillTrainer:
     parent's and the teacher's fingerprints); it joins the checkpoints' record of what they
     were made under (:func:`~slimforge.distill.checkpoints.made_under`), so checkpoints of
     another parent are never resumed.
+
+    ``tracking_dir`` is the folder the experiment trackers (``cfg.trackers``) write in, each in its
+    own subfolder, under a run named ``run_name``; None reports to no tracker.
     """
 
-    def __init__(self, cfg: DistillConfig, student: Any, data: Any, work_dir: Path, log_dir: Path | None,
+    def __init__(self, cfg: DistillConfig, student: Any, data: Any, work_dir: Path, tracking_dir: Path | None,
                  seed: int, device: torch.device, teacher: Any = None, cache: Any = None,
-                 kept_layers: list[int] | None = None, provenance: dict[str, Any] | None = None) -> None:
+                 kept_layers: list[int] | None = None, provenance: dict[str, Any] | None = None,
+                 run_name: str = "distill") -> None:
         if teacher is None and cache is None:
             raise ValueError("a live teacher or a teacher cache is required")
         self.cfg = cfg
@@ -162,7 +166,8 @@ class DistillTrainer:
         self.teacher = teacher
         self.cache = cache
         self.data = data
-        self.log_dir = log_dir
+        self.tracking_dir = tracking_dir
+        self.run_name = run_name
         self.seed = seed
         self.device = device
         self.objective = KDObjective(cfg, teacher, cache)
@@ -210,7 +215,11 @@ class DistillTrainer:
 
             fast_bf16 = self.device.type == "cuda" or (self.device.type == "cpu" and cpu_supports_fast_bf16())
             precision = "bf16" if fast_bf16 else "fp32"
-        return Accelerator(cpu=self.device.type == "cpu", mixed_precision="bf16" if precision == "bf16" else "no")
+        # Only the main process reports: the other ranks' Accelerators get no trackers.
+        trackers = build_trackers(self.cfg.trackers, self.tracking_dir, self.run_name) \
+            if self.tracking_dir is not None and dist.is_main() else []
+        return Accelerator(cpu=self.device.type == "cpu", mixed_precision="bf16" if precision == "bf16" else "no",
+                           log_with=trackers or None)
 
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         if self.cfg.optimizer == "adamw_8bit":
@@ -251,7 +260,7 @@ class DistillTrainer:
             run.restore(self.checkpoints.load(acc, resume))
             log.info("resuming distillation from %s (step %d of %d)", resume, run.step, self.cfg.steps)
         run.first_step = run.step
-        run.run_log = RunLog(self.log_dir, acc.is_main_process, self.cfg.log_every)
+        run.run_log = RunLog(acc, self.cfg.log_every, tracker_config(self.cfg, self.seed))
         return run
 
     # -- the loop ---------------------------------------------------------------------

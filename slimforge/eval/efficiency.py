@@ -62,7 +62,7 @@ def disk_bytes(path: str | Path, gguf_file: str | None = None) -> int | None:
 
     A LoRA adapter folder counts its base model too: both must be shipped.
     """
-    import json
+    from slimforge.models import adapter_base
 
     location = Path(path).expanduser()
     if location.is_file():
@@ -72,10 +72,9 @@ def disk_bytes(path: str | Path, gguf_file: str | None = None) -> int | None:
     if gguf_file:
         return (location / gguf_file).stat().st_size
     total = sum(p.stat().st_size for p in location.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-    adapter = location / "adapter_config.json"
-    if adapter.is_file():
-        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
-        base_size = disk_bytes(base) if base and Path(base).expanduser().is_dir() else None
+    base = adapter_base(location)
+    if base:
+        base_size = disk_bytes(base) if Path(base).expanduser().is_dir() else None
         total += base_size or 0
     return total
 

@@ -11,7 +11,6 @@ sets back the modification time, so rewritten bytes are always hashed again.
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,13 +56,6 @@ def _content_files(location: Path, gguf_file: str | None) -> list[Path]:
     return content_files(location)
 
 
-def _adapter_base(location: Path) -> str | None:
-    adapter = location / "adapter_config.json"
-    if location.is_dir() and adapter.is_file():
-        return json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    return None
-
-
 def content_fingerprint(path: str, gguf_file: str | None = None, revision: str | None = None) -> str:
     """A hash of everything a model loads from: weights, config, tokenizer (and a LoRA base).
 
@@ -80,7 +72,9 @@ def content_fingerprint(path: str, gguf_file: str | None = None, revision: str |
         digests = [(str(p.relative_to(root)), file_digest(p, memo)) for p in _content_files(location, gguf_file)]
         if memo != before:
             atomic_write_json(memo_file, memo)
-    base = _adapter_base(location)
+    from slimforge.models import adapter_base
+
+    base = adapter_base(location) if location.is_dir() else None
     base_fp = content_fingerprint(base) if base else None
     return stable_hash(["content", digests, base_fp])
 

@@ -24,6 +24,10 @@ def no_heal_artifact(env: Env) -> None:
     assert not (env.tmp / "run" / "stages" / "heal").exists()
 
 
+def no_merged_artifact(env: Env) -> None:
+    assert not (env.tmp / "run" / "stages" / "merged").exists()
+
+
 def questions_only(env: Env) -> list[str]:
     """Chat data whose conversations have no assistant turn: every loss-mask entry is 0."""
     rows = [{"messages": [{"role": "user", "content": f"Question {i}: who wrote the sonnets, and when?"}]}
@@ -62,4 +66,17 @@ CASES = [
     BadInput("fsdp-requested", lambda env: distill_run(env),
              r"the distillation trainer supports one process or DDP .*FSDP and DeepSpeed sharding are not supported",
              after=no_heal_artifact, env={"ACCELERATE_USE_FSDP": "true"}),
+    BadInput("unknown-tracker", lambda env: distill_run(env, "stages.heal.trackers=[tensorboard,neptune]"),
+             r"invalid value stages\.heal\.trackers=\['tensorboard', 'neptune'\]: each must be one of tensorboard, "
+             r"mlflow, wandb$", after=nothing_ran),
+    BadInput("merge-without-adapter",
+             lambda env: distill_run(env, "+distill@stages.merged=merge_lora", "pipeline=[student,merged]"),
+             r"stages\.merged \(merge_lora\) merges a LoRA adapter into its base, but its input student \(.*\) is "
+             r"not an adapter folder \(no adapter_config\.json\); put it right after a distill stage with "
+             r"lora\.enabled=true", after=no_merged_artifact),
+    BadInput("merge-dtype",
+             lambda env: distill_run(env, "+distill@stages.merged=merge_lora", "pipeline=[student,merged]",
+                                     "stages.merged.dtype=int8"),
+             r"invalid value stages\.merged\.dtype='int8': must be one of auto, float32, bfloat16, float16$",
+             after=nothing_ran),
 ]
