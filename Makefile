@@ -1,7 +1,8 @@
 # slimforge: the two set-up commands of the README.
 #   make run    install everything into .venv, then run the default recipe
 #   make test   install everything into .venv, then run the test suite
-#   make test-slow  the slow tier (real teacher) and the browser test; installs Chromium if missing
+#   make test-slow  the slow tier (real teacher), the runtime checks (vLLM, llama.cpp) and the browser
+#                   test; installs Chromium, vLLM and llama.cpp's tools where missing
 # Extra arguments for the recipe: make run ARGS="stages.student.num_layers=16"
 
 PYTHON ?= python3
@@ -12,7 +13,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-slow browser lint clean
+.PHONY: install run test test-slow browser runtimes lint clean
 
 install: $(STAMP)
 
@@ -29,8 +30,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
-test-slow: $(STAMP) browser
-	$(BIN)/python -m pytest -q -m "slow or browser" $(ARGS)
+test-slow: $(STAMP) browser runtimes
+	$(BIN)/python -m pytest -q -m "slow or browser or runtime" $(ARGS)
+
+# vLLM's CPU build (own venv) and llama.cpp's tools (built from pinned source), in the slimforge cache.
+runtimes: $(STAMP)
+	$(BIN)/slimforge runtime install all
 
 # The browser test opens the HTML report in headless Chromium (tests/test_eval_runner.py).
 # sudo only where we are not root; env carries DEBIAN_FRONTEND past sudo's reset environment.

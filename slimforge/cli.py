@@ -63,6 +63,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from slimforge.eval.command import add_parser as add_eval_parser
 
     add_eval_parser(sub)
+    from slimforge.runtimes.command import add_parser as add_runtime_parser
+
+    add_runtime_parser(sub)
     return parser
 
 
@@ -147,6 +150,12 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     return run(ns)
 
 
+def _cmd_runtime(ns: argparse.Namespace) -> int:
+    from slimforge.runtimes.command import cmd_runtime
+
+    return cmd_runtime(ns)
+
+
 def _cmd_distill(ns: argparse.Namespace) -> int:
     from slimforge.teacher_cache_command import cache_teacher_for_recipe
 
@@ -209,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(ns.verbose)
     from slimforge.errors import SlimforgeError
 
-    handlers = {"run": _cmd_run, "distill": _cmd_distill, "recipes": _cmd_recipes, "fetch": _cmd_fetch, "eval": _cmd_eval}
+    handlers = {"run": _cmd_run, "distill": _cmd_distill, "recipes": _cmd_recipes, "fetch": _cmd_fetch, "eval": _cmd_eval,
+                "runtime": _cmd_runtime}
     try:
         return handlers[ns.command](ns)
     except SlimforgeError as err:

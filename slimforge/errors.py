@@ -44,6 +44,14 @@ class OutputError(SlimforgeError):
     """An output folder (run directory, ``--out``, the cache) cannot be written there."""
 
 
+class RuntimeMissingError(SlimforgeError):
+    """A runtime slimforge checks against (vLLM, llama.cpp) is not installed or could not be built."""
+
+
+class RuntimeCheckError(SlimforgeError):
+    """A runtime cannot take the artifact it was given (a format or scheme it does not run)."""
+
+
 class StageCrash(SlimforgeError):
     """A stage or an evaluation failed unexpectedly: a bug, not bad input.
 

@@ -102,9 +102,23 @@ def _threads_for_real_models(request):
     torch.set_num_threads(previous)
 
 
+def _expose_installed_runtimes() -> None:
+    """Point the runtime variables at the user's cached vLLM and llama.cpp builds, if any.
+
+    The tests run on an empty cache of their own; the runtimes are a one-time install
+    (``slimforge runtime install``) that tests may use where it exists, like the slow tier's teacher.
+    """
+    from slimforge.runtimes.install import find_llamacpp, find_vllm
+
+    for variable, find in (("SLIMFORGE_LLAMACPP_BIN", find_llamacpp), ("SLIMFORGE_VLLM_PYTHON", find_vllm)):
+        if not os.environ.get(variable) and (found := find()) is not None:
+            os.environ[variable] = str(found.path)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory, request):
     """Keep tests out of the user's cache (slow tests opt back in to reuse downloads)."""
+    _expose_installed_runtimes()
     cache = tmp_path_factory.mktemp("slimforge-cache")
     previous = os.environ.get("SLIMFORGE_CACHE")
     os.environ["SLIMFORGE_CACHE"] = str(cache)

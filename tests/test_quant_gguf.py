@@ -1,4 +1,5 @@
-"""GGUF export round trips: Llama, Mistral, Qwen2 at every type the schema accepts, reloaded with transformers' GGUF loader."""
+"""GGUF export round trips: Llama, Mistral, Qwen2 at every type the schema accepts, reloaded with transformers' GGUF loader
+(the other families: tests/test_gguf_arch.py)."""
 
 from __future__ import annotations
 
@@ -106,12 +107,13 @@ def test_rows_that_do_not_fill_a_block_fall_back_to_f16(tokenizer, tmp_path):
     assert result.types["blk.0.ffn_down.weight"] == "F16" and result.types["blk.0.ffn_up.weight"] == "Q8_0"
 
 
-def test_unsupported_architecture_and_tokenizer_are_refused_before_writing(tokenizer, model_dirs, tmp_path):
-    from transformers import AutoModelForCausalLM
+def test_unsupported_architecture_and_tokenizer_are_refused_before_writing(tokenizer, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    phi3 = AutoModelForCausalLM.from_pretrained(model_dirs["phi3"])
-    with pytest.raises(ConfigError, match="supported: llama, mistral, qwen2"):
-        write_gguf(phi3, tokenizer, tmp_path / "x.gguf", "Q8_0", "Q8_0", "phi3")
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_embd=32,
+                                                                 n_layer=1, n_head=4, n_positions=64))
+    with pytest.raises(ConfigError, match="does not support model type 'gpt2'; supported: llama, mistral, qwen2, phi3"):
+        write_gguf(gpt2, tokenizer, tmp_path / "x.gguf", "Q8_0", "Q8_0", "gpt2")
     assert not (tmp_path / "x.gguf").exists()
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast

@@ -251,9 +251,16 @@ def test_bad_settings_fail_in_one_line_before_any_work(teacher_dir, corpus_dir, 
     assert not (run_dir / "stages").exists()
 
 
-def test_gguf_refuses_an_unsupported_architecture_naming_the_supported_ones(model_dirs, corpus_dir, tmp_path, capsys):
-    line = refused(capsys, quant_args(model_dirs["phi3"], corpus_dir, tmp_path / "run", "gguf"))
-    assert "GGUF export does not support model type 'phi3'; supported: llama, mistral, qwen2" in line
+def test_gguf_refuses_an_unsupported_architecture_naming_the_supported_ones(tokenizer, corpus_dir, tmp_path, capsys):
+    from transformers import AutoConfig
+
+    gpt2 = AutoConfig.for_model("gpt2", vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                                bos_token_id=1, eos_token_id=2)
+    AutoModelForCausalLM.from_config(gpt2).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    line = refused(capsys, quant_args(tmp_path / "gpt2", corpus_dir, tmp_path / "run", "gguf"))
+    assert ("GGUF export does not support model type 'gpt2'; supported: llama, mistral, qwen2, phi3, qwen3, "
+            "gemma, gemma2, gemma3_text (SmolLM is llama)") in line
     assert not (tmp_path / "run" / "stages").exists()
 
 

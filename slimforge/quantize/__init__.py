@@ -32,7 +32,7 @@ register(
 )
 register(
     "quantize", "gguf",
-    "slimforge.quantize.gguf_export:gguf_stage", "slimforge.quantize.config:GgufConfig",
-    "GGUF file (F16 or a llama.cpp block type such as Q8_0, Q4_0) with tokenizer and chat template, "
-    "for llama.cpp-family runtimes",
+    "slimforge.quantize.gguf_stage:gguf_stage", "slimforge.quantize.config:GgufConfig",
+    "GGUF file (F16, Q8_0, Q4_0, or llama.cpp's K-quants and i-quants such as Q4_K_M, IQ4_NL with an "
+    "importance matrix) with tokenizer and chat template, for llama.cpp-family runtimes",
 )

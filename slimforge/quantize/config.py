@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from slimforge.config import (
+    HASHED_WHEN_SET,
     FieldError,
     StageConfig,
     calibration_card_data,
@@ -20,6 +21,9 @@ from slimforge.config import (
     check_int,
 )
 from slimforge.errors import ConfigError
+
+# The model families GGUF export handles, and their checks, live with the family table.
+from slimforge.quantize.gguf_arch import check_gguf_architecture
 
 if TYPE_CHECKING:  # pragma: no cover
     from slimforge.stage import TeacherInfo
@@ -39,7 +43,14 @@ GROUP_SIZES = (-1, 32, 64, 128)
 # precision under 4- and 5-bit types, and Q8_0 is the nearest such type written here. The file
 # type, the writer and the tests (every type exported, reloaded and verified) all read this table.
 GGUF_TYPES: dict[str, str] = {"F16": "F16", "Q8_0": "Q8_0", "Q5_0": "Q8_0", "Q4_0": "Q8_0"}
-GGUF_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# llama.cpp's own mixtures (llama-quantize's file types), which Python's gguf package cannot
+# quantize: written by llama-quantize from an exact F32 GGUF, with an importance matrix by default
+# (slimforge.quantize.gguf_llamacpp). K-quants pack 256-value super-blocks, IQ4_NL 32-value
+# blocks; a tensor whose rows do not divide falls back to a 32-block type by llama.cpp's rule.
+LLAMACPP_GGUF_TYPES = ("Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS")
+# The tensor types llama-quantize may be told to give one tensor (``output_type``, ``tensor_types``).
+LLAMACPP_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0",
+                         "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K")
 
 
 def parent_quantization(config: Any) -> str | None:
@@ -306,12 +317,19 @@ class GptqConfig(IntWeightConfig):
 
 @dataclass
 class GgufConfig(QuantizeConfig):
-    """Export to one GGUF file for llama.cpp-family runtimes (Llama, SmolLM, Mistral, Qwen2).
+    """Export to one GGUF file for llama.cpp-family runtimes (Llama, SmolLM, Mistral, Qwen2/3, Phi-3, Gemma 1/2/3).
 
-    ``type`` quantizes the 2-D weights; norms stay F32. The embedding / output matrix takes
-    ``output_type`` (default: ``type``, but Q8_0 under the 4- and 5-bit types, as llama.cpp
-    keeps it at higher precision). ``verify`` loads the file back with transformers and checks
-    its logits against the weights the file should hold, on ``verify_blocks`` held-out blocks.
+    ``type`` quantizes the 2-D weights; norms stay F32. F16, Q8_0, Q5_0 and Q4_0 are written in
+    Python; llama.cpp's mixtures (Q4_K_M, Q5_K_M, Q6_K, IQ4_NL, IQ4_XS, ...) by llama.cpp's own
+    ``llama-quantize`` (built once with ``slimforge runtime install llama.cpp``) from an exact F32
+    file, with an importance matrix (``imatrix``, on by default for them) that ``llama-imatrix``
+    computes over ``imatrix_samples`` windows of ``imatrix_seq_len`` tokens of the run's training
+    split. ``tensor_types`` maps a tensor-name regex to a type for llama-quantize
+    (``{ffn_down: Q6_K}``). The embedding / output matrix takes ``output_type`` (default: ``type``,
+    but Q8_0 under the 4- and 5-bit Python types, as llama.cpp keeps it at higher precision; for
+    llama.cpp's types, llama.cpp's own choice, or any of its tensor types, Q6_K to IQ4_NL, whose
+    blocks divide the embedding width). ``verify`` loads the file back with transformers and checks
+    it holds the weights it should, on ``verify_blocks`` held-out blocks.
     """
 
     method: str = "gguf"
@@ -321,52 +339,120 @@ class GgufConfig(QuantizeConfig):
     model_name: str | None = None
     verify: bool = True
     verify_blocks: int = 2
+    imatrix: bool | None = field(default=None, metadata=HASHED_WHEN_SET)
+    imatrix_samples: int = field(default=128, metadata=HASHED_WHEN_SET)
+    imatrix_seq_len: int = field(default=512, metadata=HASHED_WHEN_SET)
+    tensor_types: dict[str, str] = field(default_factory=dict, metadata=HASHED_WHEN_SET)
 
     def check(self) -> None:
-        check_choice("type", self.type, tuple(GGUF_TYPES))
-        check_choice("output_type", self.output_type, tuple(GGUF_TYPES))
+        check_choice("type", self.type, (*GGUF_TYPES, *LLAMACPP_GGUF_TYPES))
+        check_choice("output_type", self.output_type,
+                     LLAMACPP_TENSOR_TYPES if self.by_llamacpp() else tuple(GGUF_TYPES))
         check_int("verify_blocks", self.verify_blocks, low=1)
+        check_int("imatrix_samples", self.imatrix_samples, low=1)
+        check_int("imatrix_seq_len", self.imatrix_seq_len, low=16)
         if self.file_name is not None and (not self.file_name.endswith(".gguf") or "/" in self.file_name):
             raise FieldError("file_name", self.file_name, "must be a plain file name ending in .gguf")
+        if not self.by_llamacpp():
+            python_types = ", ".join(GGUF_TYPES)
+            if self.imatrix:
+                raise FieldError("imatrix", self.imatrix, f"only llama.cpp's types ({', '.join(LLAMACPP_GGUF_TYPES)}) "
+                                 f"use an importance matrix, not type={self.type}; pick one or set imatrix=false")
+            if self.tensor_types:
+                raise FieldError("tensor_types", dict(self.tensor_types), f"sets llama-quantize's per-tensor types, "
+                                 f"which {python_types} (written in Python) do not use; pick a llama.cpp type")
+        check_tensor_types(self.tensor_types)
 
-    def resolved_output_type(self) -> str:
-        return self.output_type if self.output_type is not None else GGUF_TYPES.get(self.type, self.type)
+    def by_llamacpp(self) -> bool:
+        """Whether llama.cpp's ``llama-quantize`` writes this type (Python's gguf package cannot)."""
+        return self.type in LLAMACPP_GGUF_TYPES
+
+    def uses_imatrix(self) -> bool:
+        return self.by_llamacpp() and self.imatrix is not False
+
+    def resolved_output_type(self) -> str | None:
+        """The embedding / output matrix's type; None: llama.cpp's own choice for its mixture."""
+        if self.output_type is not None or self.by_llamacpp():
+            return self.output_type
+        return GGUF_TYPES.get(self.type, self.type)
+
+    def check_teacher(self, teacher: TeacherInfo) -> None:
+        """llama.cpp's tools must be built before a stage at any position needs them; a family they
+        could not take anyway is named first (no stage changes a model's family)."""
+        if self.by_llamacpp():
+            from slimforge.runtimes.install import require_llamacpp
+
+            check_gguf_architecture(teacher.config)
+            require_llamacpp()
 
     def preflight(self, teacher: TeacherInfo) -> None:
         super().preflight(teacher)
-        check_gguf_architecture(teacher.config)
+        self.check_input(teacher)
+
+    def check_input(self, parent: TeacherInfo) -> None:
+        """The architecture, and the embedding width against an explicit ``output_type``'s blocks."""
+        check_gguf_architecture(parent.config)
+        if self.by_llamacpp() and self.output_type is not None:
+            check_row_blocks("output_type", self.output_type, int(parent.config.hidden_size), "the embedding width")
 
     def uses_data(self) -> bool:
-        return self.verify  # held-out blocks to compare logits on (the card names no data: none made the file)
+        # Held-out blocks to compare logits on; training windows for the importance matrix.
+        return self.verify or self.uses_imatrix()
 
     def card_settings(self, meta: dict[str, Any]) -> list[str]:
-        output = self.recorded_quantization(meta).get("output_type") or self.resolved_output_type()
-        return [f"type {self.type}, output {output}"]
+        recorded = self.recorded_quantization(meta)
+        output = recorded.get("output_type") or self.resolved_output_type() or "llama.cpp's choice"
+        settings = [f"type {self.type}, output {output}"]
+        if recorded.get("imatrix") or (not recorded and self.uses_imatrix()):
+            settings.append("importance matrix (llama-imatrix)")
+        return settings
+
+    def card_data(self, meta: dict[str, Any], source: str) -> str | None:
+        imatrix = self.recorded_quantization(meta).get("imatrix")
+        if not imatrix:
+            return None  # verification reads held-out text, but no data made the file
+        return (f"importance matrix from {imatrix.get('windows', self.imatrix_samples)} windows of "
+                f"{imatrix.get('seq_len', self.imatrix_seq_len)} tokens from {source}")
 
     def artifact_format(self, meta: dict[str, Any]) -> str | None:
         return "gguf"
 
 
-def check_gguf_architecture(config: Any) -> None:
-    """Refuse, naming the supported ones, an architecture GGUF export does not handle."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in GGUF_MODEL_TYPES:
-        raise ConfigError(
-            f"GGUF export does not support model type {model_type!r}; supported: "
-            f"{', '.join(GGUF_MODEL_TYPES)} (SmolLM is llama)"
-        )
-    rope_type, _ = rope_settings(config)
-    if rope_type != "default":
-        raise ConfigError(
-            f"GGUF export does not handle rope scaling {rope_type!r} yet; export a model with plain rotary embeddings"
-        )
+def check_tensor_types(tensor_types: dict[str, str]) -> None:
+    """Each ``tensor_types`` key must be a regex (llama-quantize matches it anywhere in a tensor's
+    GGUF name) and each value one of :data:`LLAMACPP_TENSOR_TYPES`.
+
+    Raises:
+        FieldError: naming the bad entry.
+    """
+    import re
+
+    for pattern, qtype in tensor_types.items():
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise FieldError("tensor_types", {pattern: qtype}, f"key {pattern!r} is not a regular expression "
+                             f"({err}); give a GGUF tensor-name pattern such as ffn_down or blk\\.[0-3]\\.") from None
+        if "=" in pattern or not pattern.strip():
+            raise FieldError("tensor_types", {pattern: qtype}, "a key is a GGUF tensor-name pattern such as "
+                             "attn_v or ffn_down, without '=' and not empty")
+        if qtype not in LLAMACPP_TENSOR_TYPES:
+            raise FieldError("tensor_types", {pattern: qtype},
+                             f"the type of {pattern!r} must be one of {', '.join(LLAMACPP_TENSOR_TYPES)}")
 
 
-def rope_settings(config: Any) -> tuple[str, float]:
-    """``(rope_type, rope_theta)`` from a transformers 5 (``rope_parameters``) or 4 (``rope_scaling``) config."""
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if not isinstance(params, dict):
-        params = {}
-    rope_type = params.get("rope_type", params.get("type")) or "default"
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    return str(rope_type), float(theta if theta is not None else 10000.0)
+def check_row_blocks(name: str, qtype: str, width: int, what: str) -> None:
+    """A tensor type whose blocks do not divide ``width`` cannot hold rows of that width.
+
+    Raises:
+        FieldError: naming the block size and the listed types whose blocks would fit.
+    """
+    import gguf
+
+    def block(t: str) -> int:
+        return int(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][0])
+
+    if width % block(qtype):
+        fits = [t for t in LLAMACPP_TENSOR_TYPES if width % block(t) == 0]
+        raise FieldError(name, qtype, f"packs {block(qtype)}-value blocks, which do not divide {what} ({width}); "
+                         f"pick one of {', '.join(fits)}")

@@ -1,0 +1,106 @@
+"""vLLM's CPU build on the real SmolLM2-135M teacher and what slimforge makes of it.
+
+Marked ``slow`` (``pytest -m slow``): the teacher (float32 and bfloat16), a depth-pruned student,
+and 4-bit RTN/GPTQ folders, checked in one vLLM process. The 4-bit folders run where the CPU
+has vLLM's weight-only int kernel (AVX-512 on x86) and are refused in one line elsewhere; either
+way the pinned compressed-tensors in vLLM's environment must read them as slimforge does.
+Skips, saying why, where vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from conftest import user_cache
+from test_runtime_vllm import READ_BACK, needs_vllm
+
+import slimforge
+from slimforge.errors import RuntimeCheckError
+from slimforge.models import asset_model_folder, load_model
+from slimforge.runtimes import install
+from slimforge.runtimes import vllm as rv
+
+pytestmark = pytest.mark.slow
+
+# SmolLM2-135M's widths (576, 1536) take groups of 32 and 64 and per-channel scales, not 128.
+W4A16 = {"rtn_g32": ("rtn", {"group_size": 32}), "rtn_g64": ("rtn", {"group_size": 64}),
+         "rtn_channel": ("rtn", {"group_size": -1}),
+         "gptq_g64": ("gptq", {"group_size": 64, "num_samples": 16, "seq_len": 256})}
+TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """The teacher's folder, a student with 4 of its 30 layers dropped, and 4- and 8-bit folders of the teacher."""
+    needs_vllm()
+    root = tmp_path_factory.mktemp("vllm-real")
+    with user_cache():
+        out = {"teacher": asset_model_folder("smollm2-135m")}
+        out["depth"] = slimforge.prune("smollm2-135m", root / "depth", method="depth", criterion="list",
+                                       layers=[20, 21, 22, 23], remove_ratio=None, dtype="float32", name="depth")
+        for name, (method, options) in {**W4A16, "rtn8": ("rtn", {"bits": 8, "group_size": 64})}.items():
+            out[name] = slimforge.quantize("smollm2-135m", root / name, method=method, name=name, dtype="float32",
+                                           **options)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checked(artifacts):
+    """Every check in one vLLM process."""
+    plans = {"teacher": rv.plan_check(artifacts["teacher"], max_tokens=TOKENS),
+             "teacher_bf16": rv.plan_check(artifacts["teacher"], max_tokens=TOKENS, dtype="bfloat16"),
+             "depth": rv.plan_check(artifacts["depth"], max_tokens=TOKENS)}
+    if rv.cpu_runs_wna16():
+        plans.update({name: rv.plan_check(artifacts[name], max_tokens=TOKENS) for name in W4A16})
+    results = dict(zip(plans, rv.check_plans(list(plans.values()))))
+    for name, result in results.items():  # the figures docs/runtimes.md reports
+        print(name, json.dumps({k: result.get(k) for k in ("format", "dtype", "greedy", "logprob", "seconds")}))
+    return results
+
+
+@pytest.mark.parametrize("name", ["teacher", "depth"])
+def test_full_precision_folders_agree_token_for_token_in_float32(checked, name):
+    result = checked[name]
+    assert result["ok"] and result["dtype"] == "float32"
+    assert result["greedy"]["agreeing_prefix"] == [TOKENS] * len(rv.PROMPTS)
+    assert result["logprob"]["max_abs_diff"] <= rv.FP32_TOLERANCE
+
+
+def test_the_teacher_in_bfloat16_stays_within_its_own_rounding(checked):
+    result = checked["teacher_bf16"]
+    assert result["ok"], result
+    assert 0 < result["logprob"]["max_abs_diff"] <= result["logprob"]["tolerance"]
+
+
+@pytest.mark.parametrize("name", list(W4A16))
+def test_4bit_folders_run_where_the_cpu_has_the_kernel(checked, artifacts, name):
+    if not rv.cpu_runs_wna16():
+        with pytest.raises(RuntimeCheckError, match="built only into its AVX-512 extension"):
+            rv.plan_check(artifacts[name])
+        return
+    assert checked[name]["ok"], checked[name]
+
+
+def test_8bit_folders_are_refused(artifacts):
+    with pytest.raises(RuntimeCheckError, match="W8A16 g64 .*4-bit weights only"):
+        rv.plan_check(artifacts["rtn8"])
+
+
+def test_the_pinned_compressed_tensors_reads_the_real_folders(artifacts, tmp_path):
+    names = [*W4A16, "rtn8"]
+    ids = list(range(100, 164))
+    out = tmp_path / "logits.pt"
+    proc = subprocess.run([str(install.require_vllm()), "-c", READ_BACK,
+                           json.dumps({n: str(artifacts[n]) for n in names}), json.dumps(ids), str(out)],
+                          capture_output=True, text=True, env={**rv.worker_env(tmp_path), "HF_HUB_OFFLINE": "1"},
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = torch.load(out)
+    for name in names:
+        model = load_model(str(artifacts[name]), dtype=torch.float32, with_tokenizer=False)
+        with torch.no_grad():
+            ours = model(torch.tensor([ids])).logits[0]
+        assert torch.allclose(theirs[name], ours, rtol=0, atol=1e-4), (name, float((theirs[name] - ours).abs().max()))
