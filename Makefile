@@ -31,7 +31,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test-slow: $(STAMP) browser runtimes
-	$(BIN)/python -m pytest -q -m "slow or browser or runtime" $(ARGS)
+	$(BIN)/python -m pytest -q -m "(slow or browser or runtime) and not avx512" $(ARGS)
 
 # vLLM's CPU build (own venv) and llama.cpp's tools (built from pinned source), in the slimforge cache.
 runtimes: $(STAMP)
