@@ -75,8 +75,18 @@ def file_types(path: Path) -> dict[str, int]:
     return dict(Counter(t.tensor_type.name for t in reader.tensors))
 
 
-def main_type(types: dict[str, int]) -> str:
-    """The file's dominant type among its matrices (F32 vectors aside)."""
+def main_type(types: dict[str, int], path: Path | None = None) -> str:
+    """The file's type: the header's ``general.file_type`` (e.g. Q4_K_M, whose 576-wide rows may be
+    mostly Q5_0 fallbacks), else its dominant type among the matrices (F32 vectors aside)."""
+    import gguf
+
+    if path is not None:
+        field = gguf.GGUFReader(str(path)).fields.get("general.file_type")
+        if field is not None:
+            try:
+                return gguf.LlamaFileType(int(field.parts[-1][0])).name.removeprefix("MOSTLY_")
+            except ValueError:
+                pass
     matrices = {k: v for k, v in types.items() if k != "F32"} or types
     return max(matrices, key=matrices.get)
 
@@ -172,7 +182,7 @@ def check_gguf(path: Path, text: str | None = None, n_ctx: int = 512, chunks: in
     file = gguf_file(path)
     types = file_types(file)
     require_llamacpp()
-    qtype = main_type(types)
+    qtype = main_type(types, file)
     text = text if text is not None else default_text(min_chars=n_ctx * chunks * 8)
     tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
     model = _transformers_model(file)
