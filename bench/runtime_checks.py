@@ -46,7 +46,7 @@ def vllm_rows(out: Path) -> list[dict]:
     folders = {
         "teacher (fp32 folder)": Path(resolve_model(TEACHER, "teacher").path),
         "depth-pruned, 26 of 30 layers": slimforge.prune(TEACHER, out / "depth", method="depth", num_remove=4,
-                                                         data={"asset": "shakespeare"}),
+                                                         remove_ratio=None, data={"asset": "shakespeare"}),
         "RTN W4A16 g64": slimforge.quantize(TEACHER, out / "rtn", method="rtn", bits=4, group_size=64),
     }
     rows = []
@@ -93,9 +93,10 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/slimforge-runtime-bench", type=Path)
     parser.add_argument("--types", nargs="+", default=["F16", "Q8_0", "Q4_0", "Q4_K_M", "IQ4_NL"])
     parser.add_argument("--skip-vllm", action="store_true")
+    parser.add_argument("--skip-gguf", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    gguf = gguf_rows(args.out, args.types)
+    gguf = [] if args.skip_gguf else gguf_rows(args.out, args.types)
     vllm = [] if args.skip_vllm else vllm_rows(args.out)
     (args.out / "results.json").write_text(json.dumps({"gguf": gguf, "vllm": vllm}, indent=1, default=str))
     print_tables(gguf, vllm)

@@ -119,32 +119,28 @@ def missing_message(name: str) -> str:
     return f"{name} is not installed for slimforge; build it once with `{INSTALL_HINTS[name]}` ({cost})"
 
 
-def require_llamacpp() -> Path:
-    """The folder of llama.cpp's tools.
-
-    Raises:
-        RuntimeMissingError: not built; the message names the command that builds it.
-    """
-    found = find_llamacpp()
-    if found is None:
-        raise RuntimeMissingError(missing_message("llama.cpp"))
-    return found.path
+def find_runtime(name: str) -> RuntimeInfo | None:
+    return {"llama.cpp": find_llamacpp, "vllm": find_vllm}[name]()
 
 
-def require_vllm() -> Path:
-    """The Python of vLLM's environment.
+def require_runtime(name: str) -> Path:
+    """Where runtime ``name`` is: llama.cpp's tool folder, or the Python of vLLM's environment.
 
     Raises:
         RuntimeMissingError: not installed; the message names the command that installs it.
     """
-    found = find_vllm()
+    found = find_runtime(name)
     if found is None:
-        raise RuntimeMissingError(missing_message("vllm"))
+        raise RuntimeMissingError(missing_message(name))
     return found.path
 
 
-def find_runtime(name: str) -> RuntimeInfo | None:
-    return {"llama.cpp": find_llamacpp, "vllm": find_vllm}[name]()
+def require_llamacpp() -> Path:
+    return require_runtime("llama.cpp")
+
+
+def require_vllm() -> Path:
+    return require_runtime("vllm")
 
 
 # --- building ----------------------------------------------------------------------------------
