@@ -10,17 +10,14 @@ Skips, saying why, where vLLM is not installed.
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
-import torch
 from conftest import user_cache
-from test_runtime_vllm import READ_BACK, needs_vllm
+from test_runtime_vllm import assert_pinned_reader_agrees, needs_vllm
 
 import slimforge
 from slimforge.errors import RuntimeCheckError
-from slimforge.models import asset_model_folder, load_model
-from slimforge.runtimes import install
+from slimforge.models import asset_model_folder
 from slimforge.runtimes import vllm as rv
 
 pytestmark = pytest.mark.slow
@@ -96,17 +93,4 @@ def test_8bit_folders_are_refused(artifacts):
 
 
 def test_the_pinned_compressed_tensors_reads_the_real_folders(artifacts, tmp_path):
-    names = [*W4A16, "rtn8"]
-    ids = list(range(100, 164))
-    out = tmp_path / "logits.pt"
-    proc = subprocess.run([str(install.require_vllm()), "-c", READ_BACK,
-                           json.dumps({n: str(artifacts[n]) for n in names}), json.dumps(ids), str(out)],
-                          capture_output=True, text=True, env={**rv.worker_env(tmp_path), "HF_HUB_OFFLINE": "1"},
-                          timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    theirs = torch.load(out)
-    for name in names:
-        model = load_model(str(artifacts[name]), dtype=torch.float32, with_tokenizer=False)
-        with torch.no_grad():
-            ours = model(torch.tensor([ids])).logits[0]
-        assert torch.allclose(theirs[name], ours, rtol=0, atol=1e-4), (name, float((theirs[name] - ours).abs().max()))
+    assert_pinned_reader_agrees(artifacts, [*W4A16, "rtn8"], list(range(100, 164)), tmp_path, 1e-4, 1200)

@@ -243,8 +243,7 @@ def install_llamacpp(jobs: int | None = None) -> RuntimeInfo:
         (folder / "bin").mkdir()
         for tool in LLAMACPP_TOOLS:
             shutil.copy2(build / "bin" / tool, folder / "bin" / tool)
-        for license_file in ("LICENSE",):
-            shutil.copy2(source / license_file, folder / license_file)
+        shutil.copy2(source / "LICENSE", folder / "LICENSE")  # llama.cpp's MIT licence travels with its tools
     record = {"runtime": "llama.cpp", "source": f"{LLAMACPP_PACKAGE}=={LLAMACPP_VERSION}",
               "sha256": LLAMACPP_SHA256, "patched": ["tools/perplexity/main.cpp"], "tools": list(LLAMACPP_TOOLS), "cmake_flags": list(LLAMACPP_CMAKE_FLAGS),
               "jobs": jobs, "build_seconds": round(time.perf_counter() - start, 1)}
