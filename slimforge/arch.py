@@ -10,6 +10,7 @@ output projections, the final norm, parameter names and the axes width pruning s
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from slimforge.errors import ConfigError
@@ -210,3 +211,76 @@ def hidden_norms(model: Any) -> dict[str, int | None]:
         if axes == {0: "hidden"} and name.endswith("norm.weight"):
             out[name[: -len(".weight")]] = layer
     return out
+
+
+# --- channel scaling (AWQ, SmoothQuant) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScalingGroup:
+    """Linears that read one tensor, and the module that writes it, inside one decoder block.
+
+    Dividing the tensor's channels by ``s`` where it is written (``source``) and multiplying the
+    readers' input columns by ``s`` leaves the block's function unchanged, so a per-channel
+    scale can be moved between activations and weights (AWQ, SmoothQuant). Names are local to
+    the block. ``source_rows`` is the row range of a fused source linear that writes the
+    tensor (Phi-3's ``gate_up_proj`` writes gate|up; only the up half feeds ``down_proj``
+    linearly); ``None`` means all of it.
+    """
+
+    name: str  # attn_in, mlp_in, v_o, up_down
+    source: str
+    targets: tuple[str, ...]
+    source_is_norm: bool
+    source_rows: tuple[int, int] | None = None
+
+
+def _has(layer: Any, name: str) -> bool:
+    try:
+        layer.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def scaling_groups(layer: Any, config: Any, method: str = "channel scaling") -> list[ScalingGroup]:
+    """The :class:`ScalingGroup` s of one decoder block of a supported family.
+
+    The attention input (input norm -> q/k/v), the MLP input (the norm before the MLP ->
+    gate/up), the MLP's inner product (up -> down; exact because the gated activation
+    multiplies ``up`` linearly), and v -> o where the value and output widths match (no
+    grouped-query attention: with GQA one value channel feeds several heads' columns).
+
+    Raises:
+        ConfigError: the model type is not one whose block layout is known here.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{method} needs a known decoder-block layout, and model type {model_type!r} is not one; "
+            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    fused = _has(layer, "self_attn.qkv_proj")
+    q_width = config.num_attention_heads * head_dim(config)
+    kv_width = num_kv_heads(config) * head_dim(config)
+    attn = ("self_attn.qkv_proj",) if fused else ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    mlp_norm = "pre_feedforward_layernorm" if _has(layer, "pre_feedforward_layernorm") else "post_attention_layernorm"
+    mlp_fused = _has(layer, "mlp.gate_up_proj")
+    groups = [
+        ScalingGroup("attn_in", "input_layernorm", attn, True),
+        ScalingGroup("mlp_in", mlp_norm, ("mlp.gate_up_proj",) if mlp_fused else ("mlp.gate_proj", "mlp.up_proj"),
+                     True),
+    ]
+    if kv_width == q_width:
+        groups.append(ScalingGroup("v_o", "self_attn.qkv_proj" if fused else "self_attn.v_proj",
+                                   ("self_attn.o_proj",), False,
+                                   (2 * q_width, 3 * q_width) if fused else None))
+    inter = int(config.intermediate_size)
+    groups.append(ScalingGroup("up_down", "mlp.gate_up_proj" if mlp_fused else "mlp.up_proj", ("mlp.down_proj",),
+                               False, (inter, 2 * inter) if mlp_fused else None))
+    for group in groups:
+        for name in (group.source, *group.targets):
+            if not _has(layer, name):
+                raise ConfigError(f"{method}: a {model_type} decoder block has no {name!r}, which its layout "
+                                  "should have; this model's modules differ from the family's")
+    return groups
