@@ -243,6 +243,20 @@ def _has(layer: Any, name: str) -> bool:
     return True
 
 
+def require_scaling_layout(config: Any, method: str = "channel scaling") -> None:
+    """Refuse, from the config alone (a preflight), a model type whose block layout is not known here.
+
+    Raises:
+        ConfigError: one line naming the model type and the supported ones.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{method} needs a known decoder-block layout, and model type {model_type!r} is not one; "
+            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
 def scaling_groups(layer: Any, config: Any, method: str = "channel scaling") -> list[ScalingGroup]:
     """The :class:`ScalingGroup` s of one decoder block of a supported family.
 
@@ -254,12 +268,8 @@ def scaling_groups(layer: Any, config: Any, method: str = "channel scaling") -> 
     Raises:
         ConfigError: the model type is not one whose block layout is known here.
     """
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(
-            f"{method} needs a known decoder-block layout, and model type {model_type!r} is not one; "
-            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    require_scaling_layout(config, method)
+    model_type = config.model_type
     fused = _has(layer, "self_attn.qkv_proj")
     q_width = config.num_attention_heads * head_dim(config)
     kv_width = num_kv_heads(config) * head_dim(config)
@@ -284,3 +294,13 @@ def scaling_groups(layer: Any, config: Any, method: str = "channel scaling") -> 
                 raise ConfigError(f"{method}: a {model_type} decoder block has no {name!r}, which its layout "
                                   "should have; this model's modules differ from the family's")
     return groups
+
+
+# The projections whose outputs meet in the attention scores q.k^T (Phi-3's fused qkv writes v too).
+_QUERY_KEY = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.qkv_proj")
+
+
+def query_key_projections(layer: Any) -> list[str]:
+    """Names (local to the block) of the linears that write queries or keys: their errors act
+    through a softmax of products, which a per-linear output error does not measure."""
+    return [name for name in _QUERY_KEY if _has(layer, name)]

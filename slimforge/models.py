@@ -638,11 +638,12 @@ def _cast_unquantized(model: Any, dtype: Any) -> None:
 
     transformers leaves them in their stored dtype whatever ``dtype`` asks for, and a bf16
     matmul on a CPU without native bf16 is ~150x slower than fp32. Integer storage (packed
-    codes) is left alone, and so are bitsandbytes' own parameter types.
+    codes) is left alone, and so are FP8 codes (W8A8) and bitsandbytes' own parameter types.
     """
     for module in model.modules():
         for param in list(module.parameters(recurse=False)):
-            if param.dtype.is_floating_point and param.dtype != dtype and type(param).__module__.startswith("torch"):
+            if (param.dtype.is_floating_point and param.dtype.itemsize > 1 and param.dtype != dtype
+                    and type(param).__module__.startswith("torch")):
                 param.data = param.data.to(dtype)
 
 

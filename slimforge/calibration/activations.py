@@ -3,8 +3,9 @@
 :func:`record_linear_inputs` ``(linears, hessian=False)``: a context manager yielding an
 :class:`InputRecorder`; while a block runs (:meth:`slimforge.calibration.layerwise.LayerStep.run`)
 it accumulates, per linear layer, an :class:`InputStats`: ``act_sq`` (mean squared input per
-column), ``act_norm`` (Wanda's ``||X_j||``), ``tokens`` and, with ``hessian=True``,
-``hessian`` (running mean of ``x x^T``,
+column), ``act_abs`` (mean magnitude per column, AWQ's), ``act_max`` (largest magnitude per
+column, SmoothQuant's and static activation scales'), ``act_norm`` (Wanda's ``||X_j||``),
+``tokens`` and, with ``hessian=True``, ``hessian`` (running mean of ``x x^T``,
 :class:`slimforge.calibration.hessian.HessianAccumulator`). ``recorder[name]`` reads them.
 Linears fed the same tensor (q/k/v, gate/up) share one accumulator, so each Hessian is
 computed once.
@@ -27,6 +28,8 @@ class InputStats:
 
     def __init__(self, columns: int, hessian: bool, device: torch.device) -> None:
         self.act_sq = torch.zeros(columns, device=device, dtype=torch.float32)
+        self.act_abs = torch.zeros(columns, device=device, dtype=torch.float32)  # mean |x| (AWQ's salience)
+        self.act_max = torch.zeros(columns, device=device, dtype=torch.float32)  # max |x| (SmoothQuant's)
         self.tokens = 0
         self.hessian_acc = HessianAccumulator(columns, device=device) if hessian else None
 
@@ -35,6 +38,9 @@ class InputStats:
         n = x.shape[0]
         total = self.tokens + n
         self.act_sq.mul_(self.tokens / total).add_(x.pow(2).sum(0), alpha=1.0 / total)
+        magnitude = x.abs()
+        self.act_abs.mul_(self.tokens / total).add_(magnitude.sum(0), alpha=1.0 / total)
+        torch.maximum(self.act_max, magnitude.amax(0), out=self.act_max)
         self.tokens = total
         if self.hessian_acc is not None:
             self.hessian_acc.add(x)

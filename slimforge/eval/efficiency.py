@@ -35,8 +35,9 @@ FIXED_TEXT = (
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
 
 
-# Parameters compressed-tensors (GPTQ, RTN) leaves beside each weight: quantization metadata, not model parameters.
-QUANT_METADATA = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape", "weight_global_scale")
+# Parameters compressed-tensors (GPTQ, RTN, W8A8) leaves beside each weight: quantization metadata, not model parameters.
+QUANT_METADATA = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape", "weight_global_scale",
+                  "input_scale", "input_zero_point")
 
 
 def logical_parameters(model: Any) -> int:

@@ -11,14 +11,20 @@ quantizer recovers the very codes the method chose.
 
 Only symmetric grids are written: compressed-tensors 0.20 with transformers 5 cannot reload
 packed zero points (a shape mismatch on load), so an asymmetric checkpoint would not load.
+
+A layer may have its own grid (:class:`IntScheme`, width and group size; mixed precision): the
+config then has one group per distinct scheme, each naming its layers, and the layers a method
+leaves in full precision go in the ignore list with ``lm_head``. A uniform model keeps the one
+group that targets every ``Linear``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -60,13 +66,51 @@ def quantization_args(bits: int, group_size: int, act_order: bool = False) -> An
     )
 
 
-def compress_in_place(model: Any, scales: dict[str, torch.Tensor], bits: int, group_size: int,
-                      act_order: bool = False) -> Any:
+class IntScheme(NamedTuple):
+    """One layer's grid in the format: its width and its group size (``-1``: one scale per output channel)."""
+
+    bits: int
+    group_size: int
+
+
+def layer_schemes(names: list[str], bits: int | None, group_size: int,
+                  schemes: Mapping[str, IntScheme] | None = None) -> dict[str, IntScheme]:
+    """Each named layer's scheme: its own from ``schemes``, else ``(bits, group_size)``."""
+    own = schemes or {}
+    missing = [name for name in names if name not in own and bits is None]
+    if missing:
+        raise ValueError(f"no width for layers {missing[:3]}: give bits or a scheme for each")
+    return {name: own.get(name) or IntScheme(int(bits), group_size) for name in names}  # type: ignore[arg-type]
+
+
+def config_groups(schemes: Mapping[str, IntScheme], act_order: bool = False) -> dict[str, Any]:
+    """compressed-tensors' config groups: one per distinct scheme, targeting its layers by full name.
+
+    A single scheme targets every ``Linear`` instead (the ignore list names the rest), which is
+    what a uniform method has always written. vLLM matches a fused layer (``qkv_proj``) only
+    when all its shards name one group, so a method giving layers their own widths must give
+    shards that read one input the same one.
+    """
+    from compressed_tensors.quantization import QuantizationScheme
+
+    distinct = sorted(set(schemes.values()))
+    if len(distinct) == 1:
+        return {"group_0": QuantizationScheme(targets=["Linear"],
+                                              weights=quantization_args(*distinct[0], act_order))}
+    return {f"group_{i}": QuantizationScheme(targets=sorted(n for n, s in schemes.items() if s == scheme),
+                                             weights=quantization_args(*scheme, act_order))
+            for i, scheme in enumerate(distinct)}
+
+
+def compress_in_place(model: Any, scales: dict[str, torch.Tensor], bits: int | None, group_size: int,
+                      act_order: bool = False, schemes: Mapping[str, IntScheme] | None = None) -> Any:
     """Turn the named linear layers (weights already on their grids) into packed compressed-tensors modules.
 
     Args:
         model: the model; each layer named in ``scales`` holds ``codes * scale`` values.
         scales: module name -> fp32 [out_features, groups] scales.
+        bits, group_size: the grid of every layer ``schemes`` does not name.
+        schemes: module name -> its own :class:`IntScheme` (a mixed-precision model).
 
     Returns:
         The ``ModelCompressor``, whose ``update_config(folder)`` writes the format's config.
@@ -74,15 +118,14 @@ def compress_in_place(model: Any, scales: dict[str, torch.Tensor], bits: int, gr
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationConfig,
-        QuantizationScheme,
         QuantizationStatus,
         apply_quantization_config,
     )
 
     modules = dict(model.named_modules())
     quantized = {name: modules[name] for name in scales}
-    scheme = QuantizationScheme(targets=["Linear"], weights=quantization_args(bits, group_size, act_order))
-    config = QuantizationConfig(config_groups={"group_0": scheme},
+    config = QuantizationConfig(config_groups=config_groups(layer_schemes(list(scales), bits, group_size, schemes),
+                                                            act_order),
                                 ignore=unquantized_linears(model, quantized))
     apply_quantization_config(model, config, show_progress=False)
     for name, module in quantized.items():
@@ -94,14 +137,17 @@ def compress_in_place(model: Any, scales: dict[str, torch.Tensor], bits: int, gr
     return compressor
 
 
-def save_compressed(model: Any, tokenizer: Any, folder: Path, scales: dict[str, torch.Tensor], bits: int,
-                    group_size: int, act_order: bool, dtype: torch.dtype, meta: dict[str, Any]) -> int:
+def save_compressed(model: Any, tokenizer: Any, folder: Path, scales: dict[str, torch.Tensor], bits: int | None,
+                    group_size: int, act_order: bool, dtype: torch.dtype, meta: dict[str, Any],
+                    schemes: Mapping[str, IntScheme] | None = None) -> int:
     """Pack, convert the rest to ``dtype``, and write a folder plain transformers reloads.
+
+    ``bits``, ``group_size`` and ``schemes`` as in :func:`compress_in_place`.
 
     Returns:
         The packed model's memory footprint in bytes (what a runtime that keeps it packed holds).
     """
-    compressor = compress_in_place(model, scales, bits, group_size, act_order)
+    compressor = compress_in_place(model, scales, bits, group_size, act_order, schemes)
     model.to(dtype)  # floating tensors only: scales (exact, pre-rounded), embeddings, norms
     footprint = int(model.get_memory_footprint())
     write_model_files(model, tokenizer, folder, meta)
@@ -109,9 +155,15 @@ def save_compressed(model: Any, tokenizer: Any, folder: Path, scales: dict[str, 
     return footprint
 
 
-def _quantization_meta(cfg: IntWeightConfig, dtype: torch.dtype, act_order: bool) -> dict[str, Any]:
-    return {"format": f"compressed-tensors/{FORMAT}", "bits": cfg.bits, "group_size": cfg.group_size,
+def _quantization_meta(cfg: IntWeightConfig, dtype: torch.dtype, act_order: bool,
+                       widths: dict[str, int] | None = None) -> dict[str, Any]:
+    """What ``slimforge.json`` records about the grid; with per-layer ``widths``, the map too (and
+    ``bits`` only if they agree)."""
+    chosen = set((widths or {}).values())
+    bits = cfg.bits if not widths else (chosen.pop() if len(chosen) == 1 else None)
+    meta = {"format": f"compressed-tensors/{FORMAT}", "bits": bits, "group_size": cfg.group_size,
             "symmetric": True, "act_order": act_order, "scale_dtype": str(dtype).replace("torch.", "")}
+    return {**meta, "widths": widths} if widths else meta
 
 
 def _prepare(ctx: StageContext) -> tuple[Any, Any, dict[str, torch.nn.Linear], torch.dtype]:
@@ -132,16 +184,26 @@ def _prepare(ctx: StageContext) -> tuple[Any, Any, dict[str, torch.nn.Linear], t
 
 def _finish(ctx: StageContext, model: Any, tokenizer: Any, linears: dict[str, Any],
             scales: dict[str, torch.Tensor], dtype: torch.dtype, seconds: float, act_order: bool,
-            extra: dict[str, Any]) -> StageOutput:
+            extra: dict[str, Any], widths: dict[str, int] | None = None) -> StageOutput:
+    """Save the quantized model and report what it costs.
+
+    Args:
+        linears: every layer the method was given (``bits_per_weight`` is averaged over them all).
+        scales: the layers quantized (a layer of ``linears`` not here stays in ``dtype``).
+        widths: per-layer widths over ``linears`` (16: left in ``dtype``) when the method chose
+            them per layer; default: ``cfg.bits`` everywhere.
+    """
     cfg: IntWeightConfig = ctx.config
     numel = linear_numel(model, list(linears))
     params = count_parameters(model)
-    quant = _quantization_meta(cfg, dtype, act_order)
+    quant = _quantization_meta(cfg, dtype, act_order, widths)
+    schemes = {name: IntScheme(widths[name], cfg.group_size) for name in scales} if widths else None
     footprint = save_compressed(model, tokenizer, ctx.out_dir, scales, cfg.bits, cfg.group_size, act_order,
-                                dtype, {"num_parameters": params, "quantization": quant})
+                                dtype, {"num_parameters": params, "quantization": quant}, schemes)
     meta = artifact_report(ctx.out_dir, numel, params, footprint, seconds, quantization={**quant, **extra})
     metrics = {k: meta[k] for k in ("bits_per_weight", "size_on_disk_bytes", "quantize_seconds")}
-    log.info("%s: %d-bit g%d, %.2f bits/weight, %.1f MB on disk, %.1f s", cfg.method, cfg.bits, cfg.group_size,
+    grid = f"int{quant['bits']}" if quant["bits"] else "int" + "/".join(map(str, sorted(set((widths or {}).values()))))
+    log.info("%s: %s g%d, %.2f bits/weight, %.1f MB on disk, %.1f s", cfg.method, grid, cfg.group_size,
              meta["bits_per_weight"], meta["size_on_disk_bytes"] / 1e6, seconds)
     return StageOutput(meta=meta, metrics=metrics)
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from slimforge.arch import require_scaling_layout
 from slimforge.config import (
     HASHED_WHEN_SET,
     FieldError,
     StageConfig,
     calibration_card_data,
     check_choice,
+    check_choices,
     check_fraction,
     check_int,
 )
@@ -225,11 +227,15 @@ class IntWeightConfig(QuantizeConfig):
 
     def check(self) -> None:
         check_choice("storage_dtype", self.storage_dtype, STORAGE_DTYPES)
-        if self.bits not in INT_BITS:
-            raise FieldError("bits", self.bits, f"{self.method} writes {', '.join(map(str, INT_BITS))}-bit weights")
+        self.check_bits()
         if self.group_size not in GROUP_SIZES:
             raise FieldError("group_size", self.group_size,
                              f"{self.method} supports group sizes {', '.join(map(str, GROUP_SIZES))} (-1: per channel)")
+
+    def check_bits(self) -> None:
+        """The one width every layer gets (a method choosing widths per layer overrides this)."""
+        if self.bits not in INT_BITS:
+            raise FieldError("bits", self.bits, f"{self.method} writes {', '.join(map(str, INT_BITS))}-bit weights")
 
     def preflight(self, teacher: TeacherInfo) -> None:
         super().preflight(teacher)
@@ -456,3 +462,340 @@ def check_row_blocks(name: str, qtype: str, width: int, what: str) -> None:
         fits = [t for t in LLAMACPP_TENSOR_TYPES if width % block(t) == 0]
         raise FieldError(name, qtype, f"packs {block(qtype)}-value blocks, which do not divide {what} ({width}); "
                          f"pick one of {', '.join(fits)}")
+
+
+# --- AWQ (owner: AWQ) ----------------------------------------------------------------------
+
+# How AWQ rounds the scaled weights; slimforge.quantize.awq_stage has one rounding per name.
+AWQ_ROUNDINGS = ("rtn", "gptq")
+
+
+@dataclass
+class AwqConfig(GptqConfig):
+    """AWQ: activation-aware channel scales folded into the model, then RTN or GPTQ rounding.
+
+    Block by block (each calibrated on the blocks before it as already quantized), every group of
+    linears reading one tensor (norm -> q/k/v, norm -> gate/up, up -> down, v -> o without GQA)
+    tries ``grid`` exponents ``a`` in [0, 1) for channel scales ``mean|x|^a`` (``duo_scaling``:
+    divided by the weights' relative magnitude ``^(1-a)``) and keeps the one whose rounded readers
+    disturb their outputs least (or none). ``clip_search`` then picks each group's range per row
+    from ``clip_grid`` shrink factors down to ``clip_min_shrink`` by output error (not for q/k,
+    whose errors act through the attention softmax); ``null`` (default): on with RTN, off with GPTQ,
+    whose own ``scale_search`` measured better under its error feedback. ``rounding``: ``rtn``, or
+    ``gptq`` with the GPTQ fields (``act_order``, ``percdamp``, ``block_size``, ``scale_search``).
+    """
+
+    method: str = "awq"
+    rounding: str = "gptq"
+    grid: int = 20
+    duo_scaling: bool = True
+    clip_search: bool | None = None
+    clip_grid: int = 20
+    clip_min_shrink: float = 0.5
+
+    def check(self) -> None:
+        super().check()
+        check_choice("rounding", self.rounding, AWQ_ROUNDINGS)
+        check_int("grid", self.grid, low=1)
+        check_int("clip_grid", self.clip_grid, low=2)
+        check_fraction("clip_min_shrink", self.clip_min_shrink, low_open=True, high_open=True)
+
+    def clips(self) -> bool:
+        """Whether the clipping search runs: as set, else only before RTN."""
+        return self.clip_search if self.clip_search is not None else self.rounding == "rtn"
+
+    def preflight(self, teacher: TeacherInfo) -> None:
+        # The layout first: an unknown family is the problem to name, whatever its widths.
+        require_scaling_layout(teacher.config, f"quantize method {self.method}")
+        super().preflight(teacher)
+
+    def check_input(self, parent: TeacherInfo) -> None:
+        require_scaling_layout(parent.config, f"quantize method {self.method}")
+        super().check_input(parent)
+
+    def card_settings(self, meta: dict[str, Any]) -> list[str]:
+        groups = "per channel" if self.group_size == -1 else f"groups of {self.group_size}"
+        scales = f"AWQ scales (grid {self.grid}{', duo' if self.duo_scaling else ''})"
+        rounding = f"GPTQ rounding, act_order {self.act_order}" if self.rounding == "gptq" else "RTN rounding"
+        return [f"int{self.bits}, {groups}", scales, *(["clip search"] if self.clips() else []), rounding]
+
+
+# --- W8A8: int8 with SmoothQuant, FP8 (owner: W8A8) -----------------------------------------
+
+# The 8-bit grids W8A8 writes: int8 (compressed-tensors ``int-quantized``) and FP8 E4M3
+# (``float-quantized``); slimforge.quantize.w8a8 has the grid of each name.
+W8A8_TYPES = ("int8", "fp8")
+# How activations get their scale: per token at run time, or one per tensor fixed from calibration.
+W8A8_ACTIVATIONS = ("dynamic", "static")
+# One weight scale per output channel, or one per tensor.
+W8A8_WEIGHT_SCALES = ("channel", "tensor")
+# The channel-scaling groups of a decoder block SmoothQuant may smooth (slimforge.arch.ScalingGroup
+# names): the norm-fed inputs (SmoothQuant's own), the MLP's down projection (its input, act(gate) *
+# up, has the largest outliers; up's rows absorb the scales), and v -> o where there is no GQA.
+SMOOTHING_GROUPS = ("attn_in", "mlp_in", "up_down", "v_o")
+# Config fields that count a mixture-of-experts model's experts (Mixtral; Qwen-MoE; DeepSeek).
+EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+@dataclass
+class W8A8Config(QuantizeConfig):
+    """W8A8: 8-bit weights and 8-bit activations, int8 or FP8 E4M3, as compressed-tensors.
+
+    ``type``: ``int8`` (``int-quantized``) or ``fp8`` (``float-quantized``, E4M3). Weights get one
+    min-max scale per output channel (``weight_scales: tensor``: one per tensor) and are rounded by
+    ``rounding``: ``gptq`` (with ``act_order``, ``percdamp``, ``block_size``, as the ``gptq``
+    method) or ``rtn``. ``activations``: ``dynamic`` (each token scaled by its own largest value at
+    run time) or ``static`` (one scale per layer from the largest input seen in calibration).
+    ``smoothquant_alpha`` in [0, 1] first divides each input channel of the ``smoothquant_groups``
+    by ``max|X|^alpha / max|W|^(1-alpha)``, folded exactly into the norm or linear that writes it
+    (``null``: no smoothing). Calibration: ``num_samples`` windows of ``seq_len`` tokens from the
+    training split, block by block, each block on the outputs of the blocks before it as already
+    quantized (activations included). Embeddings, norms and lm_head stay in ``storage_dtype``.
+    """
+
+    method: str = "w8a8"
+    type: str = "int8"
+    activations: str = "dynamic"
+    weight_scales: str = "channel"
+    smoothquant_alpha: float | None = 0.5
+    smoothquant_groups: list[str] = field(default_factory=lambda: ["attn_in", "mlp_in"])
+    rounding: str = "gptq"
+    act_order: bool = True
+    percdamp: float = 0.01
+    block_size: int = 128
+    num_samples: int = 128
+    seq_len: int = 512
+    batch_size: int = 8
+    storage_dtype: str = "bfloat16"
+
+    def check(self) -> None:
+        check_choice("type", self.type, W8A8_TYPES)
+        check_choice("activations", self.activations, W8A8_ACTIVATIONS)
+        check_choice("weight_scales", self.weight_scales, W8A8_WEIGHT_SCALES)
+        check_choice("rounding", self.rounding, AWQ_ROUNDINGS)  # the same two roundings as AWQ's
+        check_choice("storage_dtype", self.storage_dtype, STORAGE_DTYPES)
+        alpha = self.smoothquant_alpha
+        if alpha is not None and not 0.0 <= alpha <= 1.0:  # NaN fails too
+            raise FieldError("smoothquant_alpha", alpha, "SmoothQuant's migration strength must be in [0, 1] "
+                             "(0 evens out the weights' columns, 1 the activations' channels, 0.5 shares the "
+                             "range), or null for no smoothing")
+        check_choices("smoothquant_groups", self.smoothquant_groups, SMOOTHING_GROUPS)
+        if alpha is not None and not self.smoothquant_groups:
+            raise FieldError("smoothquant_groups", [], f"smoothquant_alpha={alpha} needs groups to smooth "
+                             f"(from {', '.join(SMOOTHING_GROUPS)}); or set smoothquant_alpha=null")
+        check_fraction("percdamp", self.percdamp, low_open=True, high_open=True)
+        check_int("block_size", self.block_size, low=1)
+        check_int("num_samples", self.num_samples, low=1)
+        check_int("seq_len", self.seq_len, low=2)
+        check_int("batch_size", self.batch_size, low=1)
+
+    def smooths(self) -> bool:
+        return self.smoothquant_alpha is not None
+
+    def uses_data(self) -> bool:
+        # Per-token scales need nothing measured: only smoothing, static scales and GPTQ calibrate.
+        return self.smooths() or self.activations == "static" or self.rounding == "gptq"
+
+    def preflight(self, teacher: TeacherInfo) -> None:
+        # The model's structure first: it is the problem to name, whatever else is wrong.
+        self.check_input(teacher)
+        super().preflight(teacher)
+        require_compressed_tensors(self.method)
+
+    def check_input(self, parent: TeacherInfo) -> None:
+        """What the input's config alone rules out: smoothing a family whose block layout arch.py does
+        not know, v -> o smoothing under grouped-query attention, and mixture-of-experts models."""
+        config, what = parent.config, f"quantize method {self.method} ({self.type})"
+        experts = next((getattr(config, key) for key in EXPERT_COUNTS if getattr(config, key, None)), None)
+        if experts:
+            raise ConfigError(f"{what} writes compressed-tensors schemes for nn.Linear layers, and this "
+                              f"{getattr(config, 'model_type', 'model')}'s {experts} experts per block are fused "
+                              "3-D tensors that writer cannot express; quantize a dense model")
+        if not self.smooths():
+            return
+        require_scaling_layout(config, f"{what} with SmoothQuant")
+        heads = getattr(config, "num_attention_heads", None)
+        if "v_o" in self.smoothquant_groups and (getattr(config, "num_key_value_heads", None) or heads) != heads:
+            raise FieldError("smoothquant_groups", list(self.smoothquant_groups),
+                             "names v_o, but this model uses grouped-query attention (one value channel feeds "
+                             "several heads), so v -> o has no channel-wise scale to fold; drop v_o")
+
+    def card_settings(self, meta: dict[str, Any]) -> list[str]:
+        grid = "int8" if self.type == "int8" else "FP8 E4M3"
+        acts = "dynamic per-token" if self.activations == "dynamic" else "static per-tensor"
+        settings = [f"W8A8 {grid}, weights per {self.weight_scales}, {acts} activations"]
+        if self.smooths():
+            settings.append(f"SmoothQuant alpha {self.smoothquant_alpha} ({', '.join(self.smoothquant_groups)})")
+        settings.append(f"{self.rounding.upper()} rounding" + (f", act_order {self.act_order}"
+                                                              if self.rounding == "gptq" else ""))
+        return settings
+
+    def card_data(self, meta: dict[str, Any], source: str) -> str | None:
+        if not self.uses_data():
+            return None
+        return calibration_card_data(meta, self.num_samples, self.seq_len, source)
+
+    def artifact_format(self, meta: dict[str, Any]) -> str | None:
+        return "compressed-tensors"
+
+
+# --- mixed precision to a bit budget (owner: mixed precision) ------------------------------
+
+# The widths a mixed-precision stage chooses among: the integer grids, and 16 for a layer kept
+# in ``storage_dtype`` (listed in the format's ignore list). slimforge.quantize.mixed reads both.
+MIXED_WIDTHS = (*INT_BITS, 16)
+KEPT_WIDTH = 16
+_DTYPE_BITS = {"bfloat16": 16, "float16": 16, "float32": 32}
+
+
+def storage_bits(storage_dtype: str, config: Any = None) -> int:
+    """Bits of one value in ``storage_dtype`` (``auto``: the model config's own dtype), torch-free."""
+    name = storage_dtype
+    if name == "auto":
+        own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+        name = str(own).replace("torch.", "")
+    return _DTYPE_BITS.get(name, 32)
+
+
+def nominal_bits_per_weight(width: int, group_size: int, scale_bits: int) -> float:
+    """What a layer stores per weight at ``width``, codes and scales, ignoring per-layer overheads.
+
+    A lower bound of the exact count (:func:`slimforge.quantize.mixed.stored_bits`, which adds
+    word padding, the shape tensor and any bias), within a few hundredths of it on real shapes;
+    per channel, the one scale per row is left out. The plan's budget check uses it.
+    """
+    if width == KEPT_WIDTH:
+        return float(scale_bits)
+    return width + (scale_bits / group_size if group_size > 0 else 0.0)
+
+
+@dataclass
+class MixedPrecisionConfig(GptqConfig):
+    """Per-layer widths to an average bit budget, from each layer's measured sensitivity, GPTQ-rounded.
+
+    For every group of linears that read one tensor (q/k/v, gate/up; o and down alone: the
+    shards vLLM fuses into one layer and needs on one scheme) and every width in ``candidates``
+    below 16, the group is GPTQ-quantized alone and its sensitivity is the KL from the
+    unquantized input model to the result on ``sensitivity_samples`` windows of
+    ``sensitivity_seq_len`` tokens (16: kept in ``storage_dtype``, sensitivity 0). The widths
+    that minimise the summed sensitivity while the decoder linears store at most ``bits_budget``
+    bits per weight on average (codes, scales and all, as the artifact's ``bits_per_weight``
+    counts them: int4 in groups of 64 with bf16 scales is 4.25) are then chosen exactly, and the
+    model is quantized block by block with GPTQ at those widths into one compressed-tensors
+    folder, one scheme per width. The GPTQ fields are those of the ``gptq`` method; ``bits`` is
+    not used (each layer's width is chosen).
+    """
+
+    method: str = "mixed_precision"
+    bits: int | None = None
+    bits_budget: float = 4.25
+    candidates: list[int] = field(default_factory=lambda: list(MIXED_WIDTHS))
+    sensitivity_samples: int = 8
+    sensitivity_seq_len: int = 128
+
+    def check_bits(self) -> None:
+        if self.bits is not None:
+            raise FieldError("bits", self.bits, f"{self.method} chooses each layer's width from candidates; "
+                             "leave bits unset and give bits_budget (and candidates) instead")
+        widths = ", ".join(map(str, MIXED_WIDTHS))
+        if not self.candidates:
+            raise FieldError("candidates", [], f"needs at least two widths to choose from, among {widths}")
+        if any(w not in MIXED_WIDTHS for w in self.candidates):
+            raise FieldError("candidates", list(self.candidates), f"each must be one of {widths} "
+                             "(16: the layer stays in storage_dtype)")
+        if len(set(self.candidates)) != len(self.candidates) or len(self.candidates) < 2:
+            raise FieldError("candidates", list(self.candidates), f"needs at least two different widths, each "
+                             f"listed once, among {widths}")
+        if not self.bits_budget > 0:
+            raise FieldError("bits_budget", self.bits_budget, "must be > 0 bits per weight")
+
+    def check(self) -> None:
+        super().check()
+        check_int("sensitivity_samples", self.sensitivity_samples, low=1)
+        check_int("sensitivity_seq_len", self.sensitivity_seq_len, low=2)
+
+    def preflight(self, teacher: TeacherInfo) -> None:
+        super().preflight(teacher)
+        self.check_budget(teacher.config)
+
+    def check_input(self, parent: TeacherInfo) -> None:
+        super().check_input(parent)
+        self.check_budget(parent.config)
+
+    def check_budget(self, config: Any) -> None:
+        """``bits_budget`` must lie strictly between what the narrowest and the widest candidate store.
+
+        Below the narrowest, nothing fits; at or above the widest, every layer simply takes the
+        widest width, a uniform model that needs no sensitivity pass (the ``gptq`` method, or no
+        quantization at all), so both are refused. Nominal costs here; the stage repeats the
+        check with the exact ones once the layers' shapes are known, still before calibrating.
+
+        Raises:
+            FieldError: naming the bound and what to do.
+        """
+        scale_bits = storage_bits(self.storage_dtype, config)
+        low, high = min(self.candidates), max(self.candidates)
+        self.refuse_budget(nominal_bits_per_weight(low, self.group_size, scale_bits), low,
+                           nominal_bits_per_weight(high, self.group_size, scale_bits), high)
+
+    def refuse_budget(self, smallest: float, low: int, largest: float, high: int) -> None:
+        """Refuse a budget outside (``smallest``, ``largest``), the bits per weight of widths ``low`` and ``high``."""
+        import math
+
+        if self.bits_budget < smallest:
+            least = f"{math.ceil(smallest * 1000) / 1000:g}"  # rounded up: a budget of this much fits
+            raise FieldError("bits_budget", self.bits_budget,
+                             f"is below {least}, what the narrowest candidate (width {low}) stores per weight "
+                             f"with its scales; raise bits_budget to at least {least}")
+        if self.bits_budget >= largest:
+            most = f"{math.floor(largest * 1000) / 1000:g}"
+            raise FieldError("bits_budget", self.bits_budget,
+                             f"reaches {most}, what the widest candidate (width {high}) stores per weight, so every "
+                             f"layer would simply take width {high}; lower bits_budget below {most}, or use the "
+                             "gptq method for one width everywhere")
+
+    def card_settings(self, meta: dict[str, Any]) -> list[str]:
+        groups = "per channel" if self.group_size == -1 else f"groups of {self.group_size}"
+        widths = "/".join(str(w) for w in sorted(self.candidates))
+        settings = [f"int{widths} to {self.bits_budget:g} bits/weight", groups, f"act_order {self.act_order}"]
+        chosen = self.recorded_quantization(meta).get("widths")
+        return [*settings, widths_map_text(chosen)] if chosen else settings
+
+    def card_data(self, meta: dict[str, Any], source: str) -> str | None:
+        return (f"{calibration_card_data(meta, self.num_samples, self.seq_len, source)}; sensitivity on "
+                f"{self.sensitivity_samples} further windows of {self.sensitivity_seq_len} tokens")
+
+
+def widths_by_block(widths: dict[str, int]) -> tuple[list[str], list[tuple[str, list[int]]]]:
+    """A per-layer width map as a table: the linears' names inside a block, and one row per run of
+    consecutive blocks with the same widths (``("0-2", [4, 4, 4, 8, 3, 3, 4])``).
+
+    Args:
+        widths: full module name (``model.layers.<i>.<local>``) -> width.
+    """
+    import re
+
+    blocks: dict[int, dict[str, int]] = {}
+    for name, width in widths.items():
+        found = re.search(r"layers\.(\d+)\.(.+)$", name)
+        if found:
+            blocks.setdefault(int(found.group(1)), {})[found.group(2)] = int(width)
+    columns = list(dict.fromkeys(local for block in blocks.values() for local in block))
+    rows: list[tuple[str, list[int]]] = []
+    first = previous = None
+    for index in sorted(blocks):
+        row = [blocks[index].get(local, 0) for local in columns]
+        if previous is not None and row == rows[-1][1] and index == previous + 1:
+            rows[-1] = (f"{first}-{index}", row)
+        else:
+            first = index
+            rows.append((str(index), row))
+        previous = index
+    return columns, rows
+
+
+def widths_map_text(widths: dict[str, int]) -> str:
+    """:func:`widths_by_block` in one line: ``widths per block (q_proj k_proj ...): 0-2 4 4 ...; 3 ...``."""
+    columns, rows = widths_by_block(widths)
+    header = " ".join(c.rsplit(".", 1)[-1] for c in columns)
+    return f"widths per block ({header}): " + "; ".join(f"{label}: {' '.join(map(str, row))}" for label, row in rows)

@@ -18,6 +18,7 @@ saved layout stays plain contiguous groups (compressed-tensors' ``actorder: weig
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +55,9 @@ class GptqResult:
 
 def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int,
                          act_order: bool = False, percdamp: float = 0.01, block_size: int = 128,
-                         scale_dtype: torch.dtype | None = None, scale_search: str = "minmax") -> GptqResult:
+                         scale_dtype: torch.dtype | None = None, scale_search: str = "minmax",
+                         scales: torch.Tensor | None = None,
+                         grid: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> GptqResult:
     """Quantize one linear weight with GPTQ.
 
     Args:
@@ -68,6 +71,10 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
         scale_dtype: the dtype scales are stored in (they are rounded to it before use).
         scale_search: ``minmax`` (each group's largest magnitude) or ``mse`` (the clipping
             that minimises the group's rounding error weighted by ``diag(hessian)``).
+        scales: fp32 [rows, groups] scales to round to, fixed up front (AWQ's clipping search
+            chooses them); None: ``scale_search`` chooses them.
+        grid: ``grid(column, scale) -> rounded column`` for a grid other than the ``bits``-wide
+            integer one (W8A8's FP8); it needs ``scales``.
 
     Returns:
         A :class:`GptqResult` whose ``weight`` lies exactly on the grid of ``scales``.
@@ -80,11 +87,15 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
     zero_dead_columns(w, dead)
     rows, cols = w.shape
     size = cols if group_size <= 0 else group_size
-    # Groups whose scale is known before the sweep (per-channel, or act_order's static groups).
-    static = group_size <= 0 or act_order
+    # Groups whose scale is known before the sweep (per-channel, act_order's static groups, or given).
+    static = group_size <= 0 or act_order or scales is not None
     energy = torch.diagonal(h).clone()
-    scales = (group_scales(w, bits, group_size, scale_dtype, scale_search, energy) if static
-              else torch.empty(rows, groups_of(cols, group_size)))
+    if scales is not None:
+        scales = scales.float().to(w.device).clone()
+    elif static:
+        scales = group_scales(w, bits, group_size, scale_dtype, scale_search, energy)
+    else:
+        scales = torch.empty(rows, groups_of(cols, group_size))
     perm = None
     if act_order:
         w, h, perm = permute_columns(w, h)
@@ -96,6 +107,8 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
             # The group's scale from its columns as the sweep left them (errors included).
             scales[:, j // size] = group_scales(block[:, col:col + size], bits, size, scale_dtype, scale_search,
                                                 energy[j:j + size]).squeeze(1)
+        if grid is not None:
+            return grid(block[:, col], scales[:, group_of[j]])
         return fake_quantize_column(block[:, col], scales[:, group_of[j]], bits)
 
     with solver_threads(w.device):
@@ -108,7 +121,8 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
 def gptq_quantize_model(model: Any, input_ids: torch.Tensor, bits: int, group_size: int,
                         act_order: bool, percdamp: float, block_size: int, batch_size: int,
                         device: torch.device, scale_dtype: torch.dtype | None,
-                        only: set[str] | None = None, scale_search: str = "minmax") -> dict[str, Any]:
+                        only: set[str] | None = None, scale_search: str = "minmax",
+                        widths: dict[str, int] | None = None) -> dict[str, Any]:
     """Quantize the linear layers of every decoder block in place, block by block.
 
     Each block is calibrated on the outputs of the blocks before it *after* they were
@@ -116,6 +130,7 @@ def gptq_quantize_model(model: Any, input_ids: torch.Tensor, bits: int, group_si
 
     Args:
         only: full module names to quantize (default: every linear in the blocks).
+        widths: full module name -> that layer's width, for layers not on ``bits`` (mixed precision).
 
     Returns:
         ``{"scales": {module name: fp32 [rows, groups]}, "loss": {module name: float},
@@ -130,12 +145,12 @@ def gptq_quantize_model(model: Any, input_ids: torch.Tensor, bits: int, group_si
         with record_linear_inputs(linears, hessian=True) as stats:
             step.run()
         for local, linear in linears.items():
-            result = gptq_quantize_weight(linear.weight, stats[local].hessian, bits, group_size,
-                                          act_order=act_order, percdamp=percdamp,
+            name = names[id(linear)]
+            result = gptq_quantize_weight(linear.weight, stats[local].hessian, (widths or {}).get(name, bits),
+                                          group_size, act_order=act_order, percdamp=percdamp,
                                           block_size=block_size, scale_dtype=scale_dtype,
                                           scale_search=scale_search)
             linear.weight.data.copy_(result.weight.to(linear.weight.dtype))
-            name = names[id(linear)]
             scales[name] = result.scales.cpu()
             losses[name] = result.loss
             dead += result.dead_columns
