@@ -24,15 +24,6 @@ tolerance is then the artifact's own bfloat16 rounding (transformers in bfloat16
 transformers in float32, on the same tokens: :func:`bf16_rounding`) times :data:`BF16_FACTOR`:
 vLLM may be no further from float32 than bfloat16 arithmetic itself is. docs/runtimes.md has
 the measurements behind both tolerances.
-
-W8A8 folders (int8 or FP8 activations) run in float32 (vLLM's CPU kernels for them take it), but
-the two runtimes round activations apart: vLLM's per-token int8 grid is ``max|x| / 127``,
-compressed-tensors' ``max|x| / 127.5``, and a float32 difference in summation order flips an
-activation across a rounding boundary, a whole step. So the tolerance also covers the
-artifact's own activation rounding (transformers with it against transformers without it,
-:func:`activation_rounding`) times :data:`ACTIVATION_FACTOR`. FP8 with static activation
-scales, or per-tensor FP8 weights, is refused where vLLM 0.32's CPU build cannot run it
-(:func:`w8a8_refusal`).
 """
 
 from __future__ import annotations
@@ -75,10 +66,6 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 # are multiples of 32, bfloat16/float16 activations; built only into the AVX-512 extension on x86.
 CPU_WNA16_BITS = (4,)
 CPU_WNA16_MULTIPLE = 32
-# vLLM may be this many times further from transformers than the artifact's own activation
-# rounding moves its log-probs (over each step's BF16_TOP_K likeliest tokens). Two runtimes that
-# round activations to different grids differ by up to about twice what one rounding does.
-ACTIVATION_FACTOR = 2.0
 KV_CACHE_GIB = 1
 WORKER_TIMEOUT_S = 900
 WORKER_TIMEOUT_PER_MODEL_S = 300
@@ -92,17 +79,13 @@ class Scheme:
     name: str                            # W4A16, W8A8-int, ... or the method for other tools
     bits: int | None = None              # weight bits (integer schemes)
     group_size: int | None = None        # None: one scale per output channel
-    activations: str | None = None       # None: weight-only; int8, float8 (W8A8)
+    activations: str | None = None       # None: weight-only
     format: str | None = None            # compressed-tensors' format (pack-quantized, ...)
-    weight_strategy: str | None = None   # channel, group, tensor
-    dynamic: bool | None = None          # W8A8: activation scales per token at run time, or static
 
     def label(self) -> str:
         if self.method != "compressed-tensors":
             return self.method
-        groups = f"g{self.group_size}" if self.group_size else f"per {self.weight_strategy or 'channel'}"
-        if self.activations is not None:
-            groups += ", dynamic activations" if self.dynamic else ", static activations"
+        groups = f"g{self.group_size}" if self.group_size else "per channel"
         return f"compressed-tensors {self.name} {groups} ({self.format})"
 
 
@@ -176,9 +159,7 @@ def quantization_scheme(config: dict[str, Any]) -> Scheme | None:
     name = f"W{bits}A16" if activations is None else f"W{bits}A{inputs.get('num_bits')}-{inputs.get('type', 'int')}"
     return Scheme(method=method, name=name, bits=bits,
                   group_size=first.get("group_size") if first.get("strategy") == "group" else None,
-                  activations=activations, format=group.get("format") or qc.get("format"),
-                  weight_strategy=first.get("strategy"),
-                  dynamic=None if inputs is None else bool(inputs.get("dynamic")))
+                  activations=activations, format=group.get("format") or qc.get("format"))
 
 
 def head_size(config: dict[str, Any]) -> int | None:
@@ -230,37 +211,6 @@ def wna16_refusal(scheme: Scheme, config: dict[str, Any]) -> str | None:
     return None
 
 
-def w8a8_refusal(scheme: Scheme) -> str | None:
-    """Why vLLM 0.32's CPU build cannot run this W8A8 folder, or None (int8 runs, both activation schemes).
-
-    Measured on an AVX2 CPU, and read from vLLM's kernels for the others: without AMX-FP8, FP8
-    runs on ``ChannelWiseTorchFP8ScaledMMLinearKernel``, which cannot take a static per-tensor
-    activation scale (``narrow()`` of a 0-dim tensor, at the first forward); per-tensor FP8
-    weights need ``static_scaled_fp8_quant``, which only the extension vLLM loads on
-    AVX512-BF16 CPUs implements (on the others it is a stub that takes no arguments).
-    """
-    if scheme.activations != "float8":
-        return None
-    if not scheme.dynamic:
-        return ("its CPU FP8 kernel (ChannelWiseTorchFP8ScaledMMLinearKernel, used without AMX-FP8) cannot take a "
-                "static per-tensor activation scale (narrow() of a 0-dim tensor); check an FP8 folder with dynamic "
-                "activations here, or this one on an Ada, Hopper or Blackwell GPU")
-    if scheme.weight_strategy == "tensor" and not cpu_has_avx512_bf16():
-        return ("per-tensor FP8 weights need its static_scaled_fp8_quant kernel, built only into the extension it "
-                "loads on AVX512-BF16 CPUs, and this CPU lacks AVX512-BF16; write per-channel FP8 weights "
-                "(weight_scales: channel) to check them here")
-    return None
-
-
-def cpu_has_avx512_bf16() -> bool:
-    """Whether vLLM's x86 CPU build loads its full extension (``vllm._C``) here, not the AVX2/AVX-512 one."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return True
-    import torch
-
-    return bool(torch.cpu._is_avx512_bf16_supported())
-
-
 def cpu_refusal(config: dict[str, Any], scheme: Scheme | None) -> str | None:
     """Why vLLM's CPU build (0.32) cannot run this folder, or None when it should.
 
@@ -274,9 +224,6 @@ def cpu_refusal(config: dict[str, Any], scheme: Scheme | None) -> str | None:
             return f"its weight-only int kernels read the pack-quantized format, and this folder is {scheme.format}"
         if reason := wna16_refusal(scheme, config):
             return reason
-    w8a8 = scheme is not None and scheme.method == "compressed-tensors" and scheme.activations is not None
-    if w8a8 and (reason := w8a8_refusal(scheme)):
-        return reason
     size = head_size(config)
     if size is not None and size not in CPU_HEAD_SIZES:
         return (f"its attention takes head sizes {', '.join(map(str, CPU_HEAD_SIZES))}, and this model's "
@@ -285,9 +232,9 @@ def cpu_refusal(config: dict[str, Any], scheme: Scheme | None) -> str | None:
 
 
 def runtime_dtype(scheme: Scheme | None, requested: str) -> str:
-    """The dtype vLLM computes in: ``auto`` takes float32 for full-precision and W8A8 folders (the
-    tightest comparison; vLLM's CPU kernels for int8 and FP8 activations take it) and bfloat16 for
-    the other quantized ones (the weight-only int kernel is built for bfloat16 and float16 only).
+    """The dtype vLLM computes in: ``auto`` takes float32 for full-precision folders (the tightest
+    comparison) and bfloat16 for quantized ones (vLLM's CPU kernels for them are built for 16-bit
+    activations: the weight-only int one for bfloat16 and float16 only).
 
     Raises:
         RuntimeCheckError: an unknown dtype, or float32 asked of the weight-only int kernel.
@@ -299,7 +246,7 @@ def runtime_dtype(scheme: Scheme | None, requested: str) -> str:
         raise RuntimeCheckError(f"vLLM's CPU kernel for {scheme.label()} computes in bfloat16 or float16 only; "
                                 "check it with dtype auto or bfloat16")
     if requested == "auto":
-        return "float32" if scheme is None or scheme.activations is not None else "bfloat16"
+        return "float32" if scheme is None else "bfloat16"
     return requested
 
 
@@ -425,15 +372,7 @@ def bf16_rounding(path: Path, prompt_ids: list[list[int]], reference: list[Greed
 
     from slimforge.models import load_model
 
-    return worst_top_difference(load_model(str(path), dtype=torch.bfloat16, with_tokenizer=False), prompt_ids,
-                                reference)
-
-
-def worst_top_difference(model: Any, prompt_ids: list[list[int]], reference: list[Greedy]) -> float:
-    """The largest |log-prob difference| between ``model`` and ``reference`` along the reference's own
-    tokens, over each step's :data:`BF16_TOP_K` most likely tokens (the yardsticks' shared measure)."""
-    import torch
-
+    model = load_model(str(path), dtype=torch.bfloat16, with_tokenizer=False)
     worst = 0.0
     with torch.no_grad():
         for ids, ref in zip(prompt_ids, reference):
@@ -441,24 +380,8 @@ def worst_top_difference(model: Any, prompt_ids: list[list[int]], reference: lis
             ours = model(input_ids=seq).logits[0, len(ids) - 1:-1].float().log_softmax(-1)
             top = ref.logprobs.topk(min(BF16_TOP_K, ref.logprobs.shape[-1]), dim=-1).indices
             worst = max(worst, float((ours.gather(-1, top) - ref.logprobs.gather(-1, top)).abs().max()))
+    del model
     return worst
-
-
-def activation_rounding(path: Path, prompt_ids: list[list[int]], reference: list[Greedy]) -> float:
-    """How far a W8A8 folder's activation rounding alone moves its log-probs: transformers with the
-    input rounding switched off against ``reference`` (transformers with it, float32), along the
-    reference's own tokens, over each step's :data:`BF16_TOP_K` most likely tokens; the largest |difference|.
-    """
-    import torch
-    from compressed_tensors.quantization.lifecycle.helpers import disable_quantization
-
-    from slimforge.models import load_model
-
-    model = load_model(str(path), dtype=torch.float32, with_tokenizer=False)
-    with torch.no_grad():
-        model(input_ids=torch.tensor([prompt_ids[0]]))  # compressed-tensors decompresses on the first forward
-    model.apply(disable_quantization)  # no more input rounding; the weights stay their decompressed grid values
-    return worst_top_difference(model, prompt_ids, reference)
 
 
 # --- comparing ---------------------------------------------------------------------------------------
@@ -491,18 +414,13 @@ def compare_prompt(vllm_ids: list[int], vllm_logprobs: list[float], ours: Greedy
             "ok": ok}
 
 
-def tolerance_for(plan: Plan, reference: list[Greedy]) -> tuple[float, float | None, float | None]:
-    """``(tolerance, bf16 yardstick, activation yardstick)``: :data:`FP32_TOLERANCE` in float32; in
-    bfloat16, :data:`BF16_FACTOR` times the artifact's own bfloat16 rounding; for a W8A8 folder, at
-    least :data:`ACTIVATION_FACTOR` times its own activation rounding. Never below the float32 one."""
-    tolerance, bf16, activations = FP32_TOLERANCE, None, None
-    if plan.dtype != "float32":
-        bf16 = bf16_rounding(plan.path, plan.prompt_ids, reference)
-        tolerance = max(tolerance, BF16_FACTOR * bf16)
-    if plan.scheme is not None and plan.scheme.activations is not None:
-        activations = activation_rounding(plan.path, plan.prompt_ids, reference)
-        tolerance = max(tolerance, ACTIVATION_FACTOR * activations)
-    return tolerance, bf16, activations
+def tolerance_for(plan: Plan, reference: list[Greedy]) -> tuple[float, float | None]:
+    """``(tolerance, bf16 yardstick)``: :data:`FP32_TOLERANCE` in float32; in bfloat16,
+    :data:`BF16_FACTOR` times the artifact's own bfloat16 rounding (never below the float32 one)."""
+    if plan.dtype == "float32":
+        return FP32_TOLERANCE, None
+    yardstick = bf16_rounding(plan.path, plan.prompt_ids, reference)
+    return max(FP32_TOLERANCE, BF16_FACTOR * yardstick), yardstick
 
 
 def judge(plan: Plan, run: dict[str, Any]) -> dict[str, Any]:
@@ -519,7 +437,7 @@ def judge(plan: Plan, run: dict[str, Any]) -> dict[str, Any]:
         return result
     start = time.perf_counter()
     ours = transformers_greedy(plan.path, plan.prompt_ids, plan.max_tokens)
-    tolerance, yardstick, act_yardstick = tolerance_for(plan, ours)
+    tolerance, yardstick = tolerance_for(plan, ours)
     cost["transformers_seconds"] = round(time.perf_counter() - start, 2)
     per_prompt = [compare_prompt(v["token_ids"], v["logprobs"], g, tolerance) for v, g in zip(run["prompts"], ours)]
     agree = [p["agreeing_prefix"] for p in per_prompt]
@@ -527,8 +445,7 @@ def judge(plan: Plan, run: dict[str, Any]) -> dict[str, Any]:
                         "all_agree": min(agree) == plan.max_tokens,
                         "divergences": [p["divergence"] for p in per_prompt if p["divergence"]]}
     result["logprob"] = {"max_abs_diff": max(p["max_abs_diff"] for p in per_prompt), "tolerance": tolerance,
-                         "bf16_rounding": yardstick, "activation_rounding": act_yardstick,
-                         "compared_tokens": sum(p["compared"] for p in per_prompt),
+                         "bf16_rounding": yardstick, "compared_tokens": sum(p["compared"] for p in per_prompt),
                          "ok": all(p["max_abs_diff"] <= tolerance for p in per_prompt)}
     result["ok"] = all(p["ok"] for p in per_prompt)
     result["samples"] = [{"prompt": text, "prompt_ids": ids, "vllm": v, "transformers": g.token_ids}
