@@ -37,7 +37,7 @@ class AwqResult:
 
 
 def _search_loss(readers: dict[str, torch.nn.Linear], hessian: torch.Tensor, cfg: AwqConfig,
-                 scale_dtype: torch.dtype) -> Any:
+                 scale_dtype: torch.dtype) -> Callable[[torch.Tensor], float]:
     """``loss(scales)``: the readers' summed output error after scaling and rounding to nearest."""
     from slimforge.quantize.awq import scaled_rounding_error
 

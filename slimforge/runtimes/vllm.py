@@ -24,6 +24,18 @@ tolerance is then the artifact's own bfloat16 rounding (transformers in bfloat16
 transformers in float32, on the same tokens: :func:`bf16_rounding`) times :data:`BF16_FACTOR`:
 vLLM may be no further from float32 than bfloat16 arithmetic itself is. docs/runtimes.md has
 the measurements behind both tolerances.
+
+W8A8 folders (int8 or FP8 activations) run in float32 (vLLM's CPU kernels for them take it), but
+rounding activations makes the model a step function of its inputs: a float32 difference of a
+few ulps, which two runtimes summing in different orders always have, flips an activation across
+a rounding boundary, a whole step, and the flip carries through every later layer and token. The
+yardstick is the artifact's own sensitivity to that: transformers with every quantized linear's
+input jittered by :data:`W8A8_NOISE` (relative, about 8 ulps) before its rounding, against the
+reference, over each step's two likeliest tokens (:func:`rounding_sensitivity`; on SmolLM2-135M
+W8A8 folders up to 1-2 nats, where the float32 teacher moves by ~1e-5). vLLM may be
+:data:`W8A8_FACTOR` times that far. What vLLM 0.32's CPU build cannot run, or runs wrongly, is
+refused in one line (:func:`w8a8_refusal`): int8 without VNNI, FP8 with static activation
+scales, per-tensor FP8 weights without AVX512-BF16.
 """
 
 from __future__ import annotations
@@ -66,6 +78,13 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 # are multiples of 32, bfloat16/float16 activations; built only into the AVX-512 extension on x86.
 CPU_WNA16_BITS = (4,)
 CPU_WNA16_MULTIPLE = 32
+# A W8A8 folder in vLLM may be this many times further from transformers than transformers moves when
+# every quantized input is jittered by W8A8_NOISE, over each step's W8A8_TOP_K likeliest tokens (the
+# greedy token and the runner-up: the ones a comparison reads). Both runtimes carry such flips, so they
+# may be twice as far apart. Measured, FP8 dynamic: 0.24x (tiny Llama) and 0.32x (SmolLM2-135M).
+W8A8_FACTOR = 2.0
+W8A8_TOP_K = 2
+W8A8_NOISE = 2.0**-20
 KV_CACHE_GIB = 1
 WORKER_TIMEOUT_S = 900
 WORKER_TIMEOUT_PER_MODEL_S = 300
@@ -79,13 +98,17 @@ class Scheme:
     name: str                            # W4A16, W8A8-int, ... or the method for other tools
     bits: int | None = None              # weight bits (integer schemes)
     group_size: int | None = None        # None: one scale per output channel
-    activations: str | None = None       # None: weight-only
+    activations: str | None = None       # None: weight-only; int8, float8 (W8A8)
     format: str | None = None            # compressed-tensors' format (pack-quantized, ...)
+    weight_strategy: str | None = None   # channel, group, tensor
+    dynamic: bool | None = None          # W8A8: activation scales per token at run time, or static
 
     def label(self) -> str:
         if self.method != "compressed-tensors":
             return self.method
-        groups = f"g{self.group_size}" if self.group_size else "per channel"
+        groups = f"g{self.group_size}" if self.group_size else f"per {self.weight_strategy or 'channel'}"
+        if self.activations is not None:
+            groups += ", dynamic activations" if self.dynamic else ", static activations"
         return f"compressed-tensors {self.name} {groups} ({self.format})"
 
 
@@ -159,7 +182,9 @@ def quantization_scheme(config: dict[str, Any]) -> Scheme | None:
     name = f"W{bits}A16" if activations is None else f"W{bits}A{inputs.get('num_bits')}-{inputs.get('type', 'int')}"
     return Scheme(method=method, name=name, bits=bits,
                   group_size=first.get("group_size") if first.get("strategy") == "group" else None,
-                  activations=activations, format=group.get("format") or qc.get("format"))
+                  activations=activations, format=group.get("format") or qc.get("format"),
+                  weight_strategy=first.get("strategy"),
+                  dynamic=None if inputs is None else bool(inputs.get("dynamic")))
 
 
 def head_size(config: dict[str, Any]) -> int | None:
@@ -179,6 +204,10 @@ def wna16_widths(config: dict[str, Any]) -> dict[str, int]:
     return {name: int(width) for name, width in widths.items() if width}
 
 
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
 def cpu_runs_wna16() -> bool:
     """Whether vLLM's CPU build has its weight-only int kernel on this CPU.
 
@@ -186,7 +215,7 @@ def cpu_runs_wna16() -> bool:
     2.13 test as here); its AVX2 extension lacks ``cpu_gemm_wna16``. Other architectures load
     one extension that has it.
     """
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+    if not _x86():
         return True
     import torch
 
@@ -211,6 +240,54 @@ def wna16_refusal(scheme: Scheme, config: dict[str, Any]) -> str | None:
     return None
 
 
+def w8a8_refusal(scheme: Scheme) -> str | None:
+    """Why vLLM 0.32's CPU build cannot run this W8A8 folder as written, or None.
+
+    Measured on an AVX2 CPU, and read from vLLM's kernels for the others:
+
+    - int8: its oneDNN GEMM, on a CPU without VNNI, adds products in saturating 16-bit pairs: on
+      random 576-wide layers 1.6-4.3% of the outputs came out wrong by up to 11% of their range;
+    - FP8 with static activation scales: without AMX-FP8, FP8 runs on
+      ``ChannelWiseTorchFP8ScaledMMLinearKernel``, which fails on a per-tensor activation scale
+      (``narrow()`` of a 0-dim tensor, at the first forward);
+    - per-tensor FP8 weights: they need ``static_scaled_fp8_quant``, which only the extension vLLM
+      loads on AVX512-BF16 CPUs implements (elsewhere it is a stub that takes no arguments).
+    """
+    if scheme.activations == "int8" and not cpu_has_vnni():
+        return ("its int8 GEMM (oneDNN) on a CPU without VNNI adds products in saturating 16-bit pairs, so some "
+                "outputs come out wrong (measured: 1.6-4.3% of a layer's, off by up to 11% of their range); check "
+                "int8 W8A8 on a CPU with AVX512-VNNI or AVX-VNNI, or a GPU")
+    if scheme.activations != "float8":
+        return None
+    if not scheme.dynamic:
+        return ("its CPU FP8 kernel (ChannelWiseTorchFP8ScaledMMLinearKernel, used without AMX-FP8) cannot take a "
+                "static per-tensor activation scale (narrow() of a 0-dim tensor); check an FP8 folder with dynamic "
+                "activations here, or this one on an Ada, Hopper or Blackwell GPU")
+    if scheme.weight_strategy == "tensor" and not cpu_has_avx512_bf16():
+        return ("per-tensor FP8 weights need its static_scaled_fp8_quant kernel, built only into the extension it "
+                "loads on AVX512-BF16 CPUs, and this CPU lacks AVX512-BF16; write per-channel FP8 weights "
+                "(weight_scales: channel) to check them here")
+    return None
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has VNNI (int8 dot products into 32-bit sums), which vLLM's int8 GEMM needs to be exact."""
+    if not _x86():
+        return True
+    import torch
+
+    return bool(torch.cpu._is_vnni_supported())
+
+
+def cpu_has_avx512_bf16() -> bool:
+    """Whether vLLM's x86 CPU build loads its full extension (``vllm._C``) here, not the AVX2/AVX-512 one."""
+    if not _x86():
+        return True
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported())
+
+
 def cpu_refusal(config: dict[str, Any], scheme: Scheme | None) -> str | None:
     """Why vLLM's CPU build (0.32) cannot run this folder, or None when it should.
 
@@ -224,6 +301,9 @@ def cpu_refusal(config: dict[str, Any], scheme: Scheme | None) -> str | None:
             return f"its weight-only int kernels read the pack-quantized format, and this folder is {scheme.format}"
         if reason := wna16_refusal(scheme, config):
             return reason
+    w8a8 = scheme is not None and scheme.method == "compressed-tensors" and scheme.activations is not None
+    if w8a8 and (reason := w8a8_refusal(scheme)):
+        return reason
     size = head_size(config)
     if size is not None and size not in CPU_HEAD_SIZES:
         return (f"its attention takes head sizes {', '.join(map(str, CPU_HEAD_SIZES))}, and this model's "
@@ -232,9 +312,9 @@ def cpu_refusal(config: dict[str, Any], scheme: Scheme | None) -> str | None:
 
 
 def runtime_dtype(scheme: Scheme | None, requested: str) -> str:
-    """The dtype vLLM computes in: ``auto`` takes float32 for full-precision folders (the tightest
-    comparison) and bfloat16 for quantized ones (vLLM's CPU kernels for them are built for 16-bit
-    activations: the weight-only int one for bfloat16 and float16 only).
+    """The dtype vLLM computes in: ``auto`` takes float32 for full-precision and W8A8 folders (the
+    tightest comparison; vLLM's CPU kernels for int8 and FP8 activations take it) and bfloat16 for
+    the other quantized ones (the weight-only int kernel is built for bfloat16 and float16 only).
 
     Raises:
         RuntimeCheckError: an unknown dtype, or float32 asked of the weight-only int kernel.
@@ -246,7 +326,7 @@ def runtime_dtype(scheme: Scheme | None, requested: str) -> str:
         raise RuntimeCheckError(f"vLLM's CPU kernel for {scheme.label()} computes in bfloat16 or float16 only; "
                                 "check it with dtype auto or bfloat16")
     if requested == "auto":
-        return "float32" if scheme is None else "bfloat16"
+        return "float32" if scheme is None or scheme.activations is not None else "bfloat16"
     return requested
 
 
@@ -372,16 +452,51 @@ def bf16_rounding(path: Path, prompt_ids: list[list[int]], reference: list[Greed
 
     from slimforge.models import load_model
 
-    model = load_model(str(path), dtype=torch.bfloat16, with_tokenizer=False)
+    return worst_top_difference(load_model(str(path), dtype=torch.bfloat16, with_tokenizer=False), prompt_ids,
+                                reference, BF16_TOP_K)
+
+
+def worst_top_difference(model: Any, prompt_ids: list[list[int]], reference: list[Greedy], top_k: int) -> float:
+    """The largest |log-prob difference| between ``model``, run in one pass over each prompt and the
+    reference's continuation, and ``reference`` (decoded step by step), over each step's ``top_k``
+    most likely reference tokens (the yardsticks' shared measure)."""
+    import torch
+
     worst = 0.0
     with torch.no_grad():
         for ids, ref in zip(prompt_ids, reference):
             seq = torch.tensor([ids + ref.token_ids])
             ours = model(input_ids=seq).logits[0, len(ids) - 1:-1].float().log_softmax(-1)
-            top = ref.logprobs.topk(min(BF16_TOP_K, ref.logprobs.shape[-1]), dim=-1).indices
+            top = ref.logprobs.topk(min(top_k, ref.logprobs.shape[-1]), dim=-1).indices
             worst = max(worst, float((ours.gather(-1, top) - ref.logprobs.gather(-1, top)).abs().max()))
-    del model
     return worst
+
+
+def rounding_sensitivity(path: Path, prompt_ids: list[list[int]], reference: list[Greedy]) -> float:
+    """How far a W8A8 folder's log-probs move under float32-sized differences in its activations:
+    transformers with every quantized linear's input multiplied by ``1 + W8A8_NOISE * N(0, 1)``
+    (fixed seed) before compressed-tensors rounds it, in one pass over each sequence, against
+    ``reference`` (its own step-by-step decoding), over each step's :data:`W8A8_TOP_K` likeliest
+    tokens; the largest |difference|.
+    """
+    import torch
+
+    from slimforge.models import load_model
+
+    model = load_model(str(path), dtype=torch.float32, with_tokenizer=False)
+    generator = torch.Generator().manual_seed(0)
+
+    def jitter(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        return (x * (1 + W8A8_NOISE * torch.randn(x.shape, generator=generator, dtype=x.dtype)), *args[1:])
+
+    handles = [m.register_forward_pre_hook(jitter) for m in model.modules()
+               if getattr(m, "quantization_scheme", None) is not None]
+    try:
+        return worst_top_difference(model, prompt_ids, reference, W8A8_TOP_K)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # --- comparing ---------------------------------------------------------------------------------------
@@ -414,13 +529,18 @@ def compare_prompt(vllm_ids: list[int], vllm_logprobs: list[float], ours: Greedy
             "ok": ok}
 
 
-def tolerance_for(plan: Plan, reference: list[Greedy]) -> tuple[float, float | None]:
-    """``(tolerance, bf16 yardstick)``: :data:`FP32_TOLERANCE` in float32; in bfloat16,
-    :data:`BF16_FACTOR` times the artifact's own bfloat16 rounding (never below the float32 one)."""
-    if plan.dtype == "float32":
-        return FP32_TOLERANCE, None
-    yardstick = bf16_rounding(plan.path, plan.prompt_ids, reference)
-    return max(FP32_TOLERANCE, BF16_FACTOR * yardstick), yardstick
+def tolerance_for(plan: Plan, reference: list[Greedy]) -> tuple[float, float | None, float | None]:
+    """``(tolerance, bf16 yardstick, W8A8 yardstick)``: :data:`FP32_TOLERANCE` in float32; in
+    bfloat16, :data:`BF16_FACTOR` times the artifact's own bfloat16 rounding; for a W8A8 folder, at
+    least :data:`W8A8_FACTOR` times its own :func:`rounding_sensitivity`. Never below the float32 one."""
+    tolerance, bf16, w8a8 = FP32_TOLERANCE, None, None
+    if plan.dtype != "float32":
+        bf16 = bf16_rounding(plan.path, plan.prompt_ids, reference)
+        tolerance = max(tolerance, BF16_FACTOR * bf16)
+    if plan.scheme is not None and plan.scheme.activations is not None:
+        w8a8 = rounding_sensitivity(plan.path, plan.prompt_ids, reference)
+        tolerance = max(tolerance, W8A8_FACTOR * w8a8)
+    return tolerance, bf16, w8a8
 
 
 def judge(plan: Plan, run: dict[str, Any]) -> dict[str, Any]:
@@ -437,7 +557,7 @@ def judge(plan: Plan, run: dict[str, Any]) -> dict[str, Any]:
         return result
     start = time.perf_counter()
     ours = transformers_greedy(plan.path, plan.prompt_ids, plan.max_tokens)
-    tolerance, yardstick = tolerance_for(plan, ours)
+    tolerance, yardstick, w8a8_yardstick = tolerance_for(plan, ours)
     cost["transformers_seconds"] = round(time.perf_counter() - start, 2)
     per_prompt = [compare_prompt(v["token_ids"], v["logprobs"], g, tolerance) for v, g in zip(run["prompts"], ours)]
     agree = [p["agreeing_prefix"] for p in per_prompt]
@@ -445,7 +565,8 @@ def judge(plan: Plan, run: dict[str, Any]) -> dict[str, Any]:
                         "all_agree": min(agree) == plan.max_tokens,
                         "divergences": [p["divergence"] for p in per_prompt if p["divergence"]]}
     result["logprob"] = {"max_abs_diff": max(p["max_abs_diff"] for p in per_prompt), "tolerance": tolerance,
-                         "bf16_rounding": yardstick, "compared_tokens": sum(p["compared"] for p in per_prompt),
+                         "bf16_rounding": yardstick, "rounding_sensitivity": w8a8_yardstick,
+                         "compared_tokens": sum(p["compared"] for p in per_prompt),
                          "ok": all(p["max_abs_diff"] <= tolerance for p in per_prompt)}
     result["ok"] = all(p["ok"] for p in per_prompt)
     result["samples"] = [{"prompt": text, "prompt_ids": ids, "vllm": v, "transformers": g.token_ids}
@@ -501,7 +622,7 @@ def check_vllm(path: Path, prompts: tuple[str, ...] = PROMPTS, max_tokens: int =
     """Run ``path`` in vLLM's CPU build and compare its greedy generation with transformers'.
 
     Args:
-        path: a model folder: full precision, or compressed-tensors (rtn / gptq stages).
+        path: a model folder: full precision, or compressed-tensors (rtn / gptq / awq / w8a8 stages).
         prompts: English prompts, tokenized by the artifact's tokenizer; both runtimes get the ids.
         max_tokens: greedy tokens generated per prompt.
         dtype: what vLLM computes in: ``auto`` (float32 where its CPU kernels allow, else
@@ -510,7 +631,8 @@ def check_vllm(path: Path, prompts: tuple[str, ...] = PROMPTS, max_tokens: int =
     Returns:
         ``{"runtime": "vllm", "artifact", "format", "dtype", "loads", "seconds", "cost",
         "greedy": {"prompts", "tokens", "agreeing_prefix", "all_agree", "divergences"},
-        "logprob": {"max_abs_diff", "tolerance", "bf16_rounding", "compared_tokens", "ok"},
+        "logprob": {"max_abs_diff", "tolerance", "bf16_rounding", "rounding_sensitivity", "compared_tokens",
+        "ok"},
         "samples", "ok", "versions"}``; a folder vLLM fails to load or run has ``loads`` False,
         ``error`` and ``ok`` False instead of the comparison.
 
