@@ -558,7 +558,7 @@ class W8A8Config(QuantizeConfig):
     activations: str = "dynamic"
     weight_scales: str = "channel"
     smoothquant_alpha: float | None = 0.5
-    smoothquant_groups: list[str] = field(default_factory=lambda: ["attn_in", "mlp_in"])
+    smoothquant_groups: list[str] = field(default_factory=lambda: ["attn_in", "mlp_in", "up_down"])
     rounding: str = "gptq"
     act_order: bool = True
     percdamp: float = 0.01
