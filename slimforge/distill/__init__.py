@@ -31,3 +31,9 @@ register(
     "merge a LoRA adapter (a QLoRA distillation) into its dequantized base: a plain folder, or re-quantized "
     "as the base",
 )
+register(
+    "distill", "qat",
+    "slimforge.distill.qat:qat_stage", "slimforge.distill.config:QatConfig",
+    "quantization-aware distillation: fake-quantized linears with learned (LSQ) scales, initialised from a "
+    "GPTQ/AWQ/RTN parent, trained by KD and exported onto the same integer grid",
+)

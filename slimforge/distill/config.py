@@ -421,6 +421,14 @@ class DistillConfig(StageConfig):
         """Distillation trains its input in place: the output has the input's config."""
         return parent.config
 
+    def set_trainable(self, student: Any) -> None:
+        """Mark what trains when no LoRA adapter does: here every parameter of the student."""
+        student.requires_grad_(True)
+
+    def param_groups(self, model: Any) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups over ``model``'s trainable parameters: here one, at ``lr``."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
     def uses_data(self) -> bool:
         return True
 
@@ -481,3 +489,145 @@ class MergeLoraConfig(StageConfig):
 
     def artifact_format(self, meta: dict[str, Any]) -> str | None:
         return "bitsandbytes" if self.requantize else "hf"
+
+
+# --- quantization-aware distillation -------------------------------------------------------
+
+# What a QAT stage may train: the latent weights of the fake-quantized layers, their scales, and
+# the norms' gains (kept on their storage dtype's grid too, so the export stays exact).
+QAT_TRAINABLE = ("weights", "scales", "norms")
+# The stages whose artifacts a QAT stage starts from (named in its error messages).
+QAT_PARENTS = "gptq, rtn, awq or mixed_precision"
+
+
+def integer_grid_problem(config: Any) -> str | None:
+    """Why a model config does not describe symmetric integer weight-only compressed-tensors layers, or None.
+
+    Reads ``config.json``'s ``quantization_config`` (a dict, or transformers' config object):
+    every config group must quantize weights to a symmetric int grid of at most 8 bits, by
+    group or by channel, and leave activations alone.
+    """
+    quant = getattr(config, "quantization_config", None)
+    if quant is None:
+        return "is not quantized"
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    method = str(quant.get("quant_method"))
+    if method != "compressed-tensors":
+        return f"is quantized by {method}, not stored as integer codes and scales in compressed-tensors"
+    for name, group in sorted((quant.get("config_groups") or {}).items()):
+        weights = group.get("weights") or {}
+        if group.get("input_activations") or group.get("output_activations"):
+            return f"quantizes activations too (config group {name}), which a weight-only QAT does not train"
+        if weights.get("type") != "int" or not 2 <= int(weights.get("num_bits") or 0) <= 8:
+            return (f"stores {weights.get('type')} weights of {weights.get('num_bits')} bits (config group "
+                    f"{name}), not an integer grid of 2 to 8 bits")
+        if not weights.get("symmetric", False) or weights.get("strategy") not in ("group", "channel"):
+            return (f"uses a {'symmetric' if weights.get('symmetric') else 'asymmetric'} "
+                    f"{weights.get('strategy')} grid (config group {name}), not a symmetric per-group or "
+                    "per-channel one")
+    if not quant.get("config_groups"):
+        return "declares compressed-tensors without any quantized layer"
+    return None
+
+
+def qat_input_error(source: str, why: str) -> str:
+    """The one-line refusal of an input a QAT stage cannot train (``why``: what it is instead)."""
+    return (f"distill method qat trains the integer grid of a weight-only compressed-tensors model (a {QAT_PARENTS} "
+            f"stage's artifact), but {source} {why}; put such a stage before it, e.g. pipeline=[gptq, qat]")
+
+
+@dataclass
+class QatConfig(DistillConfig):
+    """Quantization-aware distillation: the parent's integer layers trained through fake quantization.
+
+    The parent is a weight-only compressed-tensors model (a gptq, rtn, awq or mixed_precision
+    stage's artifact). Each quantized linear layer becomes a fake-quantized one on its own grid
+    (bits and group size from the parent), its latent weight starting at the parent's
+    ``codes * scales`` and its scales at the parent's; the forward pass rounds the weights to
+    the grid (straight-through) and the scales to their storage dtype. ``trainable`` picks what
+    trains: ``weights`` (the latent weights; the scales then learn LSQ-style), ``scales`` (no
+    weight decay; without ``weights`` the codes are frozen and the scales' gradient is exact) and
+    ``norms`` (the norms' gains, rounded to their storage dtype in the forward pass too).
+
+    The learning rates are relative, because the layers' grid steps differ several-fold (SmolLM2:
+    mean scales from 0.014 to 0.12): a layer's latent weights train at ``lr`` times its mean scale
+    (``lr: 0.01``: up to 1% of a grid step per step), its scales at ``scale_lr`` times the same,
+    a norm's gains at ``lr`` times their mean magnitude. The artifact is the parent's
+    format with the trained codes and scales: bit for bit what the fake-quantized model
+    computed. Every other distillation setting is ``kd``'s; LoRA and ``keep_sparsity`` are not
+    for this method.
+    """
+
+    method: str = "qat"
+    lr: float = 0.02
+    scale_lr: float = 0.002
+    trainable: list[str] = field(default_factory=lambda: ["weights", "scales"])
+
+    def check(self) -> None:
+        super().check()
+        if self.lora.enabled:
+            raise FieldError("lora.enabled", True, "qat trains the quantized weights and scales themselves, "
+                             "not adapters; for LoRA on a frozen NF4 base use method kd (QLoRA-KD, recipe qlora_kd)")
+        if self.keep_sparsity:
+            raise FieldError("keep_sparsity", True, "a quantized layer's zero codes are not pruned weights, so "
+                             "qat cannot tell a mask from them; set keep_sparsity=false")
+        if not self.scale_lr > 0:
+            raise FieldError("scale_lr", self.scale_lr, "must be > 0")
+        if not self.trainable:
+            raise FieldError("trainable", list(self.trainable),
+                             f"name at least one of {', '.join(QAT_TRAINABLE)} to train")
+        check_choices("trainable", self.trainable, QAT_TRAINABLE)
+
+    def preflight(self, student: TeacherInfo) -> None:
+        """The first stage's input is the teacher: it must be integer weight-only compressed-tensors."""
+        self.require_integer_grid(student.config, "the teacher")
+
+    def check_input(self, student: TeacherInfo) -> None:
+        super().check_input(student)
+        self.require_integer_grid(student.config, "the model the stages before it will make")
+
+    def require_integer_grid(self, config: Any, source: str) -> None:
+        """Refuse an input that is not a weight-only integer compressed-tensors model, naming what to do.
+
+        Raises:
+            ConfigError: one line, with what the input is.
+        """
+        from slimforge.errors import ConfigError
+
+        why = integer_grid_problem(config)
+        if why:
+            raise ConfigError(qat_input_error(source, why))
+
+    def set_trainable(self, student: Any) -> None:
+        """Only what ``trainable`` names; everything else (embeddings, lm_head, other layers) stays frozen.
+
+        Without ``weights`` the fake-quantized layers' codes are frozen as they are.
+        """
+        from slimforge.distill.qat_params import fake_quant_linears, qat_parameters
+
+        student.requires_grad_(False)
+        for kind, params in qat_parameters(student).items():
+            for param in params:
+                param.requires_grad_(kind in self.trainable)
+        if "weights" not in self.trainable:
+            for layer in fake_quant_linears(student).values():
+                layer.freeze_codes()
+
+    def param_groups(self, model: Any) -> list[dict[str, Any]]:
+        """One group per trained tensor, its learning rate ``lr`` or ``scale_lr`` times the tensor's own size."""
+        from slimforge.distill.qat_params import relative_param_groups
+
+        return relative_param_groups(model, self.lr, self.scale_lr)
+
+    def card_settings(self, meta: dict[str, Any]) -> list[str]:
+        grid = (meta.get("quantization") or {}).get("grids")
+        codes = "codes trained (LSQ)" if "weights" in self.trainable else "codes frozen"
+        parts = [f"fake-quantized {grid}" if grid else "fake-quantized", f"trains {', '.join(self.trainable)}",
+                 codes, *super().card_settings(meta)]
+        if "scales" in self.trainable:
+            parts.append(f"scale_lr {self.scale_lr}")
+        parts.append("learning rates relative to each tensor's size")
+        return parts
+
+    def artifact_format(self, meta: dict[str, Any]) -> str | None:
+        return "compressed-tensors"

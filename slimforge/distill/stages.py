@@ -79,11 +79,37 @@ def distill_stage(ctx: StageContext) -> StageOutput:
     quantized_parent = bool(ctx.parent.meta.get("quantization") or _has_quant_config(ctx.parent.path))
     # Train fp32 master weights; precision=bf16 trains under autocast. Quantized bases keep their storage.
     student, tokenizer = ctx.parent.load(device=ctx.device, dtype=None if quantized_parent else torch.float32)
+    warn_if_larger_than_teacher(student, teacher_config(ctx))
+    model, meta, metrics = train_from_teacher(ctx, student, tokenizer)
+    if cfg.lora.enabled:
+        if quantized_parent:
+            return _save_adapter(ctx, model, tokenizer, meta, metrics)
+        model = model.merge_and_unload()
+        meta["distill"]["lora"] = "merged"
+    model.eval()
+    return StageOutput(model=model, tokenizer=tokenizer, meta=meta, metrics=metrics)
+
+
+def teacher_config(ctx: StageContext) -> Any:
+    """The teacher's config: read from its folder, or from the loaded model for a GGUF teacher."""
+    return ctx.teacher_ref.load_config() if ctx.teacher_ref.gguf_file is None else ctx.teacher()[0].config
+
+
+def train_from_teacher(ctx: StageContext, student: Any, tokenizer: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """Distil a loaded ``student`` as the stage's config says: the checks, the teacher or its cache, training.
+
+    Shared by every distill method that trains a model (``kd``, ``qat``): they differ in how
+    they load the student and write the result, not in how it learns.
+
+    Returns:
+        The trained student (unwrapped), the artifact's ``distill`` meta (held-out metrics before
+        training, history, losses) and the stage's metrics.
+    """
+    cfg: DistillConfig = ctx.config
     teacher_tok = ctx.session.teacher_tokenizer()
-    teacher_cfg = ctx.teacher_ref.load_config() if ctx.teacher_ref.gguf_file is None else ctx.teacher()[0].config
+    teacher_cfg = teacher_config(ctx)
     check_compatible(teacher_tok, tokenizer, teacher_cfg, student.config)
     check_student(cfg, student, teacher_cfg, ctx.parent.meta.get("kept_layers"), f"stages.{ctx.name}")
-    warn_if_larger_than_teacher(student, teacher_cfg)
     data = ctx.data()
     if len(data.train) == 0:
         raise ConfigError("the training split is empty; add data or lower data.heldout_fraction")
@@ -96,7 +122,6 @@ def distill_stage(ctx: StageContext) -> StageOutput:
                              run_name=ctx.name)
     before = trainer.evaluate(student) if trainer.resume_point() is None else None
     result = trainer.train()
-    model = result.model
     meta: dict[str, Any] = {"distill": {"teacher_cache": cache.meta["key"] if cache else None,
                                         "history": result.history, "losses": result.losses}}
     if before is not None:
@@ -104,13 +129,7 @@ def distill_stage(ctx: StageContext) -> StageOutput:
     metrics = dict(result.metrics)
     if before is not None:
         metrics.update({f"before_{k}": v for k, v in before.items()})
-    if cfg.lora.enabled:
-        if quantized_parent:
-            return _save_adapter(ctx, model, tokenizer, meta, metrics)
-        model = model.merge_and_unload()
-        meta["distill"]["lora"] = "merged"
-    model.eval()
-    return StageOutput(model=model, tokenizer=tokenizer, meta=meta, metrics=metrics)
+    return result.model, meta, metrics
 
 
 def check_student(cfg: DistillConfig, student: Any, teacher_config: Any, kept_layers: list[int] | None,

@@ -221,13 +221,14 @@ class DistillTrainer:
         return Accelerator(cpu=self.device.type == "cpu", mixed_precision="bf16" if precision == "bf16" else "no",
                            log_with=trackers or None)
 
-    def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    def _optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """AdamW over the schema's parameter groups (a group's own ``lr`` or ``weight_decay`` wins)."""
         if self.cfg.optimizer == "adamw_8bit":
             import bitsandbytes as bnb
 
-            return bnb.optim.AdamW8bit(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+            return bnb.optim.AdamW8bit(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         fused = self.device.type == "cuda"
-        return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=fused)
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=fused)
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
         from transformers import get_scheduler
@@ -244,7 +245,7 @@ class DistillTrainer:
             self.teacher.eval().requires_grad_(False)
         wrapped = StudentWithLoss(self.student, projections)
         params = [p for p in wrapped.parameters() if p.requires_grad]
-        optimizer = self._optimizer(params)
+        optimizer = self._optimizer(self.cfg.param_groups(wrapped))
         scheduler = self._scheduler(optimizer)
         wrapped, optimizer = acc.prepare(wrapped, optimizer)
         acc.register_for_checkpointing(scheduler)

@@ -88,7 +88,7 @@ def prepare_student(cfg: DistillConfig, student: Any) -> tuple[Any, dict[str, to
             raise ConfigError(f"lora.target_modules={list(cfg.lora.target_modules)} matched no module of the "
                               f"student ({str(err).splitlines()[0][:120]}); name its linear layers, e.g. q_proj") from None
     else:
-        student.requires_grad_(True)
+        cfg.set_trainable(student)  # every weight, or what the method's schema says trains
     student.train()
     if not any(p.requires_grad for p in student.parameters()):
         raise ConfigError("the student has no trainable parameters; check lora.target_modules")
