@@ -6,6 +6,7 @@
 #   2. bench/kd_step.py --preset h100 16 x 2048  does each variant fit?
 #   3. bench/sparse24_speed.py                   2:4 semi-structured matmul and prefill speed-up
 #   4. bench/decode_speed.py                     bf16 vs bitsandbytes int8 / NF4 decode tok/s
+#   5. bench/w8a8_gpu.py                         FP8/int8 GEMMs vs slimforge's W8A8 emulation: parity and speed
 #
 # The lent H100 has torch, transformers and accelerate but no bitsandbytes: put its wheel
 # (pip download bitsandbytes==0.50.2 --no-deps -d shared/wheels) where WHEELS points, or step 4
@@ -45,3 +46,5 @@ if "$PY" -c "import bitsandbytes" 2>/dev/null; then
 else
   echo "== decode: skipped, bitsandbytes is not installed and no wheel in $WHEELS" | tee -a "$OUT/summary.txt"
 fi
+
+step w8a8 150 "$PY" bench/w8a8_gpu.py
