@@ -1,0 +1,167 @@
+"""Speculative decoding with a draft model: the teacher's greedy output, fewer teacher steps.
+
+A draft proposes ``k`` tokens greedily, one at a time; the teacher scores all of them in one
+forward pass over its KV cache and keeps the longest prefix it agrees with (its own argmax at
+each place), then adds its own next token: the one after the first disagreement, or a bonus
+token when all ``k`` were accepted. Each round therefore emits between 1 and ``k + 1`` tokens,
+every one of them the teacher's own greedy choice, so the output is the teacher's greedy
+output exactly, as long as the teacher's scores of a position do not depend on whether it
+computes it alone or among the ``k + 1`` of a round. In float32 they agree to rounding (tested:
+identical tokens); in bfloat16 a batched verification sums in another order, and a near-tie
+between the two likeliest tokens (a logit gap below bfloat16's resolution, ~1e-2 relative) can
+flip. Both caches are cut back to the accepted tokens after each round (``DynamicCache.crop``).
+
+**Cost model** (Leviathan et al., 2023). With each drafted token accepted independently with
+probability ``a``, a round of ``k`` drafts emits ``E = (1 - a^(k+1)) / (1 - a)`` tokens on
+average and costs ``k`` draft steps plus one verification: ``k * c + v`` teacher steps, with
+``c`` the draft step's cost and ``v`` the verification pass's, both relative to one teacher
+decode step. The speed-up over the teacher alone is ``E / (k * c + v)``. On a CPU ``v`` exceeds
+1 (``k + 1`` positions are more work than one, where a GPU step is bound by reading weights), so
+the model takes the measured ``v``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class SpecStats:
+    """What a speculative decode did: rounds, drafted and accepted tokens, and where the time went."""
+
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    accepted_per_round: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted drafted tokens over drafted tokens."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.emitted / self.rounds if self.rounds else 0.0
+
+
+def expected_tokens_per_round(acceptance: float, k: int) -> float:
+    """``E = (1 - a^(k+1)) / (1 - a)``: the tokens a round of ``k`` drafts emits, each accepted with probability ``a``."""
+    if not 0 <= acceptance <= 1:
+        raise ValueError(f"an acceptance rate lies in [0, 1], got {acceptance}")
+    if acceptance == 1:
+        return float(k + 1)
+    return (1 - acceptance ** (k + 1)) / (1 - acceptance)
+
+
+def predicted_speedup(acceptance: float, k: int, draft_cost: float, verify_cost: float = 1.0) -> float:
+    """The cost model's speed-up over the teacher alone: ``E / (k * draft_cost + verify_cost)``.
+
+    Args:
+        acceptance: probability that a drafted token is accepted.
+        k: tokens drafted per round.
+        draft_cost: one draft decode step, in teacher decode steps.
+        verify_cost: one verification pass over ``k + 1`` positions, in teacher decode steps.
+    """
+    return expected_tokens_per_round(acceptance, k) / (k * draft_cost + verify_cost)
+
+
+def _step(model: Any, ids: torch.Tensor, cache: Any) -> torch.Tensor:
+    """Logits [len(ids), vocab] of ``ids`` [1, n] appended to ``cache`` (which grows by n)."""
+    return model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0]
+
+
+def _drop(cache: Any, tokens: int) -> None:
+    """Remove the last ``tokens`` positions from ``cache`` (transformers 5 takes a negative count)."""
+    if tokens > 0:
+        cache.crop(-tokens)
+
+
+@torch.no_grad()
+def greedy_decode(model: Any, prompt: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None
+                  ) -> tuple[list[int], float]:
+    """The model's own greedy continuation of ``prompt`` [1, n] with its KV cache; ``(tokens, seconds)``."""
+    from transformers import DynamicCache
+
+    start = time.perf_counter()
+    cache = DynamicCache()
+    logits = _step(model, prompt, cache)
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        token = int(logits[-1].argmax())
+        out.append(token)
+        if token == eos_token_id:
+            break
+        logits = _step(model, torch.tensor([[token]], device=prompt.device), cache)
+    return out, time.perf_counter() - start
+
+
+@torch.no_grad()
+def speculative_decode(teacher: Any, draft: Any, prompt: torch.Tensor, max_new_tokens: int, k: int = 4,
+                       eos_token_id: int | None = None) -> tuple[list[int], SpecStats]:
+    """The teacher's greedy continuation of ``prompt`` [1, n], drafted ``k`` tokens at a time (module docstring).
+
+    Returns:
+        ``(tokens, stats)``: at most ``max_new_tokens`` tokens, stopping after ``eos_token_id``.
+    """
+    from transformers import DynamicCache
+
+    if k < 1:
+        raise ValueError(f"k, the tokens drafted per round, must be >= 1, got {k}")
+    device = prompt.device
+    stats = SpecStats()
+    t_cache, d_cache = DynamicCache(), DynamicCache()
+    # Both caches hold the prompt but its last token, which every round feeds first.
+    if prompt.shape[1] > 1:
+        _step(teacher, prompt[:, :-1], t_cache)
+        _step(draft, prompt[:, :-1], d_cache)
+    last = int(prompt[0, -1])
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        room = max_new_tokens - len(out)
+        steps = min(k, room - 1) if room > 1 else 0
+        start = time.perf_counter()
+        drafted: list[int] = []
+        token = last
+        for _ in range(steps):
+            token = int(_step(draft, torch.tensor([[token]], device=device), d_cache)[-1].argmax())
+            drafted.append(token)
+            if token == eos_token_id:
+                break
+        middle = time.perf_counter()
+        logits = _step(teacher, torch.tensor([[last, *drafted]], device=device), t_cache)
+        choice = logits.argmax(-1).tolist()  # the teacher's token after last, after drafted[0], ...
+        accepted = 0
+        while accepted < len(drafted) and drafted[accepted] == choice[accepted]:
+            accepted += 1
+        emitted = [*drafted[:accepted], choice[accepted]]
+        stats.verify_seconds += time.perf_counter() - middle
+        stats.draft_seconds += middle - start
+        start = time.perf_counter()
+        stats.rounds += 1
+        stats.drafted += len(drafted)
+        stats.accepted += accepted
+        stats.accepted_per_round.append(accepted)
+        # Each cache must end just before the new last token: at last + drafted[:accepted].
+        _drop(t_cache, len(drafted) - accepted)  # it holds last + drafted
+        if accepted < len(drafted):
+            _drop(d_cache, len(drafted) - 1 - accepted)  # it holds last + drafted[:-1]
+        elif drafted:  # all accepted: the draft has not seen its own last token yet
+            _step(draft, torch.tensor([[drafted[-1]]], device=device), d_cache)
+        else:  # nothing drafted (one token left to emit): the draft has not seen last
+            _step(draft, torch.tensor([[last]], device=device), d_cache)
+        stats.draft_seconds += time.perf_counter() - start
+        for token in emitted:
+            out.append(token)
+            if token == eos_token_id or len(out) == max_new_tokens:
+                stats.emitted = len(out)
+                return out, stats
+        last = emitted[-1]
+    stats.emitted = len(out)
+    return out, stats

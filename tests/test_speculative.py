@@ -1,0 +1,90 @@
+"""Speculative decoding (slimforge/eval/speculative.py): the teacher's greedy output exactly, and the cost model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_model
+
+from slimforge.eval.speculative import (
+    expected_tokens_per_round,
+    greedy_decode,
+    predicted_speedup,
+    speculative_decode,
+)
+
+
+def sharp(arch: str, tokenizer, layers: int, seed: int, gain: float = 4.0):
+    model = build_model(arch, tokenizer, layers=layers, seed=seed).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(gain if p.dim() > 1 else 1.0)
+    return model
+
+
+def prompt(tokenizer, text: str = "To be, or not to be, that is the question") -> torch.Tensor:
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+@pytest.mark.parametrize(("arch", "k"), [("llama", 1), ("llama", 5), ("mistral", 3), ("qwen3", 4)])
+def test_output_is_the_teachers_greedy_output_in_float32(tokenizer, arch, k):
+    """Mistral's sliding window (16) is shorter than prompt + 40 tokens: cutting its cache back must still work."""
+    teacher = sharp(arch, tokenizer, layers=4, seed=1)
+    draft = sharp(arch, tokenizer, layers=1, seed=2)
+    ids = prompt(tokenizer)
+    reference = teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=40,
+                                 min_new_tokens=40, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    ours, _ = greedy_decode(teacher, ids, 40)
+    assert ours == reference
+    tokens, stats = speculative_decode(teacher, draft, ids, 40, k=k)
+    assert tokens == reference
+    assert stats.emitted == 40 and stats.accepted <= stats.drafted <= k * stats.rounds
+    assert stats.rounds == 40 - stats.accepted  # every round emits its accepted drafts and one teacher token
+
+
+def test_a_draft_that_is_the_teacher_is_always_accepted(tokenizer):
+    teacher = sharp("llama", tokenizer, layers=2, seed=1)
+    tokens, stats = speculative_decode(teacher, teacher, prompt(tokenizer), 30, k=4)
+    assert tokens == greedy_decode(teacher, prompt(tokenizer), 30)[0]
+    assert stats.acceptance_rate == 1.0
+    assert stats.rounds == 6 and stats.tokens_per_round == 5.0  # 5 tokens a round: 4 drafts and the bonus
+
+
+def test_an_unrelated_draft_is_rarely_accepted_and_still_changes_nothing(tokenizer):
+    teacher = sharp("llama", tokenizer, layers=2, seed=1)
+    stranger = sharp("llama", tokenizer, layers=1, seed=9)
+    tokens, stats = speculative_decode(teacher, stranger, prompt(tokenizer), 30, k=4)
+    assert tokens == greedy_decode(teacher, prompt(tokenizer), 30)[0]
+    assert stats.acceptance_rate < 0.5
+
+
+def test_decoding_stops_after_the_eos_token(tokenizer):
+    teacher = sharp("llama", tokenizer, layers=2, seed=1)
+    full, _ = greedy_decode(teacher, prompt(tokenizer), 30)
+    eos = full[7]
+    cut = full[: full.index(eos) + 1]
+    assert greedy_decode(teacher, prompt(tokenizer), 30, eos_token_id=eos)[0] == cut
+    draft = sharp("llama", tokenizer, layers=1, seed=2)
+    assert speculative_decode(teacher, draft, prompt(tokenizer), 30, k=3, eos_token_id=eos)[0] == cut
+
+
+def test_one_token_prompt_and_budget_edges(tokenizer):
+    teacher = sharp("llama", tokenizer, layers=2, seed=1)
+    draft = sharp("llama", tokenizer, layers=1, seed=2)
+    one = prompt(tokenizer)[:, :1]
+    for budget in (1, 2, 5):
+        assert speculative_decode(teacher, draft, one, budget, k=4)[0] == greedy_decode(teacher, one, budget)[0]
+    with pytest.raises(ValueError, match=r"k, the tokens drafted per round, must be >= 1, got 0"):
+        speculative_decode(teacher, draft, one, 5, k=0)
+
+
+def test_cost_model():
+    for a in (0.0, 0.3, 0.75, 0.99):
+        for k in (1, 4, 8):
+            assert expected_tokens_per_round(a, k) == pytest.approx(sum(a**i for i in range(k + 1)))
+    assert expected_tokens_per_round(1.0, 4) == 5.0
+    # The issue's example: a draft at a quarter of the teacher's cost, 70-80% acceptance, k = 4, v = 1.
+    assert 1.35 < predicted_speedup(0.7, 4, 0.25) < 1.45 and 1.5 < predicted_speedup(0.8, 4, 0.25) < 1.7
+    assert predicted_speedup(0.0, 4, 0.25) == pytest.approx(0.5)  # drafts that never land halve the speed
+    with pytest.raises(ValueError, match=r"acceptance rate lies in \[0, 1\], got 1.5"):
+        expected_tokens_per_round(1.5, 4)
