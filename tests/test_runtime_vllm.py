@@ -288,7 +288,7 @@ def test_a_different_model_fails_the_comparison(checked, folders):
     ours = rv.transformers_greedy(folders["plain"], [s["prompt_ids"] for s in theirs], max_tokens=12)
     verdicts = [rv.compare_prompt(s["vllm"]["token_ids"], s["vllm"]["logprobs"], g, rv.FP32_TOLERANCE)
                 for s, g in zip(theirs, ours)]
-    assert not all(v["ok"] for v in verdicts), (tolerance, verdicts)
+    assert not any(v["ok"] for v in verdicts)
     assert all(v["max_abs_diff"] > 100 * rv.FP32_TOLERANCE for v in verdicts)
     assert checked["other"]["ok"]  # and against its own weights, that model agrees
 
