@@ -503,6 +503,9 @@ class TaskConfig:
     def check_eval(self, eval_cfg: EvalConfig) -> None:
         """Checks against the recipe's eval section, run while the recipe is validated (before any model)."""
 
+    def check_data(self, data: DataConfig) -> None:
+        """Checks against the run's data section (its block size, say), run while the recipe is validated."""
+
     @classmethod
     def from_command_line(cls, options: Any) -> TaskConfig | None:
         """This type as ``slimforge eval --tasks <type>`` makes it (``options``: the parsed
@@ -763,8 +766,12 @@ def validate_recipe(cfg: Any) -> Recipe:
     chosen = OmegaConf.create({name: cfg.stages[name] for name in top.pipeline})
     stages = _typed_entries(chosen, "stages", "method", lambda node: node.get("kind"))
     tasks = _typed_entries(cfg.eval.tasks, "eval.tasks", "type", lambda node: "eval")
-    for task in tasks.values():
+    for name, task in tasks.items():
         task.check_eval(top.eval)
+        try:
+            task.check_data(top.data)
+        except FieldError as err:
+            raise err.at(f"eval.tasks.{name}") from None
     for name, stage in stages.items():
         if stage.kind == "student" and name != top.pipeline[0]:
             raise ConfigError(

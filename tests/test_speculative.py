@@ -88,3 +88,29 @@ def test_cost_model():
     assert predicted_speedup(0.0, 4, 0.25) == pytest.approx(0.5)  # drafts that never land halve the speed
     with pytest.raises(ValueError, match=r"acceptance rate lies in \[0, 1\], got 1.5"):
         expected_tokens_per_round(1.5, 4)
+
+
+def test_speculative_task_in_a_recipe_measures_each_student_as_a_draft(teacher_dir, corpus_dir, tmp_path):
+    """teacher -> a 2-layer student of it; the ``speculative`` task times the teacher alone, then with the
+    student drafting: identical outputs in fp32, and every figure the report needs."""
+    import json
+    from pathlib import Path
+
+    from test_pipeline import tiny_args
+
+    from slimforge import cli
+
+    recipe = str(Path(__file__).resolve().parent / "assets" / "recipes" / "student.yaml")
+    run_dir = tmp_path / "run"
+    args = tiny_args(teacher_dir, corpus_dir, run_dir, "+eval.tasks.spec.type=speculative",
+                     "+eval.tasks.spec.prompts=2", "+eval.tasks.spec.prompt_tokens=8",
+                     "+eval.tasks.spec.new_tokens=12", "+eval.tasks.spec.k=3")
+    assert cli.main(["run", recipe, *args]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    teacher = report["models"]["teacher"]["tasks"]["spec"]
+    student = report["models"]["student"]["tasks"]["spec"]
+    assert teacher["greedy_tokens_per_s"] > 0
+    assert student["identical_outputs"] == 1.0
+    assert 0 <= student["acceptance_rate"] <= 1 and 1 <= student["tokens_per_round"] <= 4
+    assert student["speedup"] > 0 and student["predicted_speedup"] > 0
+

@@ -33,6 +33,12 @@ register(
     "parameters, size on disk, peak memory, prefill / decode tokens/s, latency",
 )
 register(
+    "eval", "speculative",
+    "slimforge.eval.speculative:speculative_task", "slimforge.eval.config:SpeculativeTaskConfig",
+    "the model as a draft for its teacher: acceptance rate, tokens per round, the teacher's greedy speed-up "
+    "(identical output), and the cost model's prediction",
+)
+register(
     "eval", "bias",
     "slimforge.eval.bias:bias_task", "slimforge.eval.config:BiasTaskConfig",
     "BBQ-style social bias (ambiguous and disambiguated questions), and each student's shift from the teacher",

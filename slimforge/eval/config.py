@@ -402,6 +402,46 @@ class EfficiencyTaskConfig(TaskConfig):
         return device_name(settings.device)
 
 
+@dataclass
+class SpeculativeTaskConfig(TaskConfig):
+    """A student as a draft model for its teacher: acceptance rate and the teacher's greedy speed-up.
+
+    Prompts are the first ``prompt_tokens`` of the first ``prompts`` held-out blocks of the run's
+    data; each is continued by ``new_tokens`` of the teacher's greedy output, once by the teacher
+    alone and once with the model drafting ``k`` tokens a round
+    (:func:`slimforge.eval.speculative.speculative_decode`), after one warm-up of each. On the
+    teacher itself the task measures only its own greedy decode speed.
+    """
+
+    USES_DATA: ClassVar[bool] = True
+    PAIRED: ClassVar[bool] = True
+    TEACHER_TOKENS: ClassVar[bool] = True  # the draft proposes the teacher's token ids
+    FRESH: ClassVar[bool] = True  # timings: measured anew, like efficiency
+
+    type: str = "speculative"
+    prompts: int = 4
+    prompt_tokens: int = 64
+    new_tokens: int = 64
+    k: int = 4
+
+    def check(self) -> None:
+        check_int("prompts", self.prompts, low=1, high=1000)
+        check_int("prompt_tokens", self.prompt_tokens, low=1, high=32768)
+        check_int("new_tokens", self.new_tokens, low=1, high=4096)
+        check_int("k", self.k, low=1, high=64)
+
+    def check_data(self, data: DataConfig) -> None:
+        if self.prompt_tokens >= data.block_size:
+            raise FieldError("prompt_tokens", self.prompt_tokens,
+                             f"a prompt is cut from one held-out block, and data.block_size is {data.block_size}; "
+                             "lower prompt_tokens or raise data.block_size")
+
+    def cache_key_extra(self, settings: EvalSettings) -> Any:
+        from slimforge.models import device_name
+
+        return device_name(settings.device)
+
+
 # The social categories of the pinned ``bbq`` asset (tests/test_eval_bias.py checks them against it).
 BIAS_CATEGORIES = ("age", "gender", "race", "religion")
 

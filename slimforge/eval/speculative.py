@@ -165,3 +165,67 @@ def speculative_decode(teacher: Any, draft: Any, prompt: torch.Tensor, max_new_t
         last = emitted[-1]
     stats.emitted = len(out)
     return out, stats
+
+
+def _prompts(ctx: Any, cfg: Any) -> list[torch.Tensor]:
+    from slimforge.data import blocks_tensor
+    from slimforge.eval.perplexity import data_split
+
+    blocks = blocks_tensor(data_split(ctx, "heldout"), cfg.prompts)
+    if blocks.shape[1] < cfg.prompt_tokens:
+        from slimforge.errors import ConfigError
+
+        raise ConfigError(f"prompt_tokens={cfg.prompt_tokens} exceeds the data's blocks of {blocks.shape[1]} tokens; "
+                         "lower prompt_tokens or raise data.block_size")
+    return [blocks[i:i + 1, :cfg.prompt_tokens].to(ctx.device) for i in range(blocks.shape[0])]
+
+
+def speculative_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str, Any]:
+    """Registered as ``speculative``: this model drafting for the teacher (module docstring)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    prompts = _prompts(ctx, cfg)
+    pair = ctx.teacher()
+    if pair is None:  # the teacher itself: its own greedy speed, the baseline every draft is held to
+        greedy_decode(model, prompts[0], 2, eos)
+        runs = [greedy_decode(model, p, cfg.new_tokens, eos) for p in prompts]
+        tokens = sum(len(t) for t, _ in runs)
+        return {"greedy_tokens_per_s": tokens / sum(s for _, s in runs),
+                "info": {"prompts": len(prompts), "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens},
+                "higher_is_better": {"greedy_tokens_per_s": True}}
+    teacher = pair[0]
+    greedy_decode(teacher, prompts[0], 2, eos)  # warm-ups
+    speculative_decode(teacher, model, prompts[0], 2, cfg.k, eos)
+    alone_s = spec_s = draft_alone_s = 0.0
+    identical, alone_tokens, spec_tokens = 0, 0, 0
+    total = SpecStats()
+    for prompt in prompts:
+        reference, seconds = greedy_decode(teacher, prompt, cfg.new_tokens, eos)
+        alone_s, alone_tokens = alone_s + seconds, alone_tokens + len(reference)
+        start = time.perf_counter()
+        tokens, stats = speculative_decode(teacher, model, prompt, cfg.new_tokens, cfg.k, eos)
+        spec_s += time.perf_counter() - start
+        spec_tokens += len(tokens)
+        identical += tokens == reference
+        drafted, seconds = greedy_decode(model, prompt, cfg.new_tokens, eos)
+        draft_alone_s += seconds / max(len(drafted), 1)
+        for name in ("rounds", "drafted", "accepted", "emitted", "draft_seconds", "verify_seconds"):
+            setattr(total, name, getattr(total, name) + getattr(stats, name))
+    teacher_step = alone_s / max(alone_tokens, 1)
+    draft_cost = draft_alone_s / len(prompts) / teacher_step
+    verify_cost = total.verify_seconds / max(total.rounds, 1) / teacher_step
+    acceptance = total.acceptance_rate
+    return {
+        "acceptance_rate": acceptance,
+        "tokens_per_round": total.tokens_per_round,
+        "speedup": (spec_tokens / spec_s) / (alone_tokens / alone_s),
+        "teacher_tokens_per_s": alone_tokens / alone_s,
+        "speculative_tokens_per_s": spec_tokens / spec_s,
+        "predicted_speedup": predicted_speedup(acceptance, cfg.k, draft_cost, verify_cost),
+        "identical_outputs": identical / len(prompts),
+        "info": {"k": cfg.k, "prompts": len(prompts), "prompt_tokens": cfg.prompt_tokens,
+                 "new_tokens": cfg.new_tokens, "draft_cost": draft_cost, "verify_cost": verify_cost,
+                 "dtype": str(next(teacher.parameters()).dtype).removeprefix("torch.")},
+        "higher_is_better": {"acceptance_rate": True, "tokens_per_round": True, "speedup": True,
+                             "teacher_tokens_per_s": True, "speculative_tokens_per_s": True,
+                             "predicted_speedup": True, "identical_outputs": True},
+    }
