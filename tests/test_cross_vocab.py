@@ -204,3 +204,39 @@ def test_aligned_positions_on_two_real_tokenizations_predict_the_same_continuati
         assert ea["offset_mapping"][i][1] == eb["offset_mapping"][j][1]
         cut = ea["offset_mapping"][i][1]
         assert a.decode(ea["input_ids"][: i + 1]).rstrip() == text[:cut].rstrip()
+
+
+def test_teacher_view_reads_a_student_block_as_the_teacher_would(corpus_dir):
+    """A block of the byte-level student's tokens, cut anywhere in the corpus, seen by the Metaspace teacher:
+    the aligned positions cover the same bytes of text on both sides, and the teacher's tokens spell that text."""
+    from slimforge.distill.cross_vocab import teacher_view
+
+    student, teacher = build_tokenizer(384), metaspace_tokenizer(300)
+    text = "".join(p.read_text() for p in sorted(corpus_dir.glob("*.txt")))[:4000]
+    ids = student(text, add_special_tokens=False)["input_ids"]
+    table = token_bytes(student)
+    checked = 0
+    for start in range(0, len(ids) - 64, 97):
+        block = ids[start:start + 64]
+        view = teacher_view(block, table, teacher)
+        assert view.student_positions and len(view.student_positions) == len(view.teacher_positions)
+        t_bytes = [token_bytes(teacher)[t] for t in view.teacher_ids]
+        # The teacher's tokens spell the block's text (Metaspace adds a leading space of its own).
+        assert b"".join(t_bytes).lstrip(b" ") == b"".join(table[i] for i in block).lstrip(b" ")
+        for i, j in zip(view.student_positions, view.teacher_positions):
+            s_prefix = b"".join(table[t] for t in block[: i + 1])
+            t_prefix = b"".join(t_bytes[: j + 1])
+            # Metaspace marks the text's first character with a space of its own: compare without it.
+            assert s_prefix.lstrip(b" ") == t_prefix.lstrip(b" "), (s_prefix[-20:], t_prefix[-20:])
+            checked += 1
+    assert checked > 200
+
+
+def test_teacher_view_drops_characters_cut_at_a_blocks_edges():
+    """A block that starts and ends inside multi-byte characters: only whole characters reach the teacher."""
+    from slimforge.distill.cross_vocab import teacher_view
+
+    teacher = metaspace_tokenizer(300)
+    table = {0: "é".encode()[1:], 1: b" to", 2: b" be", 3: "é".encode()[:1]}
+    view = teacher_view([0, 1, 2, 3], table, teacher)
+    assert teacher.decode(view.teacher_ids).strip() == "to be"

@@ -212,7 +212,8 @@ def aligned_positions(student_ends: Sequence[int], teacher_ends: Sequence[int]) 
     sequence and is left out.
 
     Args:
-        student_ends, teacher_ends: each token's character end offset, non-decreasing.
+        student_ends, teacher_ends: each token's character end offset, non-decreasing; -1 marks a token
+            that ends at no boundary (it pairs with nothing).
 
     Returns:
         ``(student positions, teacher positions)``, equally long, increasing.
@@ -237,3 +238,56 @@ def aligned_positions(student_ends: Sequence[int], teacher_ends: Sequence[int]) 
         else:
             j += 1
     return s_out, t_out
+
+
+@dataclass(frozen=True)
+class TeacherView:
+    """One student block as the teacher reads it: its text in the teacher's tokens, and the pairs of
+    positions (student, teacher) that predict the continuation of the same prefix."""
+
+    teacher_ids: list[int]
+    student_positions: list[int]
+    teacher_positions: list[int]
+
+
+def _byte_ends(pieces: Sequence[bytes]) -> list[int]:
+    ends, total = [], 0
+    for piece in pieces:
+        total += len(piece)
+        ends.append(total)
+    return ends
+
+
+def teacher_view(student_ids: Sequence[int], student_bytes: dict[int, bytes], teacher_tokenizer: Any) -> TeacherView:
+    """Re-tokenize a student block for the teacher, aligned by bytes of text (module docstring).
+
+    The block's text is its tokens' bytes laid end to end (:func:`token_bytes`; exact, with no
+    re-encoding by the student's tokenizer, whose merges at a block's cut edges could differ). A
+    block cut inside a multi-byte character loses that character's bytes at its edges; special
+    tokens are left out of the text and align with nothing.
+
+    Args:
+        student_ids: one block of the student's token ids.
+        student_bytes: :func:`token_bytes` of the student's tokenizer.
+        teacher_tokenizer: a fast tokenizer (it must return offsets).
+    """
+    pieces = [b"" if student_bytes.get(i, SPECIAL_MARK).startswith(SPECIAL_MARK) else student_bytes[i]
+              for i in student_ids]
+    raw = b"".join(pieces)
+    front = 0  # continuation bytes of a character cut at the block's start
+    while front < len(raw) and (raw[front] & 0xC0) == 0x80:
+        front += 1
+    text = raw[front:].decode("utf-8", errors="ignore")  # and the incomplete character cut at its end
+    encoded_text = text.encode("utf-8")
+    if raw[front:front + len(encoded_text)] != encoded_text:  # invalid bytes inside: no alignment to trust
+        return TeacherView([], [], [])
+    # Byte offset (in the block) of every character's end, to map the teacher's character offsets back.
+    char_end = [front + end for end in _byte_ends([c.encode("utf-8") for c in text])]
+    encoded = teacher_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = encoded["offset_mapping"]
+    # A token whose span the next one overlaps (Metaspace's own leading "▁" claims the first character,
+    # which the next token covers too) ends at no boundary of the text: it aligns with nothing (-1).
+    t_ends = [-1 if k + 1 < len(spans) and spans[k + 1][0] < end else (char_end[end - 1] if end > 0 else front)
+              for k, (_, end) in enumerate(spans)]
+    s_pos, t_pos = aligned_positions(_byte_ends(pieces), t_ends)
+    return TeacherView(list(encoded["input_ids"]), s_pos, t_pos)
