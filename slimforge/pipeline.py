@@ -210,6 +210,16 @@ class Run:
                     raise (err.at(f"stages.{name}") if isinstance(err, FieldError) else err) from None
                 if hook == "planned_config" and result is not None:
                     known = TeacherInfo(result, target.tokenizer)
+            # check_with_teacher: the stage's input against the teacher, where both are known now.
+            stage_input = planned_input if index > 0 else (
+                (source_info := source_info or model_info(self.source)) if self.source is not None else None)
+            if hasattr(stage_cfg, "check_with_teacher") and stage_input is not None:
+                try:
+                    stage_cfg.check_with_teacher(stage_input, info := info or teacher_info(session))
+                except ConfigError as err:
+                    from slimforge.config import FieldError
+
+                    raise (err.at(f"stages.{name}") if isinstance(err, FieldError) else err) from None
             chash = config_hash(stage_cfg)
             parts = [stage_cfg.kind, stage_cfg.method, chash, parent_fp, self.cfg.seed]
             if self.source is not None:

@@ -47,6 +47,7 @@ TINY_TASKS = {
     "word_perplexity": {"max_documents": 2},
     "efficiency": {"prompt_tokens": 8, "new_tokens": 2, "repeats": 1},
     "generation": {"limit": 2, "max_new_tokens": 4},
+    "speculative": {"prompts": 2, "prompt_tokens": 8, "new_tokens": 6},
 }
 NO_GATE = ["eval.gate.min_retained=null", "eval.gate.max_kl=null", "eval.gate.min_top1_agreement=null",
            "eval.gate.min_retained_tasks={}"]

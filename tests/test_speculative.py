@@ -114,3 +114,36 @@ def test_speculative_task_in_a_recipe_measures_each_student_as_a_draft(teacher_d
     assert 0 <= student["acceptance_rate"] <= 1 and 1 <= student["tokens_per_round"] <= 4
     assert student["speedup"] > 0 and student["predicted_speedup"] > 0
 
+
+
+def test_draft_recipe_at_tiny_scale(tokenizer, tmp_path):
+    """The shipped draft_speculative recipe on a tiny teacher with peaked distributions: its first and last
+    layers distilled for 40 steps on the teacher's own generations, then measured against that draft
+    undistilled by the speculative task."""
+    import json
+
+    from slimforge import cli
+
+    teacher_dir = tmp_path / "teacher"
+    sharp("llama", tokenizer, layers=4, seed=3, gain=6.0).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    run_dir = tmp_path / "run"
+    args = ["run", "draft_speculative", f"teacher.path={teacher_dir}", "data.block_size=32",
+            "data.generate.num_samples=32", "data.generate.max_new_tokens=48", "data.generate.batch_size=16",
+            "stages.draft.steps=40", "stages.draft.batch_size=8", "stages.draft.lr=3e-3",
+            "stages.draft.warmup_steps=0", "stages.draft.eval_every=40", "eval.tasks.perplexity.max_blocks=4",
+            "eval.batch_size=4", "eval.tasks.speculative.prompts=4", "eval.tasks.speculative.prompt_tokens=8",
+            "eval.tasks.speculative.new_tokens=16", f"run_dir={run_dir}"]
+    assert cli.main(args) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    draft = report["models"]["draft"]["tasks"]["speculative"]
+    undistilled = report["models"]["student"]["tasks"]["speculative"]
+    assert draft["identical_outputs"] == undistilled["identical_outputs"] == 1.0
+    for result in (draft, undistilled):
+        assert 0 <= result["acceptance_rate"] <= 1 and result["speedup"] > 0 and result["predicted_speedup"] > 0
+    # What the distillation optimises, on held-out teacher text: the draft moved toward the teacher. (On
+    # random tiny teachers greedy continuations are too chaotic for a stable acceptance gain at this size;
+    # the acceptance target is the benchmark's, on the real teacher.)
+    meta = json.loads((run_dir / "stages" / "draft" / "slimforge.json").read_text())
+    assert meta["config"]["role"] == "draft"
+    assert meta["distill"]["history"][-1]["eval_kl"] < 0.9 * meta["distill"]["before"]["eval_kl"]

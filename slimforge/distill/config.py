@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from slimforge.config import (
     DTYPES,
+    HASHED_WHEN_SET,
     NOT_HASHED,
     FieldError,
     StageConfig,
@@ -291,6 +292,10 @@ class OnPolicySpec:
             raise FieldError("temperature", self.temperature, "must be > 0")
 
 
+# What a distillation stage's result is for (``role``): a student in its own right, or a draft model.
+DISTILL_ROLES = ("student", "draft")
+
+
 @dataclass
 class DistillConfig(StageConfig):
     """Logit (and optionally hidden-state) distillation of the parent model from the teacher.
@@ -341,9 +346,14 @@ class DistillConfig(StageConfig):
     keep_checkpoints: int = 2
     log_every: int = 1
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"], metadata=NOT_HASHED)
+    # What the result is for: a smaller model in its own right (student), or a draft that proposes
+    # tokens for its teacher to verify in speculative decoding (draft: it must be smaller than the
+    # teacher, checked before training; evaluate it with the ``speculative`` task).
+    role: str = field(default="student", metadata=HASHED_WHEN_SET)
 
     def check(self) -> None:
         check_choice("loss", self.loss, tuple(KD_LOSSES))
+        check_choice("role", self.role, DISTILL_ROLES)
         if not self.temperature > 0:
             raise FieldError("temperature", self.temperature, "must be > 0 (1.0 is plain softmax)")
         check_fraction("beta", self.beta)
@@ -396,6 +406,23 @@ class DistillConfig(StageConfig):
     def check_input(self, student: TeacherInfo) -> None:
         """Checks against the student, wherever the pipeline knows its config before it exists."""
         self.check_student(student.config, config_adapter_names(student.config) if self.lora.enabled else None)
+
+    def check_with_teacher(self, student: TeacherInfo, teacher: TeacherInfo) -> None:
+        """Checks of the student against the teacher, where the pipeline knows both before training."""
+        if self.role == "draft":
+            self.check_draft_size(meta_model(student.config), teacher.config)
+
+    def check_draft_size(self, student: Any, teacher_config: Any) -> None:
+        """A draft (``role: draft``) must have fewer parameters than its teacher, or it cannot speed it up."""
+        if self.role != "draft":
+            return
+        from slimforge.arch import count_parameters
+
+        n_student, n_teacher = count_parameters(student), count_parameters(meta_model(teacher_config))
+        if n_student >= n_teacher:
+            raise FieldError("role", self.role, f"the draft has {n_student:,} parameters and its teacher {n_teacher:,}; "
+                             "a draft must be much smaller than its teacher to speed it up: give the student "
+                             "stage smaller sizes")
 
     def check_student(self, config: Any, adapter_names: list[str] | None) -> None:
         """LoRA targets against the student's module names, and the layer map against its depth.

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from slimforge.config import FieldError
 from slimforge.distill.config import DistillConfig
 from slimforge.distill.teacher_cache import (
     TeacherCache,
@@ -80,6 +81,10 @@ def distill_stage(ctx: StageContext) -> StageOutput:
     # Train fp32 master weights; precision=bf16 trains under autocast. Quantized bases keep their storage.
     student, tokenizer = ctx.parent.load(device=ctx.device, dtype=None if quantized_parent else torch.float32)
     warn_if_larger_than_teacher(student, teacher_config(ctx))
+    try:
+        cfg.check_draft_size(student, teacher_config(ctx))  # where the plan could not know the student's size
+    except FieldError as err:
+        raise err.at(f"stages.{ctx.name}") from None
     model, meta, metrics = train_from_teacher(ctx, student, tokenizer)
     if cfg.lora.enabled:
         if quantized_parent:

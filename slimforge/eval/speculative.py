@@ -72,9 +72,16 @@ def predicted_speedup(acceptance: float, k: int, draft_cost: float, verify_cost:
     return expected_tokens_per_round(acceptance, k) / (k * draft_cost + verify_cost)
 
 
+def _cache_argument(model: Any) -> str:
+    """The name a model's forward takes its KV cache by: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
 def _step(model: Any, ids: torch.Tensor, cache: Any) -> torch.Tensor:
     """Logits [len(ids), vocab] of ``ids`` [1, n] appended to ``cache`` (which grows by n)."""
-    return model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0]
+    return model(input_ids=ids, use_cache=True, **{_cache_argument(model): cache}).logits[0]
 
 
 def _drop(cache: Any, tokens: int) -> None:

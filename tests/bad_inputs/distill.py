@@ -38,6 +38,14 @@ def questions_only(env: Env) -> list[str]:
 
 
 CASES = [
+    # A draft as large as its teacher (the teacher's own config, all four layers kept): refused while planning.
+    BadInput("draft-not-smaller-than-its-teacher",
+             lambda env: distill_run(env, "stages.heal.role=draft", student="stages.student.num_layers=4"),
+             r"invalid value stages\.heal\.role='draft': the draft has [\d,]+ parameters and its teacher [\d,]+; a "
+             r"draft must be much smaller than its teacher to speed it up: give the student stage smaller sizes$",
+             after=nothing_ran),
+    BadInput("unknown-role", lambda env: distill_run(env, "stages.heal.role=helper"),
+             r"invalid value stages\.heal\.role='helper': must be one of student, draft$", after=nothing_ran),
     BadInput("chat-without-assistant-turns", questions_only,
              r"none of the \d+ training blocks has a token the loss counts .*add assistant turns",
              after=no_heal_artifact),
