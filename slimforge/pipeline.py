@@ -211,11 +211,16 @@ class Run:
                 if hook == "planned_config" and result is not None:
                     known = TeacherInfo(result, target.tokenizer)
             # check_with_teacher: the stage's input against the teacher, where both are known now.
-            stage_input = planned_input if index > 0 else (
-                (source_info := source_info or model_info(self.source)) if self.source is not None else None)
-            if hasattr(stage_cfg, "check_with_teacher") and stage_input is not None:
+            if hasattr(stage_cfg, "check_with_teacher"):
+                if index > 0:
+                    stage_input = planned_input
+                elif self.source is not None:
+                    stage_input = source_info = source_info or model_info(self.source)
+                else:
+                    stage_input = info = info or teacher_info(session)  # the teacher is the first input
                 try:
-                    stage_cfg.check_with_teacher(stage_input, info := info or teacher_info(session))
+                    if stage_input is not None:
+                        stage_cfg.check_with_teacher(stage_input, info := info or teacher_info(session))
                 except ConfigError as err:
                     from slimforge.config import FieldError
 

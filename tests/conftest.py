@@ -88,6 +88,30 @@ def build_model(arch: str, tokenizer, layers: int = 4, seed: int = 0):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
+def sharpened(model, gain: float = 6.0):
+    """``model`` with every weight matrix scaled by ``gain``: peaked next-token distributions, so
+    distillation has signal to learn (a plain tiny random model is nearly uniform)."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(gain if p.dim() > 1 else 1.0)
+    return model
+
+
+def save_sharp_teacher(folder, tokenizer, layers: int = 4, seed: int = 3):
+    """A :func:`sharpened` tiny Llama and the tokenizer, saved in ``folder``."""
+    sharpened(build_model("llama", tokenizer, layers=layers, seed=seed)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sharp_teacher(tmp_path_factory, tokenizer):
+    """A 4-layer tiny Llama with peaked next-token distributions: the distillation tests' teacher."""
+    return save_sharp_teacher(tmp_path_factory.mktemp("sharp-teacher"), tokenizer)
+
+
 @pytest.fixture(autouse=True)
 def _threads_for_real_models(request):
     """Real-teacher tests use every core; the tiny-model tier runs single-threaded."""

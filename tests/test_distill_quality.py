@@ -6,25 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from conftest import REPO, build_model
+from conftest import REPO
 
 from slimforge import cli
 
 TINY_DISTILL = str(REPO / "tests" / "assets" / "recipes" / "tiny_distill.yaml")
-
-
-@pytest.fixture(scope="module")
-def sharp_teacher(tmp_path_factory, tokenizer):
-    """A tiny Llama with peaked next-token distributions, so there is something to learn."""
-    folder = tmp_path_factory.mktemp("sharp-teacher-quality")
-    model = build_model("llama", tokenizer, layers=4, seed=3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(6.0 if p.dim() > 1 else 1.0)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def run(teacher, corpus_dir, run_dir, *extra) -> dict:

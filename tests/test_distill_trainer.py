@@ -25,21 +25,6 @@ from slimforge.distill.teacher_cache import build_teacher_cache, cache_key
 from slimforge.distill.trainer import DistillTrainer, block_schedule
 from slimforge.distill.wiring import KDObjective
 
-
-@pytest.fixture(scope="module")
-def sharp_teacher(tmp_path_factory, tokenizer):
-    """A tiny Llama with peaked next-token distributions (large init), so KD has signal to learn."""
-    folder = tmp_path_factory.mktemp("sharp-teacher")
-    torch.manual_seed(3)
-    model = build_model("llama", tokenizer, layers=4, seed=3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(6.0 if p.dim() > 1 else 1.0)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 TINY_DISTILL = str(REPO / "tests" / "assets" / "recipes" / "tiny_distill.yaml")
 
 

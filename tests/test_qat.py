@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import build_model
+from conftest import save_sharp_teacher
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -236,15 +236,8 @@ def test_autograd_function_keeps_less_than_the_expression():
 
 @pytest.fixture(scope="module")
 def sharp_teacher(tmp_path_factory, tokenizer):
-    """A tiny Llama with peaked next-token distributions (large init), so KD has signal to learn."""
-    folder = tmp_path_factory.mktemp("qat-teacher")
-    model = build_model("llama", tokenizer, layers=2, seed=3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(6.0 if p.dim() > 1 else 1.0)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    """A 2-layer sharpened tiny Llama: GPTQ, then QAT, each in seconds."""
+    return save_sharp_teacher(tmp_path_factory.mktemp("qat-teacher"), tokenizer, layers=2)
 
 
 TINY = ["data=text", "data.block_size=32", "dtype=float32", "stages.quant.bits=3", "stages.quant.group_size=32",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_model
+from conftest import build_model, save_sharp_teacher, sharpened
 
 from slimforge.eval.speculative import (
     expected_tokens_per_round,
@@ -14,12 +14,8 @@ from slimforge.eval.speculative import (
 )
 
 
-def sharp(arch: str, tokenizer, layers: int, seed: int, gain: float = 4.0):
-    model = build_model(arch, tokenizer, layers=layers, seed=seed).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(gain if p.dim() > 1 else 1.0)
-    return model
+def sharp(arch: str, tokenizer, layers: int, seed: int):
+    return sharpened(build_model(arch, tokenizer, layers=layers, seed=seed), gain=4.0)
 
 
 def prompt(tokenizer, text: str = "To be, or not to be, that is the question") -> torch.Tensor:
@@ -124,9 +120,7 @@ def test_draft_recipe_at_tiny_scale(tokenizer, tmp_path):
 
     from slimforge import cli
 
-    teacher_dir = tmp_path / "teacher"
-    sharp("llama", tokenizer, layers=4, seed=3, gain=6.0).save_pretrained(teacher_dir)
-    tokenizer.save_pretrained(teacher_dir)
+    teacher_dir = save_sharp_teacher(tmp_path / "teacher", tokenizer)
     run_dir = tmp_path / "run"
     args = ["run", "draft_speculative", f"teacher.path={teacher_dir}", "data.block_size=32",
             "data.generate.num_samples=32", "data.generate.max_new_tokens=48", "data.generate.batch_size=16",

@@ -80,9 +80,10 @@ def distill_stage(ctx: StageContext) -> StageOutput:
     quantized_parent = bool(ctx.parent.meta.get("quantization") or _has_quant_config(ctx.parent.path))
     # Train fp32 master weights; precision=bf16 trains under autocast. Quantized bases keep their storage.
     student, tokenizer = ctx.parent.load(device=ctx.device, dtype=None if quantized_parent else torch.float32)
-    warn_if_larger_than_teacher(student, teacher_config(ctx))
+    t_config = teacher_config(ctx)
+    warn_if_larger_than_teacher(student, t_config)
     try:
-        cfg.check_draft_size(student, teacher_config(ctx))  # where the plan could not know the student's size
+        cfg.check_draft_size(student, t_config)  # where the plan could not know the student's size
     except FieldError as err:
         raise err.at(f"stages.{ctx.name}") from None
     model, meta, metrics = train_from_teacher(ctx, student, tokenizer)

@@ -368,6 +368,13 @@ class GenerationTaskConfig(TaskConfig):
         return sha256_file(self.source_path())
 
 
+def timing_key(settings: EvalSettings) -> str:
+    """The device's name, for a timing task's key: timings on another GPU or CPU are other results."""
+    from slimforge.models import device_name
+
+    return device_name(settings.device)
+
+
 @dataclass
 class EfficiencyTaskConfig(TaskConfig):
     """Size and speed on the current device, for one fixed prompt.
@@ -396,10 +403,7 @@ class EfficiencyTaskConfig(TaskConfig):
         return cls()
 
     def cache_key_extra(self, settings: EvalSettings) -> Any:
-        """The device's name: timings on another GPU or CPU are other results."""
-        from slimforge.models import device_name
-
-        return device_name(settings.device)
+        return timing_key(settings)
 
 
 @dataclass
@@ -437,9 +441,7 @@ class SpeculativeTaskConfig(TaskConfig):
                              "lower prompt_tokens or raise data.block_size")
 
     def cache_key_extra(self, settings: EvalSettings) -> Any:
-        from slimforge.models import device_name
-
-        return device_name(settings.device)
+        return timing_key(settings)
 
 
 # The social categories of the pinned ``bbq`` asset (tests/test_eval_bias.py checks them against it).
