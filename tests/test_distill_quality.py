@@ -15,7 +15,7 @@ TINY_DISTILL = str(REPO / "tests" / "assets" / "recipes" / "tiny_distill.yaml")
 
 def run(teacher, corpus_dir, run_dir, *extra) -> dict:
     args = [TINY_DISTILL, f"teacher.path={teacher}", f"data.path={corpus_dir}", "stages.student.num_layers=2",
-            f"run_dir={run_dir}", "~eval.tasks.perplexity", *extra]
+            f"run_dir={run_dir}", "~eval.tasks.perplexity", "dtype=float32", *extra]
     assert cli.main(["run", *args]) == 0
     return json.loads((run_dir / "stages" / "heal" / "slimforge.json").read_text())
 

@@ -98,7 +98,8 @@ def test_speculative_task_in_a_recipe_measures_each_student_as_a_draft(teacher_d
 
     recipe = str(Path(__file__).resolve().parent / "assets" / "recipes" / "student.yaml")
     run_dir = tmp_path / "run"
-    args = tiny_args(teacher_dir, corpus_dir, run_dir, "+eval.tasks.spec.type=speculative",
+    # float32 on every CPU: with native bf16, "auto" would verify in bf16, where near-ties may flip.
+    args = tiny_args(teacher_dir, corpus_dir, run_dir, "dtype=float32", "+eval.tasks.spec.type=speculative",
                      "+eval.tasks.spec.prompts=2", "+eval.tasks.spec.prompt_tokens=8",
                      "+eval.tasks.spec.new_tokens=12", "+eval.tasks.spec.k=3")
     assert cli.main(["run", recipe, *args]) == 0
@@ -122,7 +123,7 @@ def test_draft_recipe_at_tiny_scale(tokenizer, tmp_path):
 
     teacher_dir = save_sharp_teacher(tmp_path / "teacher", tokenizer)
     run_dir = tmp_path / "run"
-    args = ["run", "draft_speculative", f"teacher.path={teacher_dir}", "data.block_size=32",
+    args = ["run", "draft_speculative", f"teacher.path={teacher_dir}", "data.block_size=32", "dtype=float32",
             "data.generate.num_samples=32", "data.generate.max_new_tokens=48", "data.generate.batch_size=16",
             "stages.draft.steps=40", "stages.draft.batch_size=8", "stages.draft.lr=3e-3",
             "stages.draft.warmup_steps=0", "stages.draft.eval_every=40", "eval.tasks.perplexity.max_blocks=4",
