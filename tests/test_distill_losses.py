@@ -73,7 +73,24 @@ TEXTBOOK = {
     "skew_forward_kl": lambda p, q, beta, alpha: _kl(p, _mix(alpha, p, q)),
     "skew_reverse_kl": lambda p, q, beta, alpha: _kl(q, _mix(alpha, q, p)),
     "jeffreys": lambda p, q, beta, alpha: sum((x - y) * math.log(x / y) for x, y in zip(p, q)),
+    "adaptive_kl": lambda p, q, beta, alpha: _akl(p, q),
 }
+
+
+def _akl(p, q, mu=0.5):
+    """AKL from its definition: the head is the teacher's top tokens until their mass reaches mu."""
+    order = sorted(range(len(p)), key=lambda i: -p[i])
+    head, mass = set(), 0.0
+    for i in order:
+        if mass >= mu:
+            break
+        head.add(i)
+        mass += p[i]
+    g_head = sum(abs(p[i] - q[i]) for i in head)
+    g_tail = sum(abs(p[i] - q[i]) for i in range(len(p)) if i not in head)
+    if g_head + g_tail == 0:
+        return 0.0
+    return (g_head * _kl(p, q) + g_tail * _kl(q, p)) / (g_head + g_tail)
 
 
 def test_each_loss_name_has_one_function_a_reference_and_schema_support():
@@ -111,6 +128,30 @@ def test_divergences_match_textbook_formulas(name):
     assert (got >= -1e-12).all()
     same = divergence(name, F.log_softmax(s, -1), F.log_softmax(s, -1), beta=0.3, alpha=0.2)
     torch.testing.assert_close(same, torch.zeros_like(same))
+
+
+def test_adaptive_kl_is_forward_kl_where_the_head_is_off_and_reverse_kl_where_the_tail_is():
+    t = torch.tensor([[0.3, 0.3, 0.2, 0.2]]).log()  # head: the first two tokens (0.6 >= 0.5 after them)
+    head_off = torch.tensor([[0.4, 0.2, 0.2, 0.2]]).log()
+    tail_off = torch.tensor([[0.3, 0.3, 0.1, 0.3]]).log()
+    torch.testing.assert_close(divergence("adaptive_kl", head_off, t), divergence("forward_kl", head_off, t))
+    torch.testing.assert_close(divergence("adaptive_kl", tail_off, t), divergence("reverse_kl", tail_off, t))
+    # Off on both: between the two, with the gap shares as weights, which the gradient treats as constants.
+    s, t = _dists()
+    logits = s.clone().requires_grad_(True)
+    sl, tl = F.log_softmax(logits, -1), F.log_softmax(t, -1)
+    p, q = tl.exp(), sl.detach().exp()
+    order = p.argsort(-1, descending=True)
+    head = (p.gather(-1, order).cumsum(-1) - p.gather(-1, order)) < 0.5
+    gap = (p - q).abs().gather(-1, order)
+    w = ((gap * head).sum(-1) / gap.sum(-1))
+    assert ((w > 0.05) & (w < 0.95)).any()
+    divergence("adaptive_kl", sl, tl).sum().backward()
+    got = logits.grad.clone()
+    logits.grad = None
+    sl = F.log_softmax(logits, -1)
+    (w * divergence("forward_kl", sl, tl) + (1 - w) * divergence("reverse_kl", sl, tl)).sum().backward()
+    torch.testing.assert_close(got, logits.grad)
 
 
 def test_divergence_special_cases():

@@ -17,4 +17,5 @@ KD_LOSSES: dict[str, str | None] = {
     "skew_forward_kl": "alpha",
     "skew_reverse_kl": "alpha",
     "jeffreys": None,
+    "adaptive_kl": None,
 }

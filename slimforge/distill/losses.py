@@ -20,6 +20,14 @@ Divergences (P = teacher, Q = student, at temperature T):
 - ``skew_reverse_kl``: KL(Q || alpha * Q + (1 - alpha) * P); ``alpha = 0`` is reverse KL.
 - ``jeffreys``: KL(P || Q) + KL(Q || P), the symmetric KL (Jeffreys divergence): the
   mode-covering and mode-seeking terms with equal weight, and no parameter to tune.
+- ``adaptive_kl``: AKL (Wu et al., 2025, "Rethinking Kullback-Leibler Divergence in Knowledge
+  Distillation for Large Language Models"): forward and reverse KL weighted per token by where
+  the student is wrong. The teacher's *head* is its most likely tokens up to half its mass, the
+  rest its *tail*; with ``g_head`` and ``g_tail`` the student's L1 gap to the teacher on each,
+  AKL = g_head / (g_head + g_tail) * KL(P || Q) + g_tail / (g_head + g_tail) * KL(Q || P).
+  Forward KL (which fixes the head first) leads where the head is off, reverse KL where the
+  tail is. The weights are constants for the gradient, as in the authors' method. Over a
+  teacher cache's top-k buckets the tail bucket counts as one category.
 
 The names recipes may use, and the parameter each takes, are listed once, in
 :data:`slimforge.distill.loss_names.KD_LOSSES`; a divergence here is found by its name.
@@ -88,6 +96,25 @@ def skew_reverse_kl(s_logp: torch.Tensor, t_logp: torch.Tensor, alpha: float = 0
 
 def jeffreys(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
     return _kl(t_logp, s_logp) + _kl(s_logp, t_logp)
+
+
+AKL_HEAD_MASS = 0.5  # the teacher's head: its most likely tokens until their mass reaches this (the paper's mu)
+
+
+def adaptive_kl(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+    fkl, rkl = _kl(t_logp, s_logp), _kl(s_logp, t_logp)
+    with torch.no_grad():
+        p, gap = t_logp.exp(), (t_logp.exp() - s_logp.exp()).abs()
+        p_sorted, order = p.sort(dim=-1, descending=True)
+        # A token is in the head when the mass of the tokens ranked above it is still below mu:
+        # the head is the smallest top set whose mass reaches mu (ties broken by the sort).
+        head = (p_sorted.cumsum(-1) - p_sorted) < AKL_HEAD_MASS
+        gap_sorted = gap.gather(-1, order)
+        g_head = (gap_sorted * head).sum(-1)
+        g_all = gap_sorted.sum(-1)
+        w_head = torch.where(g_all > 0, g_head / g_all.clamp_min(torch.finfo(g_all.dtype).tiny),
+                             torch.full_like(g_all, 0.5))
+    return w_head * fkl + (1 - w_head) * rkl
 
 
 def _divergence_table() -> dict[str, tuple[Divergence, str | None]]:
