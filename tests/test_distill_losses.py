@@ -34,6 +34,7 @@ from slimforge.distill.objective import (
     FUSED_ONLINE,
     LossSpec,
     cached_chunk_loss,
+    ce_chunk_loss,
     naive_loss,
     online_chunk_loss,
     teacher_buckets,
@@ -282,6 +283,20 @@ def test_chunked_cached_matches_naive_values_and_grads(name):
     for a, b in zip(_grads(hidden, head, chunked), _grads(hidden, head, naive)):
         if a is not None:
             torch.testing.assert_close(a, b)
+
+
+def test_chunked_cross_entropy_alone_matches_the_reference_values_and_grads():
+    """Sequence-level KD's objective (ce_weight 1): masked next-token CE, no teacher term."""
+    hidden, head, _, _, targets, mask = _problem()
+
+    def reference(h):
+        return (F.cross_entropy(head(h), targets, reduction="none") * mask).sum() / mask.sum()
+
+    def chunked(h):
+        return chunked_head_loss(h, head, ce_chunk_loss(targets, mask, scale=1 / mask.sum().item()), chunk_size=8)
+
+    for a, b in zip(_grads(hidden, head, chunked), _grads(hidden, head, reference)):
+        torch.testing.assert_close(a, b)
 
 
 def test_chunked_with_softcap_and_upstream_scale():

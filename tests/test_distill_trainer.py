@@ -118,6 +118,33 @@ def test_chunked_and_naive_backends_train_identically(sharp_teacher, bundle, tmp
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
+def test_sequence_level_kd_trains_on_the_data_alone_and_never_runs_the_teacher_while_training(
+        sharp_teacher, bundle, tmp_path):
+    """ce_weight 1 (distill@seqkd): the teacher runs only for the held-out evaluation, however many steps
+    train; the chunked cross-entropy trains exactly like the naive one, and the loss falls."""
+    calls = {}
+
+    def train(name, steps, backend):
+        cfg = DistillConfig(steps=steps, batch_size=4, lr=3e-3, warmup_steps=0, eval_every=100, eval_blocks=4,
+                            checkpoint_every=100, ce_weight=1.0, kd_backend=backend, chunk_size=16)
+        teacher, student = _pair(sharp_teacher)
+        calls[name] = 0
+
+        def count(*_):
+            calls[name] += 1
+
+        teacher.register_forward_hook(count)
+        torch.manual_seed(0)
+        return DistillTrainer(cfg, student, bundle, tmp_path / name, None, seed=0, device=torch.device("cpu"),
+                              teacher=teacher).train()
+
+    one, six, naive = train("one", 1, "chunked"), train("six", 6, "chunked"), train("naive", 6, "naive")
+    assert calls["one"] == calls["six"] == calls["naive"] >= 1  # the final evaluation's batches only
+    np.testing.assert_allclose(six.losses, naive.losses, rtol=1e-4)
+    assert six.losses[-1] < six.losses[0]
+    assert six.metrics["eval_ce"] < one.metrics["eval_ce"]
+
+
 def _cache(sharp_teacher, bundle, tmp_path, cfg, top_k, seed=0):
     from slimforge.distill.stages import cache_plan
 

@@ -301,7 +301,9 @@ class DistillConfig(StageConfig):
     """Logit (and optionally hidden-state) distillation of the parent model from the teacher.
 
     The loss is ``(1 - ce_weight) * T^2 * divergence(teacher || student at T) +
-    ce_weight * CE(data) + hidden_weight * hidden-state loss``.
+    ce_weight * CE(data) + hidden_weight * hidden-state loss``. At ``ce_weight`` 1 on text the teacher
+    generated (``data=teacher_generated``) this is sequence-level KD (``distill@seqkd``): a training step
+    then never runs the teacher (it still scores the held-out evaluations).
 
     ``trackers`` are where the main process reports training and held-out metrics, inside the
     stage's folder: ``tensorboard`` (``tensorboard/``), ``mlflow`` (a local file store,
@@ -380,6 +382,13 @@ class DistillConfig(StageConfig):
         if self.teacher_cache and self.on_policy.fraction > 0:
             raise FieldError("teacher_cache", True, "on-policy batches need the live teacher; "
                              "set on_policy.fraction=0 or teacher_cache=false")
+        if self.ce_weight == 1 and self.on_policy.fraction > 0:
+            raise FieldError("on_policy.fraction", self.on_policy.fraction,
+                             "at ce_weight 1 (sequence-level KD) the student would learn its own samples back; "
+                             "lower ce_weight below 1 or set on_policy.fraction=0")
+        if self.ce_weight == 1 and self.teacher_cache and not self.hidden_weight:
+            raise FieldError("teacher_cache", True, "at ce_weight 1 (sequence-level KD) training never reads the "
+                             "teacher's distribution, so there is nothing to cache; set teacher_cache=false")
         if self.teacher_cache and self.hidden_weight > 0:
             raise FieldError("teacher_cache", True, "hidden-state distillation needs the live teacher; "
                              "set hidden_weight=0 or teacher_cache=false")

@@ -299,6 +299,20 @@ def naive_loss(spec: LossSpec, student_logits: torch.Tensor, teacher_logp: torch
     return _mixed_rows(spec, logits, s_logp, upcast(teacher_logp), targets, mask) / mask.sum().clamp_min(1)
 
 
+def ce_chunk_loss(targets: torch.Tensor, mask: torch.Tensor, scale: float) -> ChunkLoss:
+    """Next-token cross-entropy alone, on one chunk: the objective at ``ce_weight`` 1, with no teacher term.
+
+    Sequence-level KD (Kim & Rush 2016) is this loss on text the teacher generated: the teacher's
+    knowledge arrives through the data, so it is not run while training.
+    """
+
+    def chunk(logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        ce = F.cross_entropy(upcast(logits), targets[rows], reduction="none")
+        return (ce * mask[rows]).sum() * scale
+
+    return chunk
+
+
 def flatten_batch(input_ids: torch.Tensor, loss_mask: torch.Tensor | None,
                   attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token targets and the per-position weight, both flattened over [B, L - 1].

@@ -32,6 +32,7 @@ from slimforge.distill.hidden import (
 from slimforge.distill.objective import (
     LossSpec,
     cached_chunk_loss,
+    ce_chunk_loss,
     final_hidden,
     flatten_batch,
     naive_loss,
@@ -137,8 +138,15 @@ class KDObjective:
         validate_layer_map(self.layer_map, n_s, n_t)
         return HiddenProjections(student.config.hidden_size, self.teacher.config.hidden_size, n_s)
 
+    def teacher_per_step(self) -> bool:
+        """Whether a training step needs the teacher: not at ``ce_weight`` 1 without a hidden-state term
+        (sequence-level KD: the teacher's text is the target)."""
+        return self.spec.ce_weight < 1 or bool(self.layer_map)
+
     def teacher_targets(self, split: str, blocks: list[int], ids: torch.Tensor) -> dict[str, Any]:
         """What the student is compared with on this batch, computed without gradients."""
+        if not self.teacher_per_step():
+            return {}
         if self.cache is not None:
             top_ids, top_logp = self.cache.lookup(split, blocks, ids.device)
             return {"top_ids": top_ids.reshape(-1, top_ids.shape[-1]), "top_logp": top_logp.reshape(-1, top_logp.shape[-1])}
@@ -178,6 +186,8 @@ class KDObjective:
                   targets: torch.Tensor, mask: torch.Tensor, t: dict[str, Any]) -> torch.Tensor:
         logits = student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
         logits = logits.reshape(-1, logits.shape[-1])
+        if not t:  # cross-entropy alone
+            return F.cross_entropy(logits.float(), targets, reduction="none").mul(mask).sum() / mask.sum().clamp_min(1)
         if "top_ids" in t:
             return naive_loss(self.spec, logits, t["top_logp"], targets, mask, topk_ids=t["top_ids"])
         return naive_loss(self.spec, logits, t["teacher_logp"], targets, mask)
@@ -187,7 +197,9 @@ class KDObjective:
         hidden = final_hidden(student, input_ids, attention_mask)
         hidden = hidden.reshape(-1, hidden.shape[-1])
         scale = 1.0 / mask.sum().clamp_min(1).item()
-        if "top_ids" in t:
+        if not t:  # cross-entropy alone
+            chunk = ce_chunk_loss(targets, mask, scale)
+        elif "top_ids" in t:
             chunk = cached_chunk_loss(self.spec, t["top_ids"], t["top_logp"], targets, mask, scale)
         else:
             chunk = online_chunk_loss(self.spec, t["teacher_hidden"], self.teacher.get_output_embeddings(),

@@ -77,6 +77,15 @@ CASES = [
     BadInput("unknown-tracker", lambda env: distill_run(env, "stages.heal.trackers=[tensorboard,neptune]"),
              r"invalid value stages\.heal\.trackers=\['tensorboard', 'neptune'\]: each must be one of tensorboard, "
              r"mlflow, wandb$", after=nothing_ran),
+    BadInput("seqkd-on-policy",
+             lambda env: distill_run(env, "stages.heal.ce_weight=1.0", "stages.heal.on_policy.fraction=0.5"),
+             r"invalid value stages\.heal\.on_policy\.fraction=0\.5: at ce_weight 1 \(sequence-level KD\) the student "
+             r"would learn its own samples back; lower ce_weight below 1 or set on_policy\.fraction=0$", after=nothing_ran),
+    BadInput("seqkd-teacher-cache",
+             lambda env: distill_run(env, "stages.heal.ce_weight=1.0", "stages.heal.teacher_cache=true"),
+             r"invalid value stages\.heal\.teacher_cache=True: at ce_weight 1 \(sequence-level KD\) training never "
+             r"reads the teacher's distribution, so there is nothing to cache; set teacher_cache=false$",
+             after=nothing_ran),
     BadInput("merge-without-adapter",
              lambda env: distill_run(env, "+distill@stages.merged=merge_lora", "pipeline=[student,merged]"),
              r"stages\.merged \(merge_lora\) merges a LoRA adapter into its base, but its input student \(.*\) is "
