@@ -33,6 +33,8 @@ from slimforge.quantize.w8a8 import (
     fake_quantize_activation,
     quantize_inputs,
     reader_column_max,
+    search_alpha,
+    smoothed_output_error,
     smoothquant_scales,
     static_scale,
     weight_scales,
@@ -185,6 +187,35 @@ def test_smoothing_evens_out_channels_and_cuts_the_w8a8_error_of_an_outlier_inpu
     assert w8a8_error(smoothquant_scales(act_max, wmax, 0.5)) < 0.5 * w8a8_error(torch.ones(48))
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_the_alpha_search_scores_each_alpha_by_the_readers_output_error_and_keeps_the_least(static):
+    """Two readers of one outlier input: each grid point's error is the brute-force sum over the readers
+    of ``|Q_a(X/s) Q_w(W s)^T - X W^T|^2``, and the search returns the grid's minimum, which beats no smoothing."""
+    readers = [linear(seed=0), linear(seed=4, rows=16)]
+    x = activations(outlier=60.0).flatten(0, 1)
+    act_max = x.abs().amax(0)
+    weights = [r.weight for r in readers]
+    grid = [0.2, 0.4, 0.5, 0.6, 0.8, 0.95]
+
+    def brute(alpha: float | None) -> float:
+        s = torch.ones_like(act_max) if alpha is None else smoothquant_scales(act_max, reader_column_max(weights), alpha)
+        scale = static_scale((act_max / s).max(), "int8") if static else None
+        x_q = fake_quantize_activation(x / s, "int8", scale)
+        total = 0.0
+        for r in readers:
+            w = r.weight.detach() * s
+            total += float((F.linear(x_q, fake_quantize(w, weight_scales(w, "int8"), "int8")) - r(x)).detach()
+                           .pow(2).sum())
+        return total
+
+    best, errors = search_alpha(x, weights, act_max, grid, "int8", static=static)
+    assert errors == pytest.approx([brute(a) for a in grid], rel=1e-5)
+    assert best == grid[errors.index(min(errors))]
+    assert len(set(errors)) == len(grid)  # the grid points really differ
+    assert smoothed_output_error(x, weights, act_max, grid[1], "int8", static=static) == errors[1]
+    assert min(errors) < 0.5 * brute(None)  # no smoothing
+
+
 # --- GPTQ on the 8-bit grids ------------------------------------------------------------------------
 
 
@@ -260,6 +291,8 @@ TINY_CALIB = ["stages.quant.num_samples=4", "stages.quant.seq_len=16", "stages.q
 RUNS = {
     "int8": ("w8a8_int8", []),
     "fp8_static": ("w8a8_fp8", ["stages.quant.activations=static", "stages.quant.weight_scales=tensor"]),
+    # SmoothQuant's alpha searched per group and block (RTN: the search is the only calibration-driven part).
+    "int8_search": ("w8a8_int8", ["stages.quant.smoothquant_alpha_grid=[0.2,0.5,0.9]", "stages.quant.rounding=rtn"]),
 }
 
 
@@ -354,6 +387,15 @@ def test_smoothquant_changed_the_int8_folders_norms_and_spread_is_reported(runs,
     with safe_open(str(Path(teacher_dir) / "model.safetensors"), "pt") as fh:
         original = fh.get_tensor("model.layers.0.input_layernorm.weight").float()
     assert not torch.allclose(norm, original, atol=1e-2)  # the fold divided it by the channel scales
+
+
+def test_the_alpha_search_reports_its_choice_per_group_and_block(runs, teacher_dir):
+    meta = json.loads((runs["int8_search"] / "slimforge.json").read_text())["quantization"]
+    alphas = meta["smoothquant_alphas"]
+    blocks = json.loads((Path(teacher_dir) / "config.json").read_text())["num_hidden_layers"]
+    assert set(alphas) == {"attn_in", "mlp_in", "up_down"}
+    assert all(len(v) == blocks and set(v) <= {0.2, 0.5, 0.9} for v in alphas.values())
+    assert "smoothquant_alphas" not in json.loads((runs["int8"] / "slimforge.json").read_text())["quantization"]
 
 
 def test_slimforges_loader_keeps_the_8bit_codes_and_counts_no_scale_as_a_parameter(runs, teacher_dir):

@@ -26,7 +26,9 @@ from slimforge.calibration.hessian import HessianAccumulator
 class InputStats:
     """Statistics of the inputs one linear layer (or a group fed the same tensor) saw."""
 
-    def __init__(self, columns: int, hessian: bool, device: torch.device) -> None:
+    def __init__(self, columns: int, hessian: bool, device: torch.device, sample_stride: int = 0) -> None:
+        self.sample_stride = sample_stride  # > 0: also keep every sample_stride-th input row (``rows``)
+        self._rows: list[torch.Tensor] = []
         self.act_sq = torch.zeros(columns, device=device, dtype=torch.float32)
         self.act_abs = torch.zeros(columns, device=device, dtype=torch.float32)  # mean |x| (AWQ's salience)
         self.act_max = torch.zeros(columns, device=device, dtype=torch.float32)  # max |x| (SmoothQuant's)
@@ -44,6 +46,15 @@ class InputStats:
         self.tokens = total
         if self.hessian_acc is not None:
             self.hessian_acc.add(x)
+        if self.sample_stride:
+            self._rows.append(x[::self.sample_stride].clone())
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """The kept input rows [n, columns] fp32 (every ``sample_stride``-th of each batch)."""
+        if not self.sample_stride:
+            raise RuntimeError("no input rows were kept: use record_linear_inputs(..., sample_stride=n)")
+        return torch.cat(self._rows)
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -66,8 +77,9 @@ class InputRecorder:
     batch's inputs are held.
     """
 
-    def __init__(self, linears: dict[str, nn.Linear], hessian: bool) -> None:
+    def __init__(self, linears: dict[str, nn.Linear], hessian: bool, sample_stride: int = 0) -> None:
         self._hessian = hessian
+        self._sample_stride = sample_stride
         self._stats: dict[str, InputStats] = {}
         self._pending: list[tuple[str, torch.Tensor]] = []
         self._handles = [linear.register_forward_pre_hook(self._hook(name)) for name, linear in linears.items()]
@@ -94,7 +106,7 @@ class InputRecorder:
         for tensor, names in groups:
             acc = next((self._stats[n] for n in names if n in self._stats), None)
             if acc is None:
-                acc = InputStats(tensor.shape[-1], self._hessian, tensor.device)
+                acc = InputStats(tensor.shape[-1], self._hessian, tensor.device, self._sample_stride)
             for n in names:
                 self._stats[n] = acc
             acc.add(tensor)
@@ -119,9 +131,10 @@ class InputRecorder:
 
 
 @contextlib.contextmanager
-def record_linear_inputs(linears: dict[str, nn.Linear], hessian: bool = False) -> Iterator[InputRecorder]:
+def record_linear_inputs(linears: dict[str, nn.Linear], hessian: bool = False,
+                         sample_stride: int = 0) -> Iterator[InputRecorder]:
     """Accumulate :class:`InputStats` for each of ``linears`` while a block runs; see :class:`InputRecorder`."""
-    recorder = InputRecorder(linears, hessian)
+    recorder = InputRecorder(linears, hessian, sample_stride)
     try:
         yield recorder
     finally:

@@ -548,7 +548,10 @@ class W8A8Config(QuantizeConfig):
     run time) or ``static`` (one scale per layer from the largest input seen in calibration).
     ``smoothquant_alpha`` in [0, 1] first divides each input channel of the ``smoothquant_groups``
     by ``max|X|^alpha / max|W|^(1-alpha)``, folded exactly into the norm or linear that writes it
-    (``null``: no smoothing). Calibration: ``num_samples`` windows of ``seq_len`` tokens from the
+    (``null``: no smoothing). ``smoothquant_alpha_grid`` (a list) instead picks alpha per group and
+    block from the list: the one whose smoothed, rounded readers' outputs move least on a sample of
+    the block's calibration inputs (:func:`slimforge.quantize.w8a8.search_alpha`; round to nearest
+    weights stand in for GPTQ's). Calibration: ``num_samples`` windows of ``seq_len`` tokens from the
     training split, block by block, each block on the outputs of the blocks before it as already
     quantized (activations included). Embeddings, norms and lm_head stay in ``storage_dtype``.
     """
@@ -559,6 +562,7 @@ class W8A8Config(QuantizeConfig):
     weight_scales: str = "channel"
     smoothquant_alpha: float | None = 0.5
     smoothquant_groups: list[str] = field(default_factory=lambda: ["attn_in", "mlp_in", "up_down"])
+    smoothquant_alpha_grid: list[float] | None = field(default=None, metadata=HASHED_WHEN_SET)
     rounding: str = "gptq"
     act_order: bool = True
     percdamp: float = 0.01
@@ -580,6 +584,15 @@ class W8A8Config(QuantizeConfig):
                              "(0 evens out the weights' columns, 1 the activations' channels, 0.5 shares the "
                              "range), or null for no smoothing")
         check_choices("smoothquant_groups", self.smoothquant_groups, SMOOTHING_GROUPS)
+        grid = self.smoothquant_alpha_grid
+        if grid is not None:
+            if not grid or not all(isinstance(a, (int, float)) and 0.0 <= a <= 1.0 for a in grid):
+                raise FieldError("smoothquant_alpha_grid", grid, "must list migration strengths in [0, 1] to try "
+                                 "per group and block (e.g. [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]), or be null")
+            if alpha is None:
+                raise FieldError("smoothquant_alpha_grid", list(grid), "searches SmoothQuant's alpha, but "
+                                 "smoothquant_alpha=null turns smoothing off; set smoothquant_alpha (e.g. 0.5) or "
+                                 "smoothquant_alpha_grid=null")
         if alpha is not None and not self.smoothquant_groups:
             raise FieldError("smoothquant_groups", [], f"smoothquant_alpha={alpha} needs groups to smooth "
                              f"(from {', '.join(SMOOTHING_GROUPS)}); or set smoothquant_alpha=null")

@@ -129,3 +129,36 @@ def smoothquant_scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: f
     live = (a > 0) & (w > 0)
     scales = a.clamp_min(1e-12).pow(alpha) / w.clamp_min(1e-12).pow(1.0 - alpha)
     return torch.where(live, scales, torch.ones_like(scales))
+
+
+def smoothed_output_error(x: torch.Tensor, weights: Sequence[torch.Tensor], act_max: torch.Tensor, alpha: float,
+                          kind: str, per_channel: bool = True, static: bool = False) -> float:
+    """How far the readers' outputs move when their shared input is smoothed at ``alpha`` and both sides rounded.
+
+    ``sum_r ||Q_a(X / s) Q_w(W_r * s)^T - X W_r^T||^2`` over input rows ``x`` [n, channels], with ``s``
+    SmoothQuant's divisors for ``alpha``, ``Q_w`` min-max round to nearest (per output channel, or per
+    tensor) and ``Q_a`` per-token (or, ``static``, one scale from the largest smoothed ``act_max``).
+    """
+    x = x.float()
+    scales = smoothquant_scales(act_max, reader_column_max(weights), alpha).to(x.device)
+    smoothed = x / scales
+    act_scale = static_scale((act_max.float().to(x.device) / scales).max(), kind) if static else None
+    x_q = fake_quantize_activation(smoothed, kind, act_scale)
+    total = 0.0
+    for weight in weights:
+        w = weight.detach().float().to(x.device)
+        w_s = w * scales
+        w_q = fake_quantize(w_s, weight_scales(w_s, kind, per_channel), kind)
+        total += float((x_q @ w_q.T - x @ w.T).pow(2).sum())
+    return total
+
+
+def search_alpha(x: torch.Tensor, weights: Sequence[torch.Tensor], act_max: torch.Tensor, grid: Sequence[float],
+                 kind: str, per_channel: bool = True, static: bool = False) -> tuple[float, list[float]]:
+    """The ``alpha`` of ``grid`` with the least :func:`smoothed_output_error`, and every grid point's error.
+
+    Ties go to the earlier grid point.
+    """
+    errors = [smoothed_output_error(x, weights, act_max, a, kind, per_channel, static) for a in grid]
+    best = min(range(len(grid)), key=lambda i: errors[i])
+    return float(grid[best]), errors

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 # compressed-tensors' names for each W8A8 type: its format, and its QuantizationArgs type.
 FORMATS = {"int8": "int-quantized", "fp8": "float-quantized"}
+ALPHA_SEARCH_ROWS = 4096
 CT_TYPES = {"int8": "int", "fp8": "float"}
 
 
@@ -42,6 +43,7 @@ class W8A8Result:
     weight_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> fp32 [rows, 1] or [1, 1]
     input_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # static: name -> fp32 [1]
     smoothed: dict[str, list[float]] = field(default_factory=dict)  # group -> per block: max s / min s
+    alphas: dict[str, list[float]] = field(default_factory=dict)  # alpha search: group -> per block: the chosen alpha
     loss: dict[str, float] = field(default_factory=dict)  # GPTQ: name -> the sweep's output-error estimate
     hooks: list[Any] = field(default_factory=list)  # the activation rounding of every finished linear
 
@@ -60,15 +62,21 @@ def smooth_block(layer: Any, config: Any, stats: Any, cfg: W8A8Config, norm_offs
     """
     from slimforge.arch import scaling_groups
     from slimforge.quantize.smoothing import fold_scales, group_readers
-    from slimforge.quantize.w8a8 import reader_column_max, smoothquant_scales
+    from slimforge.quantize.w8a8 import reader_column_max, search_alpha, smoothquant_scales
 
     divisors = {}
     for group in scaling_groups(layer, config, f"quantize method {cfg.method}"):
         if group.name not in cfg.smoothquant_groups:
             continue
-        act_max = stats[group.targets[0]].act_max  # the readers share one input, and its statistics
+        inputs = stats[group.targets[0]]  # the readers share one input, and its statistics
+        act_max = inputs.act_max
         weights = [reader.weight for reader in group_readers(layer, group)]
-        scales = smoothquant_scales(act_max, reader_column_max(weights), cfg.smoothquant_alpha)
+        alpha = cfg.smoothquant_alpha
+        if cfg.smoothquant_alpha_grid:
+            alpha, _ = search_alpha(inputs.rows, weights, act_max, cfg.smoothquant_alpha_grid, cfg.type,
+                                    cfg.weight_scales == "channel", cfg.activations == "static")
+            result.alphas.setdefault(group.name, []).append(alpha)
+        scales = smoothquant_scales(act_max, reader_column_max(weights), alpha)
         fold_scales(layer, group, scales, norm_offset)
         divisors.update(dict.fromkeys(group.targets, scales))
         result.smoothed.setdefault(group.name, []).append(float(scales.max() / scales.min()))
@@ -151,9 +159,11 @@ def w8a8_quantize_model(model: Any, input_ids: torch.Tensor | None, cfg: W8A8Con
             return result
         names = {id(module): name for name, module in model.named_modules()}
         offset = norm_weight_offset(model.config)
+        # The alpha search measures output errors on a sample of each input's rows: about ALPHA_SEARCH_ROWS.
+        stride = max(1, input_ids.numel() // ALPHA_SEARCH_ROWS) if cfg.smoothquant_alpha_grid else 0
         for step in layerwise(model, input_ids, batch_size=cfg.batch_size, device=device, desc="w8a8"):
             linears = {local: m for local, m in step.linears().items() if names[id(m)] in only}
-            with record_linear_inputs(linears, hessian=cfg.rounding == "gptq") as stats:
+            with record_linear_inputs(linears, hessian=cfg.rounding == "gptq", sample_stride=stride) as stats:
                 step.run()
             divisors = smooth_block(step.layer, model.config, stats, cfg, offset, result) if cfg.smooths() else {}
             for local, linear in linears.items():
@@ -223,6 +233,8 @@ def _report(result: W8A8Result, cfg: W8A8Config, tokens: int) -> dict[str, Any]:
     if result.smoothed:
         # How far each group's divisors spread (largest / smallest), averaged over blocks.
         report["smoothing_spread"] = {g: round(sum(v) / len(v), 3) for g, v in result.smoothed.items()}
+    if result.alphas:
+        report["smoothquant_alphas"] = {g: [round(a, 3) for a in v] for g, v in result.alphas.items()}
     if result.loss:
         report["mean_layer_loss"] = sum(result.loss.values()) / len(result.loss)
     if result.input_scales:
