@@ -291,8 +291,8 @@ TINY_CALIB = ["stages.quant.num_samples=4", "stages.quant.seq_len=16", "stages.q
 RUNS = {
     "int8": ("w8a8_int8", []),
     "fp8_static": ("w8a8_fp8", ["stages.quant.activations=static", "stages.quant.weight_scales=tensor"]),
-    # SmoothQuant's alpha searched per group and block (RTN: the search is the only calibration-driven part).
-    "int8_search": ("w8a8_int8", ["stages.quant.smoothquant_alpha_grid=[0.2,0.5,0.9]", "stages.quant.rounding=rtn"]),
+    # One SmoothQuant alpha everywhere instead of the preset's search, and RTN.
+    "int8_fixed_alpha": ("w8a8_int8", ["stages.quant.smoothquant_alpha_grid=null", "stages.quant.rounding=rtn"]),
 }
 
 
@@ -390,12 +390,14 @@ def test_smoothquant_changed_the_int8_folders_norms_and_spread_is_reported(runs,
 
 
 def test_the_alpha_search_reports_its_choice_per_group_and_block(runs, teacher_dir):
-    meta = json.loads((runs["int8_search"] / "slimforge.json").read_text())["quantization"]
+    meta = json.loads((runs["int8"] / "slimforge.json").read_text())["quantization"]
     alphas = meta["smoothquant_alphas"]
     blocks = json.loads((Path(teacher_dir) / "config.json").read_text())["num_hidden_layers"]
     assert set(alphas) == {"attn_in", "mlp_in", "up_down"}
-    assert all(len(v) == blocks and set(v) <= {0.2, 0.5, 0.9} for v in alphas.values())
-    assert "smoothquant_alphas" not in json.loads((runs["int8"] / "slimforge.json").read_text())["quantization"]
+    grid = {0.3, 0.4, 0.5, 0.6, 0.7, 0.8}  # the preset's
+    assert all(len(v) == blocks and set(v) <= grid for v in alphas.values())
+    fixed = json.loads((runs["int8_fixed_alpha"] / "slimforge.json").read_text())["quantization"]
+    assert "smoothquant_alphas" not in fixed and fixed["smoothquant_alpha"] == 0.5
 
 
 def test_slimforges_loader_keeps_the_8bit_codes_and_counts_no_scale_as_a_parameter(runs, teacher_dir):
