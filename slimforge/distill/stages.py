@@ -128,6 +128,8 @@ def train_from_teacher(ctx: StageContext, student: Any, tokenizer: Any) -> tuple
                              run_name=ctx.name)
     before = trainer.evaluate(student) if trainer.resume_point() is None else None
     result = trainer.train()
+    if cfg.sharding == "fsdp" and teacher is not None:
+        ctx.session.release_teacher()  # its layers are sharded now: whoever needs it next loads it whole
     meta: dict[str, Any] = {"distill": {"teacher_cache": cache.meta["key"] if cache else None,
                                         "history": result.history, "losses": result.losses}}
     if before is not None:
