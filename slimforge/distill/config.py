@@ -324,7 +324,8 @@ class DistillConfig(StageConfig):
     ``sharding`` is how the processes of a multi-process launch share the models: ``none``
     (every rank holds the whole student and teacher; DDP) or ``fsdp`` (each rank holds a shard of
     every student and teacher decoder layer, FSDP2; it needs at least 2 processes). FSDP does not
-    combine with LoRA, ``keep_sparsity``, on-policy batches or the 8-bit optimizer.
+    combine with LoRA, ``keep_sparsity``, on-policy batches, the 8-bit optimizer or the ``qat``
+    method (docs/multi_gpu.md).
     """
 
     kind: str = "distill"
