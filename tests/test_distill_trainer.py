@@ -449,6 +449,16 @@ def test_cache_teacher_command_then_training_never_loads_the_teacher(sharp_teach
         assert meta["distill"]["teacher_cache"] and len(meta["distill"]["losses"]) == steps
 
 
+def test_fsdp_in_one_process_is_refused_before_training(sharp_teacher, bundle, tmp_path):
+    from slimforge.errors import ConfigError
+
+    teacher, student = _pair(sharp_teacher)
+    with pytest.raises(ConfigError, match=r"^sharding=fsdp: FSDP splits the student and the teacher over several "
+                                          r"processes, but this run has 1; launch it with torchrun"):
+        DistillTrainer(DistillConfig(steps=2, batch_size=2, sharding="fsdp"), student, bundle, tmp_path / "w", None,
+                       seed=0, device=torch.device("cpu"), teacher=teacher)
+    assert not (tmp_path / "w").exists()
+
 def _torchrun(*args, env=None):
     launcher = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     assert launcher, "torch's launcher is installed with torch"

@@ -11,7 +11,8 @@ What is sharded, over one 1-D mesh of every process:
   :class:`~slimforge.distill.wiring.StudentWithLoss` wrapper is the root unit, holding the
   embeddings, the final norm, the lm_head and the hidden-state projections. The chunked loss reads
   the lm_head's weight directly, not through its forward, which is right only inside the root's
-  forward (where FSDP has gathered the root unit): the wrapper's forward is the whole loss;
+  forward (where FSDP has gathered the root unit): the wrapper's forward is the whole loss, and
+  the held-out evaluation during training runs through it too;
 - the frozen teacher: each decoder layer is its own unit, gathered for its forward and freed after
   it. Its embeddings, final norm and lm_head stay whole on every rank, because the chunked loss
   reads the teacher's head outside any teacher forward.

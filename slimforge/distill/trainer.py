@@ -383,13 +383,14 @@ class DistillTrainer:
         )
 
     def _evaluate_into_history(self, run: _Run, loss: float) -> None:
-        if run.sharded:  # the student is called outside the root's forward: gather the root unit for it
-            run.wrapped.unshard()
-        try:
+        if run.sharded:
+            # Through the root unit's forward, which gathers it and orders FSDP's gathers after the optimizer
+            # step; a root unit stays gathered after a forward without backward, so it is freed here.
+            with torch.no_grad():
+                measured = run.wrapped(lambda student, projections: self.evaluate(student))
+            run.wrapped.reshard()
+        else:
             measured = self.evaluate(run.student)
-        finally:
-            if run.sharded:
-                run.wrapped.reshard()
         record = {"step": run.step, "tokens": run.tokens, "train_loss": loss, **measured}
         run.history.append(record)
         run.run_log.evaluation(record)
