@@ -78,12 +78,6 @@ def held_here(module: torch.nn.Module) -> tuple[int, int]:
     return local, sum(p.numel() for p in params)
 
 
-def is_sharded(module: Any) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
-
-
 def full_state_on_main(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole state dict of a sharded ``module`` on the main rank, in CPU memory; empty on the others.
 
@@ -99,19 +93,16 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def unsharded_copy(sharded: Any, state: dict[str, torch.Tensor]) -> Any:
-    """A plain (unsharded) model of ``sharded``'s class and config holding ``state``, on the CPU.
+def unsharded_copy(student: Any, state: dict[str, torch.Tensor]) -> Any:
+    """A plain (unsharded) model of ``student``'s class and config holding ``state``, on the CPU.
 
-    Built on the meta device and filled from ``state`` (every parameter and persistent buffer);
-    the buffers the state dict leaves out (rotary frequencies) are copied from ``sharded``, where
-    FSDP keeps them whole. Tied weights are tied again.
+    ``student`` is the trained model whose decoder layers are sharded (it is not an FSDP unit
+    itself: its wrapper is). The copy is built on the meta device and filled from ``state`` (every
+    parameter and persistent buffer); the buffers the state dict leaves out (rotary frequencies) are
+    copied from ``student``, where FSDP keeps them whole. Tied weights are tied again.
     """
-    from torch.distributed.fsdp import FSDPModule
-
-    cls = next(c for c in type(sharded).__mro__ if not issubclass(c, FSDPModule)) \
-        if isinstance(sharded, FSDPModule) else type(sharded)
     with torch.device("meta"):
-        model = cls._from_config(sharded.config, dtype=next(iter(state.values())).dtype)
+        model = type(student)._from_config(student.config, dtype=next(iter(state.values())).dtype)
     model.to_empty(device="cpu")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -122,11 +113,11 @@ def unsharded_copy(sharded: Any, state: dict[str, torch.Tensor]) -> Any:
         raise RuntimeError(f"the gathered student does not fit its class: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
     with torch.no_grad():
-        source = dict(sharded.named_buffers())
+        source = dict(student.named_buffers())
         for name, buf in model.named_buffers():
             if name not in state and name in source:
                 buf.copy_(source[name].detach().to("cpu"))
-    model.generation_config = sharded.generation_config
+    model.generation_config = student.generation_config
     return model
 
 
