@@ -90,6 +90,18 @@ CASES = [
              lambda env: distill_run(env, "stages.heal.sharding=fsdp", "stages.heal.keep_sparsity=true"),
              r"invalid value stages\.heal\.keep_sparsity=True: not supported with sharding=fsdp: the sparsity masks "
              r"are re-applied to whole weights; set sharding=none$", after=nothing_ran),
+    BadInput("fsdp-with-on-policy",
+             lambda env: distill_run(env, "stages.heal.sharding=fsdp", "stages.heal.on_policy.fraction=0.5"),
+             r"invalid value stages\.heal\.on_policy\.fraction=0\.5: not supported with sharding=fsdp: ranks generate "
+             r"continuations of different lengths", after=nothing_ran),
+    BadInput("fsdp-with-8bit-adamw",
+             lambda env: distill_run(env, "stages.heal.sharding=fsdp", "stages.heal.optimizer=adamw_8bit"),
+             r"invalid value stages\.heal\.optimizer='adamw_8bit': not supported with sharding=fsdp: bitsandbytes' "
+             r"8-bit AdamW does not step sharded \(DTensor\) parameters; use optimizer=adamw$", after=nothing_ran),
+    BadInput("fsdp-with-qat",
+             lambda env: distill_run(env, "distill@stages.heal=qat", "stages.heal.sharding=fsdp"),
+             r"invalid value stages\.heal\.sharding='fsdp': qat's fake-quantized layers are not sharded; set "
+             r"sharding=none \(DDP\)$", after=nothing_ran),
     BadInput("unknown-tracker", lambda env: distill_run(env, "stages.heal.trackers=[tensorboard,neptune]"),
              r"invalid value stages\.heal\.trackers=\['tensorboard', 'neptune'\]: each must be one of tensorboard, "
              r"mlflow, wandb$", after=nothing_ran),
