@@ -69,6 +69,14 @@ def shard_teacher(teacher: Any, mesh: Any) -> None:
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)
 
 
+def shard_masks(masked: list[tuple[torch.nn.Linear, torch.Tensor]]) -> list[tuple[torch.nn.Linear, Any]]:
+    """Each whole sparsity mask split like its (sharded) layer's weight, so re-applying it stays local."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return [(module, distribute_tensor(mask, module.weight.device_mesh, module.weight.placements))
+            for module, mask in masked]
+
+
 def held_here(module: torch.nn.Module) -> tuple[int, int]:
     """How many of ``module``'s parameter elements this rank holds, and how many it has in all."""
     from torch.distributed.tensor import DTensor

@@ -279,8 +279,9 @@ class DistillTrainer:
         acc.register_for_checkpointing(scheduler)
         from slimforge.distill.gkd import OnPolicy
 
+        masked = masked_linears(self.student, masks)
         run = _Run(acc=acc, wrapped=wrapped, student=self.student, params=params, optimizer=optimizer,
-                   scheduler=scheduler, masked=masked_linears(self.student, masks), sharded=sharded,
+                   scheduler=scheduler, masked=sharding.shard_masks(masked) if sharded else masked, sharded=sharded,
                    on_policy=OnPolicy(self.cfg.on_policy, self.seed) if self.cfg.on_policy.fraction > 0 else None,
                    tokens_per_step=self.cfg.batch_size * self.cfg.grad_accum * dist.world_size()
                    * len(self.data.train[0]["input_ids"]))
@@ -368,7 +369,8 @@ class DistillTrainer:
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for module, mask in run.masked:  # masked training: pruned weights stay exactly zero
+            # Masked training: pruned weights stay exactly zero (under FSDP, each shard by its part of the mask).
+            for module, mask in run.masked:
                 module.weight.mul_(mask)
         return step_loss, step_stats
 

@@ -86,10 +86,6 @@ CASES = [
     BadInput("fsdp-with-lora", lambda env: distill_run(env, "stages.heal.sharding=fsdp", "stages.heal.lora.enabled=true"),
              r"invalid value stages\.heal\.lora\.enabled=True: not supported with sharding=fsdp: LoRA adapters are not "
              r"trained or merged sharded; set sharding=none$", after=nothing_ran),
-    BadInput("fsdp-with-sparsity-masks",
-             lambda env: distill_run(env, "stages.heal.sharding=fsdp", "stages.heal.keep_sparsity=true"),
-             r"invalid value stages\.heal\.keep_sparsity=True: not supported with sharding=fsdp: the sparsity masks "
-             r"are re-applied to whole weights; set sharding=none$", after=nothing_ran),
     BadInput("fsdp-with-on-policy",
              lambda env: distill_run(env, "stages.heal.sharding=fsdp", "stages.heal.on_policy.fraction=0.5"),
              r"invalid value stages\.heal\.on_policy\.fraction=0\.5: not supported with sharding=fsdp: ranks generate "
