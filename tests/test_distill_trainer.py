@@ -467,15 +467,16 @@ def _torchrun(*args, env=None):
 
 
 def test_fsdp_over_two_cpu_processes_matches_one_and_resumes_exactly(sharp_teacher, corpus_dir, tmp_path):
-    """FSDP2 over gloo, launched by torchrun: 2 ranks x 2 blocks, each rank holding half of every student
-    and teacher decoder layer, reach 1 process x 4 blocks (measured: losses equal to the 6 digits kept,
-    weights within 2.1e-7 of an update of 7.5e-3, eval_kl within 2e-8; asserted: losses rtol 1e-5,
-    weights atol 1e-5).
+    """FSDP2 over gloo, launched by torchrun and by accelerate: 2 ranks x 2 blocks, each rank holding half
+    of every student and teacher decoder layer, reach 1 process x 4 blocks (measured: losses equal to the
+    6 digits kept, weights within 2.1e-7 of an update of 7.5e-3, eval_kl within 2e-8; asserted: losses
+    rtol 1e-5, weights atol 1e-5).
 
     The student is narrower than the teacher and learns its hidden states too, so the root unit holds
-    the width projections and both models' sharded layers are hooked. The FSDP run is killed after step 3 and resumed from its sharded step-2 checkpoint: it must reach the
-    losses and held-out metrics of an uninterrupted FSDP run. A small ``max_grad_norm`` makes every step
-    clip, so the gradient norm must be the global one, over both ranks' shards.
+    the width projections and both models' sharded layers are hooked. The FSDP run (torchrun) is killed
+    after step 3 and resumed from its sharded step-2 checkpoint: it must reach the losses, held-out metrics
+    and weights of an uninterrupted FSDP run (accelerate launch). A small ``max_grad_norm`` makes every
+    step clip, so the gradient norm must be the global one, over both ranks' shards.
     """
     common = distill_args(sharp_teacher, corpus_dir, tmp_path / "killed", "student@stages.student=from_config",
                           "stages.student.hidden_size=16", "stages.student.num_hidden_layers=2",
@@ -502,7 +503,12 @@ def test_fsdp_over_two_cpu_processes_matches_one_and_resumes_exactly(sharp_teach
     assert s_total / 2 <= s_held < 0.55 * s_total  # every student tensor is split in two
     assert t_held < 0.8 * t_total  # the teacher's layers are split; its embeddings and head stay whole
 
-    straight = _torchrun("run", *[a.replace(str(tmp_path / "killed"), str(tmp_path / "straight")) for a in fsdp])
+    # The uninterrupted run through the other launcher: accelerate's, which gives the trainer the same processes.
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    straight = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "slimforge", "run",
+                               *[a.replace(str(tmp_path / "killed"), str(tmp_path / "straight")) for a in fsdp]],
+                              capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
     single = [a.replace(str(tmp_path / "killed"), str(tmp_path / "single")) for a in common]
     assert cli.main(["run", *single, "stages.heal.batch_size=4"]) == 0
