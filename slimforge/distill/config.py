@@ -324,8 +324,8 @@ class DistillConfig(StageConfig):
     ``sharding`` is how the processes of a multi-process launch share the models: ``none``
     (every rank holds the whole student and teacher; DDP) or ``fsdp`` (each rank holds a shard of
     every student and teacher decoder layer, FSDP2; it needs at least 2 processes). FSDP does not
-    combine with LoRA, on-policy batches, the 8-bit optimizer or the ``qat`` method
-    (docs/multi_gpu.md).
+    combine with on-policy batches, the 8-bit optimizer, a quantized (QLoRA) student or the ``qat``
+    method (docs/multi_gpu.md).
     """
 
     kind: str = "distill"
@@ -415,7 +415,6 @@ class DistillConfig(StageConfig):
     def check_sharding(self) -> None:
         """What FSDP sharding cannot train: each of these needs whole weights, or the same work, on every rank."""
         refused = [
-            ("lora.enabled", self.lora.enabled, "LoRA adapters are not trained or merged sharded; set sharding=none"),
             ("on_policy.fraction", self.on_policy.fraction, "ranks generate continuations of different lengths, "
              "which sharded layers cannot follow; set on_policy.fraction=0 or sharding=none"),
             ("optimizer", self.optimizer if self.optimizer == "adamw_8bit" else None,

@@ -44,6 +44,13 @@ def require_processes(world_size: int) -> None:
         raise ConfigError(f"sharding=fsdp: {why}")
 
 
+def require_unquantized(student: Any) -> None:
+    """A quantized (bitsandbytes) student's packed weights cannot be sharded: refuse it before training."""
+    if getattr(student, "is_quantized", False) or getattr(student, "hf_quantizer", None) is not None:
+        raise ConfigError("sharding=fsdp: the student is quantized (its packed 4-bit or 8-bit weights cannot be "
+                          "sharded); train it with sharding=none (DDP), or distil an unquantized student")
+
+
 def device_mesh(device: torch.device) -> Any:
     """One 1-D mesh over every process of the default process group (plain FSDP, no replication groups)."""
     import torch.distributed as tdist
@@ -105,15 +112,22 @@ def unsharded_copy(student: Any, state: dict[str, torch.Tensor]) -> Any:
     """A plain (unsharded) model of ``student``'s class and config holding ``state``, on the CPU.
 
     ``student`` is the trained model whose decoder layers are sharded (it is not an FSDP unit
-    itself: its wrapper is). The copy is built on the meta device and filled from ``state`` (every
-    parameter and persistent buffer); the buffers the state dict leaves out (rotary frequencies) are
-    copied from ``student``, where FSDP keeps them whole. Tied weights are tied again.
+    itself: its wrapper is); a peft model (LoRA) is rebuilt as the same adapters on a fresh base.
+    The copy is built on the meta device and filled from ``state`` (every parameter and persistent
+    buffer); the buffers the state dict leaves out (rotary frequencies) are copied from ``student``,
+    where FSDP keeps them whole. Tied weights are tied again.
     """
+    peft = hasattr(student, "peft_config")
+    base_cls = type(student.get_base_model()) if peft else type(student)
     with torch.device("meta"):
-        model = type(student)._from_config(student.config, dtype=next(iter(state.values())).dtype)
+        model = base_cls._from_config(student.config, dtype=next(iter(state.values())).dtype)
     model.to_empty(device="cpu")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    if peft:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, student.peft_config["default"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     persistent = set(model.state_dict())
     missing = [k for k in missing if k in persistent]

@@ -170,6 +170,7 @@ class DistillTrainer:
             raise ValueError("a live teacher or a teacher cache is required")
         if cfg.sharding == "fsdp":
             sharding.require_processes(dist.world_size())
+            sharding.require_unquantized(student)
         self.cfg = cfg
         from slimforge.quantize.bnb_cpu import keep_4bit_layers_off_cpu_packing
 
@@ -310,7 +311,10 @@ class DistillTrainer:
         return {"input_ids": ids, "loss_mask": loss_mask, "attention_mask": None}
 
     def train(self) -> TrainResult:
-        """Run (or resume) the loop to ``cfg.steps``; returns the unwrapped student and its metrics."""
+        """Run (or resume) the loop to ``cfg.steps``; returns the unwrapped student and its metrics.
+
+        Under FSDP the student is returned whole on the main rank, and as None on the others.
+        """
         cfg = self.cfg
         run = self._setup()
         bar = progress_bar(total=cfg.steps, initial=run.step, desc="distill", unit="step",
@@ -400,10 +404,10 @@ class DistillTrainer:
     def _finish(self, run: _Run) -> TrainResult:
         model = run.student
         if run.sharded:
-            # Every rank gathers; the main rank rebuilds the whole student (the others keep their shards).
+            # Every rank gathers; the main rank rebuilds the whole student. The other ranks return no model:
+            # theirs is only shards, and the main rank alone writes the artifact.
             full = sharding.strip_prefix(sharding.full_state_on_main(run.wrapped), "student.")
-            if dist.is_main():
-                model = sharding.unsharded_copy(run.student, full)
+            model = sharding.unsharded_copy(run.student, full) if dist.is_main() else None
             del full
         metrics = {"steps": self.cfg.steps, "tokens": run.tokens, "world_size": dist.world_size(),
                    **({"sharding": "fsdp"} if run.sharded else {}),

@@ -83,9 +83,6 @@ CASES = [
              r"--multi_gpu --num_processes N \(N >= 2\), or set sharding=none$", after=nothing_ran),
     BadInput("fsdp-unknown-sharding", lambda env: distill_run(env, "stages.heal.sharding=zero3"),
              r"invalid value stages\.heal\.sharding='zero3': must be one of none, fsdp$", after=nothing_ran),
-    BadInput("fsdp-with-lora", lambda env: distill_run(env, "stages.heal.sharding=fsdp", "stages.heal.lora.enabled=true"),
-             r"invalid value stages\.heal\.lora\.enabled=True: not supported with sharding=fsdp: LoRA adapters are not "
-             r"trained or merged sharded; set sharding=none$", after=nothing_ran),
     BadInput("fsdp-with-on-policy",
              lambda env: distill_run(env, "stages.heal.sharding=fsdp", "stages.heal.on_policy.fraction=0.5"),
              r"invalid value stages\.heal\.on_policy\.fraction=0\.5: not supported with sharding=fsdp: ranks generate "
