@@ -225,6 +225,14 @@ class Run:
                     from slimforge.config import FieldError
 
                     raise (err.at(f"stages.{name}") if isinstance(err, FieldError) else err) from None
+            # check_launch: the stage against this launch (its process count), before any stage runs.
+            if hasattr(stage_cfg, "check_launch"):
+                try:
+                    stage_cfg.check_launch(dist.world_size())
+                except ConfigError as err:
+                    from slimforge.config import FieldError
+
+                    raise (err.at(f"stages.{name}") if isinstance(err, FieldError) else err) from None
             chash = config_hash(stage_cfg)
             parts = [stage_cfg.kind, stage_cfg.method, chash, parent_fp, self.cfg.seed]
             if self.source is not None:

@@ -3,6 +3,10 @@
 Every ``checkpoint_every`` steps the trainer saves the model, optimizer, schedule and RNG
 states (accelerate's ``save_state``) plus the step and history under a temporary name and
 renames it, so a killed run resumes from the newest complete checkpoint to the same losses.
+Under FSDP the model and optimizer are sharded: every rank writes its own shards in a
+torch.distributed.checkpoint folder (``sharded/``) beside accelerate's schedule and RNG states,
+and resuming reads them back into the sharded model (so a checkpoint is resumed with the same
+number of processes, which :func:`made_under` records).
 
 A checkpoint records what it was made under (:func:`made_under`: the trajectory-relevant
 config, seed, process count, the student's parameter shapes, the data and teacher cache, and
@@ -187,8 +191,10 @@ class Checkpoints:
                     "and training from scratch", self.root, "; ".join(setup_changes(old_record, self.made_under)),
                     stale)
 
-    def load(self, acc: Any, folder: Path) -> dict[str, Any]:
+    def load(self, acc: Any, folder: Path, sharded: tuple[Any, Any] | None = None) -> dict[str, Any]:
         """Restore ``folder`` into the accelerator's objects; returns its trainer state.
+
+        ``sharded``: the FSDP-sharded model and its optimizer, restored from the checkpoint's shards.
 
         Every file was opened and size-checked before, so a failure here is unexpected and may have
         restored part of the state: the checkpoint is deleted and the run stops, and the next
@@ -196,6 +202,10 @@ class Checkpoints:
         """
         try:
             acc.load_state(str(folder))
+            if sharded is not None:
+                from slimforge.distill.sharding import load_sharded
+
+                load_sharded(folder, *sharded)
         except Exception as err:  # noqa: BLE001 - reported in one line; the half-restored state is unusable
             if acc.is_main_process:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -206,19 +216,26 @@ class Checkpoints:
             ) from None
         return read_json(folder / STATE_FILE)
 
-    def save(self, acc: Any, step: int, state: dict[str, Any]) -> None:
-        """Write the accelerator's state and ``state`` as the checkpoint of ``step``, atomically, on every rank."""
+    def save(self, acc: Any, step: int, state: dict[str, Any], sharded: tuple[Any, Any] | None = None) -> None:
+        """Write the accelerator's state and ``state`` as the checkpoint of ``step``, atomically, on every rank.
+
+        ``sharded``: the FSDP-sharded model and its optimizer, written as every rank's shards.
+        """
         final = self.folder(step)
         tmp = partial_path(final)
         if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        if sharded is not None:
+            from slimforge.distill.sharding import save_sharded
+
+            save_sharded(tmp, *sharded)
         acc.wait_for_everyone()
         if acc.is_main_process:
             # The record of what the checkpoint was made under, and the size of each file, so
             # resuming can tell a stale or truncated checkpoint from a good one.
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
             atomic_write_json(tmp / STATE_FILE, {**state, "fingerprint": self.fingerprint,
                                                  "made_under": self.made_under, "files": files})
             if final.exists():

@@ -292,6 +292,19 @@ class OnPolicySpec:
             raise FieldError("temperature", self.temperature, "must be > 0")
 
 
+# How the processes of a launch share the models: whole copies (DDP) or FSDP2 shards.
+SHARDINGS = ("none", "fsdp")
+
+
+def fsdp_process_problem(world_size: int) -> str | None:
+    """Why FSDP cannot run with ``world_size`` processes, or None."""
+    if world_size >= 2:
+        return None
+    return (f"FSDP splits the student and the teacher over several processes, but this run has {world_size}; "
+            "launch it with torchrun --nproc_per_node N or accelerate launch --multi_gpu --num_processes N "
+            "(N >= 2), or set sharding=none")
+
+
 # What a distillation stage's result is for (``role``): a student in its own right, or a draft model.
 DISTILL_ROLES = ("student", "draft")
 
@@ -309,6 +322,12 @@ class DistillConfig(StageConfig):
     stage's folder: ``tensorboard`` (``tensorboard/``), ``mlflow`` (a local file store,
     ``mlruns/``) and ``wandb`` (an offline run, ``wandb/``); ``[]`` reports to none. They are
     not part of the stage's config hash: changing them redoes no finished stage.
+
+    ``sharding`` is how the processes of a multi-process launch share the models: ``none``
+    (every rank holds the whole student and teacher; DDP) or ``fsdp`` (each rank holds a shard of
+    every student and teacher decoder layer, FSDP2; it needs at least 2 processes). FSDP does not
+    combine with on-policy batches, the 8-bit optimizer, a quantized (QLoRA) student or the ``qat``
+    method (docs/multi_gpu.md).
     """
 
     kind: str = "distill"
@@ -341,6 +360,7 @@ class DistillConfig(StageConfig):
     teacher_cache: bool = False
     top_k: int = 32
     on_policy: OnPolicySpec = field(default_factory=OnPolicySpec)
+    sharding: str = field(default="none", metadata=HASHED_WHEN_SET)
     # monitoring and checkpoints
     eval_every: int = 50
     eval_blocks: int = 16
@@ -389,6 +409,9 @@ class DistillConfig(StageConfig):
         if self.ce_weight == 1 and self.teacher_cache and not self.hidden_weight:
             raise FieldError("teacher_cache", True, "at ce_weight 1 (sequence-level KD) training never reads the "
                              "teacher's distribution, so there is nothing to cache; set teacher_cache=false")
+        check_choice("sharding", self.sharding, SHARDINGS)
+        if self.sharding == "fsdp":
+            self.check_sharding()
         if self.teacher_cache and self.hidden_weight > 0:
             raise FieldError("teacher_cache", True, "hidden-state distillation needs the live teacher; "
                              "set hidden_weight=0 or teacher_cache=false")
@@ -397,6 +420,24 @@ class DistillConfig(StageConfig):
         if missing:
             raise FieldError("trackers", list(self.trackers), f"not installed: {', '.join(missing)}; "
                              f"{TRACKING_EXTRA} (or take {'it' if len(missing) == 1 else 'them'} off the list)")
+
+    def check_sharding(self) -> None:
+        """What FSDP sharding cannot train: each of these needs whole weights, or the same work, on every rank."""
+        refused = [
+            ("on_policy.fraction", self.on_policy.fraction, "ranks generate continuations of different lengths, "
+             "which sharded layers cannot follow; set on_policy.fraction=0 or sharding=none"),
+            ("optimizer", self.optimizer if self.optimizer == "adamw_8bit" else None,
+             "bitsandbytes' 8-bit AdamW does not step sharded (DTensor) parameters; use optimizer=adamw"),
+        ]
+        for name, value, why in refused:
+            if value:
+                raise FieldError(name, value, f"not supported with sharding=fsdp: {why}")
+
+    def check_launch(self, world_size: int) -> None:
+        """Checks against the launch (how many processes), before any stage runs."""
+        why = fsdp_process_problem(world_size) if self.sharding == "fsdp" else None
+        if why:
+            raise FieldError("sharding", self.sharding, why)
 
     def check_teacher(self, teacher: TeacherInfo) -> None:
         """Checks against the teacher, valid wherever the stage sits in the pipeline."""
@@ -607,6 +648,9 @@ class QatConfig(DistillConfig):
         if self.keep_sparsity:
             raise FieldError("keep_sparsity", True, "a quantized layer's zero codes are not pruned weights, so "
                              "qat cannot tell a mask from them; set keep_sparsity=false")
+        if self.sharding == "fsdp":
+            raise FieldError("sharding", self.sharding, "qat's fake-quantized layers are not sharded; set "
+                             "sharding=none (DDP)")
         if not self.scale_lr > 0:
             raise FieldError("scale_lr", self.scale_lr, "must be > 0")
         if not self.trainable:

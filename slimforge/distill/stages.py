@@ -87,6 +87,8 @@ def distill_stage(ctx: StageContext) -> StageOutput:
     except FieldError as err:
         raise err.at(f"stages.{ctx.name}") from None
     model, meta, metrics = train_from_teacher(ctx, student, tokenizer)
+    if model is None:  # a rank of a sharded (FSDP) run other than the main one: it writes nothing
+        return StageOutput(model=None, meta=meta, metrics=metrics)
     if cfg.lora.enabled:
         if quantized_parent:
             return _save_adapter(ctx, model, tokenizer, meta, metrics)
@@ -108,7 +110,7 @@ def train_from_teacher(ctx: StageContext, student: Any, tokenizer: Any) -> tuple
     they load the student and write the result, not in how it learns.
 
     Returns:
-        The trained student (unwrapped), the artifact's ``distill`` meta (held-out metrics before
+        The trained student (unwrapped; None on the ranks of a sharded run but the main one), the artifact's ``distill`` meta (held-out metrics before
         training, history, losses) and the stage's metrics.
     """
     cfg: DistillConfig = ctx.config
@@ -128,6 +130,8 @@ def train_from_teacher(ctx: StageContext, student: Any, tokenizer: Any) -> tuple
                              run_name=ctx.name)
     before = trainer.evaluate(student) if trainer.resume_point() is None else None
     result = trainer.train()
+    if cfg.sharding == "fsdp" and teacher is not None:
+        ctx.session.release_teacher()  # its layers are sharded now: whoever needs it next loads it whole
     meta: dict[str, Any] = {"distill": {"teacher_cache": cache.meta["key"] if cache else None,
                                         "history": result.history, "losses": result.losses}}
     if before is not None:

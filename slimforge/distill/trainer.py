@@ -1,7 +1,12 @@
-"""The distillation trainer: one accelerate loop for CPU, one GPU and DDP.
+"""The distillation trainer: one accelerate loop for CPU, one GPU, DDP and FSDP2.
 
-FSDP and DeepSpeed sharding are refused with a clear error: every rank holds a whole
-copy of the student (and of the teacher, unless it trains from the teacher cache).
+With ``sharding: none`` (the default) every rank holds a whole copy of the student (and of the
+teacher, unless it trains from the teacher cache) and accelerate wraps the student in DDP. With
+``sharding: fsdp`` the trainer shards the student and the frozen teacher itself with torch's
+``fully_shard`` (:mod:`~slimforge.distill.sharding`: accelerate's FSDP plugin does not drive
+CPU runs), checkpoints hold every rank's shards (torch.distributed.checkpoint), and the final
+student is gathered whole on the main rank. accelerate's own FSDP plugin and DeepSpeed are refused
+with a clear error.
 
 A step: each rank takes its slice of the step's blocks (a seeded permutation per
 epoch, so the data position is a pure function of the step and resuming needs no
@@ -33,6 +38,7 @@ import numpy as np
 import torch
 
 from slimforge import dist
+from slimforge.distill import sharding
 from slimforge.distill.checkpoints import Checkpoints, made_under
 from slimforge.distill.config import DistillConfig
 from slimforge.distill.metrics import RunLog, build_trackers, heldout_metrics, tracker_config
@@ -93,7 +99,11 @@ def require_loss_tokens(cfg: DistillConfig, data: Any) -> None:
 
 
 def ranks_hold_the_same_weights(model: Any) -> bool:
-    """Every rank's trainable weights are bit-identical (trivially true in one process)."""
+    """Every rank's trainable weights are bit-identical (trivially true in one process).
+
+    For replicated (DDP) training only: under FSDP each weight is held once, in shards, so there is
+    nothing to compare (the trainer reports ``ranks_agree: null`` there).
+    """
     if not dist.is_distributed():
         return True
     import torch.distributed as tdist
@@ -110,12 +120,14 @@ class _Run:
 
     acc: Any
     wrapped: Any
+    student: Any
     params: list[torch.nn.Parameter]
     optimizer: Any
     scheduler: Any
     masked: list[tuple[torch.nn.Linear, torch.Tensor]]
     on_policy: Any
     tokens_per_step: int
+    sharded: bool = False
     step: int = 0
     first_step: int = 0
     tokens: int = 0
@@ -156,6 +168,9 @@ class DistillTrainer:
                  run_name: str = "distill") -> None:
         if teacher is None and cache is None:
             raise ValueError("a live teacher or a teacher cache is required")
+        if cfg.sharding == "fsdp":
+            sharding.require_processes(dist.world_size())
+            sharding.require_unquantized(student)
         self.cfg = cfg
         from slimforge.quantize.bnb_cpu import keep_4bit_layers_off_cpu_packing
 
@@ -205,10 +220,13 @@ class DistillTrainer:
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state()  # one process may train several stages
-        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") or \
-                os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
-            raise ConfigError("the distillation trainer supports one process or DDP (accelerate launch --multi_gpu); "
-                              "FSDP and DeepSpeed sharding are not supported yet")
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+            raise ConfigError("the distillation trainer shards with FSDP itself, not through accelerate's FSDP plugin: "
+                              "launch with accelerate launch --multi_gpu (or torchrun), without --use_fsdp, and set "
+                              "stages.<name>.sharding=fsdp")
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+            raise ConfigError("the distillation trainer supports one process, DDP and FSDP (sharding=fsdp); "
+                              "DeepSpeed is not supported")
         precision = self.cfg.precision
         if precision == "auto":
             from slimforge.models import cpu_supports_fast_bf16
@@ -244,25 +262,42 @@ class DistillTrainer:
         if self.teacher is not None:
             self.teacher.eval().requires_grad_(False)
         wrapped = StudentWithLoss(self.student, projections)
+        sharded = self.cfg.sharding == "fsdp"
+        if sharded:  # before the optimizer: sharding replaces the parameters by DTensors
+            mesh = sharding.device_mesh(acc.device)
+            sharding.shard_student(wrapped, self.student, mesh)
+            if self.teacher is not None:
+                sharding.shard_teacher(self.teacher, mesh)
+            log.info("FSDP over %d processes: this rank holds %s", dist.world_size(), "; ".join(
+                f"{held:,} of the {name}'s {total:,} parameters" for name, (held, total) in
+                (("student", sharding.held_here(wrapped)),
+                 *((("teacher", sharding.held_here(self.teacher)),) if self.teacher is not None else ()))))
         params = [p for p in wrapped.parameters() if p.requires_grad]
         optimizer = self._optimizer(self.cfg.param_groups(wrapped))
         scheduler = self._scheduler(optimizer)
-        wrapped, optimizer = acc.prepare(wrapped, optimizer)
+        if not sharded:
+            wrapped, optimizer = acc.prepare(wrapped, optimizer)
         acc.register_for_checkpointing(scheduler)
         from slimforge.distill.gkd import OnPolicy
 
-        run = _Run(acc=acc, wrapped=wrapped, params=params, optimizer=optimizer, scheduler=scheduler,
-                   masked=masked_linears(self.student, masks),
+        masked = masked_linears(self.student, masks)
+        run = _Run(acc=acc, wrapped=wrapped, student=self.student, params=params, optimizer=optimizer,
+                   scheduler=scheduler, masked=sharding.shard_masks(masked) if sharded else masked, sharded=sharded,
                    on_policy=OnPolicy(self.cfg.on_policy, self.seed) if self.cfg.on_policy.fraction > 0 else None,
                    tokens_per_step=self.cfg.batch_size * self.cfg.grad_accum * dist.world_size()
                    * len(self.data.train[0]["input_ids"]))
         resume = self.resume_point()
         if resume is not None:
-            run.restore(self.checkpoints.load(acc, resume))
+            run.restore(self.checkpoints.load(acc, resume, self._sharded_state(run)))
             log.info("resuming distillation from %s (step %d of %d)", resume, run.step, self.cfg.steps)
         run.first_step = run.step
         run.run_log = RunLog(acc, self.cfg.log_every, tracker_config(self.cfg, self.seed))
         return run
+
+    @staticmethod
+    def _sharded_state(run: _Run) -> tuple[Any, Any] | None:
+        """The sharded model and optimizer a checkpoint holds beside accelerate's state (None: not sharded)."""
+        return (run.wrapped, run.optimizer) if run.sharded else None
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -276,7 +311,10 @@ class DistillTrainer:
         return {"input_ids": ids, "loss_mask": loss_mask, "attention_mask": None}
 
     def train(self) -> TrainResult:
-        """Run (or resume) the loop to ``cfg.steps``; returns the unwrapped student and its metrics."""
+        """Run (or resume) the loop to ``cfg.steps``; returns the unwrapped student and its metrics.
+
+        Under FSDP the student is returned whole on the main rank, and as None on the others.
+        """
         cfg = self.cfg
         run = self._setup()
         bar = progress_bar(total=cfg.steps, initial=run.step, desc="distill", unit="step",
@@ -295,7 +333,7 @@ class DistillTrainer:
                 if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
                     self._evaluate_into_history(run, loss)
                 if run.step % cfg.checkpoint_every == 0 and run.step < cfg.steps:
-                    self.checkpoints.save(run.acc, run.step, run.state())
+                    self.checkpoints.save(run.acc, run.step, run.state(), self._sharded_state(run))
                 if kill_after and run.step == kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)
         finally:
@@ -312,10 +350,11 @@ class DistillTrainer:
             blocks = self.blocks_for(micro_step)
             batch = self._batch("train", blocks, acc.device)
             if run.on_policy is not None and run.on_policy.use_for(micro_step):
-                batch = run.on_policy.rollout(self, acc.unwrap_model(run.wrapped).student, batch)
+                batch = run.on_policy.rollout(self, run.student, batch)
             # On-policy batches exist only with a live teacher, which scores the ids it is given.
             teacher_side = self.objective.teacher_targets("train", blocks, batch["input_ids"])
-            sync = micro == cfg.grad_accum - 1
+            # FSDP reduce-scatters every micro-batch's gradients (no unsharded gradient is kept).
+            sync = micro == cfg.grad_accum - 1 or run.sharded
             with nullcontext() if sync else acc.no_sync(run.wrapped), acc.autocast():
                 loss, stats = run.wrapped(self.objective, input_ids=batch["input_ids"], loss_mask=batch["loss_mask"],
                                           attention_mask=batch["attention_mask"], targets_from_teacher=teacher_side)
@@ -326,13 +365,16 @@ class DistillTrainer:
             for key, value in stats.items():
                 step_stats[key] = step_stats.get(key, 0.0) + value / cfg.grad_accum
             run.tokens += batch["input_ids"].numel() * dist.world_size()
-        if cfg.max_grad_norm is not None:
+        if cfg.max_grad_norm is not None and run.sharded:
+            torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)  # the norm over every rank's shards
+        elif cfg.max_grad_norm is not None:
             acc.clip_grad_norm_(run.params, cfg.max_grad_norm)
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for module, mask in run.masked:  # masked training: pruned weights stay exactly zero
+            # Masked training: pruned weights stay exactly zero (under FSDP, each shard by its part of the mask).
+            for module, mask in run.masked:
                 module.weight.mul_(mask)
         return step_loss, step_stats
 
@@ -347,15 +389,29 @@ class DistillTrainer:
         )
 
     def _evaluate_into_history(self, run: _Run, loss: float) -> None:
-        record = {"step": run.step, "tokens": run.tokens, "train_loss": loss,
-                  **self.evaluate(run.acc.unwrap_model(run.wrapped).student)}
+        if run.sharded:
+            # Through the root unit's forward, which gathers it and orders FSDP's gathers after the optimizer
+            # step; a root unit stays gathered after a forward without backward, so it is freed here.
+            with torch.no_grad():
+                measured = run.wrapped(lambda student, projections: self.evaluate(student))
+            run.wrapped.reshard()
+        else:
+            measured = self.evaluate(run.student)
+        record = {"step": run.step, "tokens": run.tokens, "train_loss": loss, **measured}
         run.history.append(record)
         run.run_log.evaluation(record)
 
     def _finish(self, run: _Run) -> TrainResult:
-        model = run.acc.unwrap_model(run.wrapped).student
+        model = run.student
+        if run.sharded:
+            # Every rank gathers; the main rank rebuilds the whole student. The other ranks return no model:
+            # theirs is only shards, and the main rank alone writes the artifact.
+            full = sharding.strip_prefix(sharding.full_state_on_main(run.wrapped), "student.")
+            model = sharding.unsharded_copy(run.student, full) if dist.is_main() else None
+            del full
         metrics = {"steps": self.cfg.steps, "tokens": run.tokens, "world_size": dist.world_size(),
-                   "ranks_agree": ranks_hold_the_same_weights(model),
+                   **({"sharding": "fsdp"} if run.sharded else {}),
+                   "ranks_agree": None if run.sharded else ranks_hold_the_same_weights(model),
                    "train_tokens_per_s": round(run.tokens_per_s(), 1), "train_seconds": round(run.seconds, 2),
                    "final_train_loss": run.losses[-1] if run.losses else None,
                    **(run.history[-1] if run.history else {})}

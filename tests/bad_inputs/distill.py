@@ -71,9 +71,30 @@ CASES = [
                                      "stages.student.hidden_size=16", student="student@stages.student=from_config"),
              r"stages\.heal\.lora\.target_modules=\['qkv_proj'\]: 'qkv_proj' names no linear or embedding layer "
              r"of the student \(llama\)", after=nothing_ran),
-    BadInput("fsdp-requested", lambda env: distill_run(env),
-             r"the distillation trainer supports one process or DDP .*FSDP and DeepSpeed sharding are not supported",
+    # accelerate's FSDP plugin (accelerate launch --use_fsdp) cannot drive the trainer: it says what can.
+    BadInput("accelerate-fsdp-plugin", lambda env: distill_run(env),
+             r"the distillation trainer shards with FSDP itself, not through accelerate's FSDP plugin: launch with "
+             r"accelerate launch --multi_gpu \(or torchrun\), without --use_fsdp, and set stages\.<name>\.sharding=fsdp$",
              after=no_heal_artifact, env={"ACCELERATE_USE_FSDP": "true"}),
+    # FSDP in a single process: refused while planning, before any stage (the student's included) runs.
+    BadInput("fsdp-in-one-process", lambda env: distill_run(env, "stages.heal.sharding=fsdp"),
+             r"invalid value stages\.heal\.sharding='fsdp': FSDP splits the student and the teacher over several "
+             r"processes, but this run has 1; launch it with torchrun --nproc_per_node N or accelerate launch "
+             r"--multi_gpu --num_processes N \(N >= 2\), or set sharding=none$", after=nothing_ran),
+    BadInput("fsdp-unknown-sharding", lambda env: distill_run(env, "stages.heal.sharding=zero3"),
+             r"invalid value stages\.heal\.sharding='zero3': must be one of none, fsdp$", after=nothing_ran),
+    BadInput("fsdp-with-on-policy",
+             lambda env: distill_run(env, "stages.heal.sharding=fsdp", "stages.heal.on_policy.fraction=0.5"),
+             r"invalid value stages\.heal\.on_policy\.fraction=0\.5: not supported with sharding=fsdp: ranks generate "
+             r"continuations of different lengths", after=nothing_ran),
+    BadInput("fsdp-with-8bit-adamw",
+             lambda env: distill_run(env, "stages.heal.sharding=fsdp", "stages.heal.optimizer=adamw_8bit"),
+             r"invalid value stages\.heal\.optimizer='adamw_8bit': not supported with sharding=fsdp: bitsandbytes' "
+             r"8-bit AdamW does not step sharded \(DTensor\) parameters; use optimizer=adamw$", after=nothing_ran),
+    BadInput("fsdp-with-qat",
+             lambda env: distill_run(env, "distill@stages.heal=qat", "stages.heal.sharding=fsdp"),
+             r"invalid value stages\.heal\.sharding='fsdp': qat's fake-quantized layers are not sharded; set "
+             r"sharding=none \(DDP\)$", after=nothing_ran),
     BadInput("unknown-tracker", lambda env: distill_run(env, "stages.heal.trackers=[tensorboard,neptune]"),
              r"invalid value stages\.heal\.trackers=\['tensorboard', 'neptune'\]: each must be one of tensorboard, "
              r"mlflow, wandb$", after=nothing_ran),
