@@ -5,8 +5,8 @@ The math is in :mod:`slimforge.distill.cross_vocab`; this module is what the tra
 
 - :class:`TeacherReader` turns a batch of student blocks into the teacher's targets. Per block, the
   block's text (its tokens' bytes, :func:`~slimforge.distill.cross_vocab.teacher_view`) is tokenized by
-  the teacher's tokenizer, the teacher runs on its own ids (one block per forward: no padding, so the
-  result does not depend on which blocks share a batch), and at every aligned pair of positions the
+  the teacher's tokenizer, the teacher runs on its own ids (the batch's blocks padded on the right to the
+  longest: the causal mask keeps each block's rows its own), and at every aligned pair of positions the
   teacher's top-k ids and its k + 1 bucket log-probabilities (the k kept, then the tail) are written at
   the *student's* position. Positions with no counterpart hold log-probabilities of -inf (a real row
   always has a finite largest bucket), so the rows have the plain teacher cache's shape
@@ -60,13 +60,20 @@ class TeacherReader:
         device = ids.device
         out_ids = torch.zeros(batch, length - 1, k, dtype=torch.long, device=device)
         out_logp = torch.full((batch, length - 1, k + 1), -torch.inf, device=device)
-        for b, block in enumerate(ids.tolist()):
-            view = teacher_view(block, self.student_bytes, self.teacher_tokenizer)
-            if not view.student_positions:
-                continue
-            t_ids = torch.tensor([view.teacher_ids], dtype=torch.long, device=teacher.device)
-            logits = teacher(input_ids=t_ids, use_cache=False).logits[0].float()
-            top_ids, top_logp = teacher_buckets(logits[view.teacher_positions], k)
+        views = [teacher_view(block, self.student_bytes, self.teacher_tokenizer) for block in ids.tolist()]
+        kept = [b for b, view in enumerate(views) if view.student_positions]
+        if not kept:
+            return out_ids, out_logp
+        # One forward for the batch, each block's teacher ids padded on the right: under the causal mask a
+        # position never sees the padding after it, so the rows read are the block's own.
+        width = max(len(views[b].teacher_ids) for b in kept)
+        pad = self.teacher_tokenizer.pad_token_id or 0
+        t_ids = torch.tensor([views[b].teacher_ids + [pad] * (width - len(views[b].teacher_ids)) for b in kept],
+                             dtype=torch.long, device=teacher.device)
+        logits = teacher(input_ids=t_ids, use_cache=False).logits
+        for row, b in enumerate(kept):
+            view = views[b]
+            top_ids, top_logp = teacher_buckets(logits[row, view.teacher_positions].float(), k)
             s_pos = torch.tensor(view.student_positions, device=device)
             out_ids[b, s_pos] = top_ids.to(device)
             out_logp[b, s_pos] = top_logp.to(device)
