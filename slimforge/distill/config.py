@@ -351,7 +351,7 @@ class CrossTokenizerSpec:
         if not self.ce_weight >= 0:
             raise FieldError("ce_weight", self.ce_weight, "must be >= 0")
         if self.loss != "none" and self.weight == 0 and self.ce_weight == 0:
-            raise FieldError("weight", self.weight, "and ce_weight are both 0: nothing would train")
+            raise FieldError("weight", self.weight, "with ce_weight 0 too, nothing would train; set one of them > 0")
         check_int("top_k", self.top_k, low=1)
 
 
