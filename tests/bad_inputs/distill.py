@@ -106,6 +106,12 @@ CASES = [
              r"teacher and student vocabularies differ \(.*\); distillation compares per-token distributions, so "
              r"the student needs the teacher's tokenizer, or distil across tokenizers with cross_tokenizer\.loss=uld "
              r"or hybrid$", after=no_heal_artifact),
+    BadInput("cache-teacher-across-tokenizers",
+             lambda env: ["distill", "cache-teacher", TINY_DISTILL, f"teacher.path={env.teacher_dir}",
+                          f"data.path={env.corpus_dir}", "stages.student.num_layers=2", "stages.heal.cross_tokenizer.loss=uld"],
+             r"stage heal distils across tokenizers \(cross_tokenizer\.loss=uld\): its cache needs the student's own "
+             r"tokenizer, so the stage builds it on first use; run the recipe with stages\.heal\.teacher_cache=true "
+             r"instead$"),
     BadInput("merge-dtype",
              lambda env: distill_run(env, "+distill@stages.merged=merge_lora", "pipeline=[student,merged]",
                                      "stages.merged.dtype=int8"),
