@@ -276,3 +276,25 @@ def test_the_domain_tokenizer_is_trained_on_training_text_only(tokenizer, corpus
     assert again.get_vocab() == own.get_vocab()
     sample = texts[0] + " é ∑"
     assert own.decode(own(sample, add_special_tokens=False)["input_ids"]) == sample
+
+
+def test_a_student_tokenizer_that_cannot_spell_its_text_is_refused(student_tok):
+    """Alignment reads the text from the tokens' bytes: a WordPiece tokenizer (## pieces, no spaces) cannot
+    give it back, so the stage refuses it before training; the domain BPE passes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from slimforge.distill.stages import check_student_vocabulary
+    from slimforge.errors import ConfigError
+
+    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.pre_tokenizer = pre_tokenizers.Whitespace()
+    wp.train_from_iterator([corpus_text()], trainers.WordPieceTrainer(vocab_size=500, special_tokens=["[UNK]"]))
+    wordpiece = PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]")
+    config = build_model("llama", student_tok, layers=1).config
+    check_student_vocabulary(student_tok, config)
+    with pytest.raises(ConfigError, match="do not spell its text back byte for byte"):
+        check_student_vocabulary(wordpiece, config)
+    config.vocab_size = 100
+    with pytest.raises(ConfigError, match=r"logits \(100\) do not cover its tokenizer's 700 tokens"):
+        check_student_vocabulary(student_tok, config)

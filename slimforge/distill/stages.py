@@ -38,11 +38,25 @@ def check_compatible(teacher_tok: Any, student_tok: Any, teacher_config: Any, st
                           f"vs {student_config.vocab_size}); resize the student's embeddings to the teacher's")
 
 
+# Text every tokenizer distilled across must spell back exactly from its tokens' bytes (what alignment reads).
+SPELLING_PROBE = "The quick brown fox jumps over the lazy dog, 42 times; then: 'Why?'"
+
+
 def check_student_vocabulary(tokenizer: Any, student_config: Any) -> None:
-    """Across tokenizers: the student's logits must cover its own tokenizer's ids."""
+    """Across tokenizers: the student's logits must cover its own tokenizer's ids, and its tokens must spell
+    text back byte for byte (byte-level BPE, or SentencePiece-style ``▁`` pieces), which alignment relies on."""
+    from slimforge.distill.cross_vocab import token_bytes
+
     if int(student_config.vocab_size) < len(tokenizer):
         raise ConfigError(f"the student's logits ({student_config.vocab_size}) do not cover its tokenizer's "
                           f"{len(tokenizer)} tokens; resize its embeddings to its tokenizer")
+    table = token_bytes(tokenizer)
+    ids = tokenizer(SPELLING_PROBE, add_special_tokens=False)["input_ids"]
+    spelled = b"".join(table.get(i, b"?") for i in ids)
+    if spelled.lstrip(b" ") != SPELLING_PROBE.encode():
+        raise ConfigError(f"the student's tokens do not spell its text back byte for byte ({spelled[:40]!r}...), so "
+                          "its positions cannot be aligned with the teacher's by characters; give the student a "
+                          "byte-level BPE (student stage tokenizer=domain_bpe) or a SentencePiece-style tokenizer")
 
 
 def cache_plan(cfg: DistillConfig, data: Any, seed: int, world: int = 1) -> tuple[list[int], list[int]]:
