@@ -147,7 +147,7 @@ STUDENT_TOKENIZERS = ("teacher", "domain_bpe")
 
 @dataclass
 class FromConfigStudentConfig(StageConfig):
-    """A freshly initialised student: the teacher's config with smaller sizes, the teacher's tokenizer.
+    """A freshly initialised student: the teacher's config with smaller sizes, the teacher's tokenizer or its own.
 
     Any size left ``None`` keeps the teacher's value. ``init_std`` overrides the
     config's ``initializer_range`` when set.
