@@ -75,13 +75,19 @@ def student_ppl_per_char(model, blocks: torch.Tensor, reader: TeacherReader) -> 
     model.eval()
     counts = reader.char_counts(model.config.vocab_size)
     nats = chars = tokens = 0.0
+    per_block = []  # nats per character of each block, for the paired comparison
     for row in blocks.split(4):
         logits = model(input_ids=row, use_cache=False).logits[:, :-1].float()
         targets = row[:, 1:]
-        nats += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-        chars += float(counts[targets].sum())
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        block_nats = ce.reshape(targets.shape).sum(-1)
+        block_chars = counts[targets].sum(-1)
+        per_block += (block_nats / block_chars.clamp_min(1)).tolist()
+        nats += float(block_nats.sum())
+        chars += float(block_chars.sum())
         tokens += targets.numel()
-    return {"ppl_char": math.exp(nats / chars), "ppl_token": math.exp(nats / tokens), "chars": int(chars)}
+    return {"ppl_char": math.exp(nats / chars), "ppl_token": math.exp(nats / tokens), "chars": int(chars),
+            "per_block": [round(x, 5) for x in per_block]}
 
 
 @torch.no_grad()
@@ -128,6 +134,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight", type=float, default=1.0, help="cross_tokenizer.weight")
     parser.add_argument("--top-k", type=int, default=64)
+    parser.add_argument("--eval-blocks", type=int, default=None, help="held-out blocks scored (default: the mode's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
@@ -136,6 +143,8 @@ def main() -> None:
     sizes = dict(QUICK if args.quick else FULL)
     if args.steps:
         sizes["steps"] = args.steps
+    if args.eval_blocks:
+        sizes["eval_blocks"] = args.eval_blocks
 
     teacher, teacher_tok = load_model(str(asset_model_folder(TEACHER)), dtype=torch.float32)
     teacher.eval().requires_grad_(False)
@@ -178,8 +187,15 @@ def main() -> None:
     rows.append({"kind": "init", **start_score})
     for kind in ["ce", *[k.strip() for k in args.losses.split(",") if k.strip()]]:
         rows.append(train(kind, args, sizes, teacher, teacher_tok, student_tok, bundle, init_state, work))
-        print(json.dumps(rows[-1]), flush=True)
-    base = next(r for r in rows if r["kind"] == "ce")["ppl_char"]
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "per_block"}), flush=True)
+    base_row = next(r for r in rows if r["kind"] == "ce")
+    base = base_row["ppl_char"]
+    for row in rows:
+        if row["kind"] not in ("teacher", "init", "ce"):  # paired, block by block: how often KD beats CE
+            pairs = list(zip(row["per_block"], base_row["per_block"]))
+            row["blocks_better_than_ce"] = f"{sum(a < b for a, b in pairs)}/{len(pairs)}"
+            print(f"{row['kind']}: lower CE per character than the CE baseline on {row['blocks_better_than_ce']} "
+                  "held-out blocks", flush=True)
     print(f"\n{'model':10} {'ppl/char':>9} {'ppl/token':>10} {'vs CE':>7} {'train s':>8}")
     for row in rows:
         ratio = f"{row['ppl_char'] / base:7.3f}" if row["kind"] not in ("teacher", "init") else "      –"
