@@ -313,7 +313,7 @@ def _cross_tokenizer_kd(run_dir, report, teacher):
     assert len(own) <= 320 and own.get_vocab() != theirs.get_vocab()
     assert AutoModelForCausalLM.from_pretrained(run_dir / "stages" / "heal").config.vocab_size == len(own)
     heal = meta_of(run_dir, "heal")["distill"]
-    assert heal["cross_tokenizer"]["loss"] == "uld" and "eval_cross" in heal["history"][-1]
+    assert heal["cross_tokenizer"]["loss"] == "hybrid" and "eval_cross" in heal["history"][-1]
     for label in ("teacher", "heal"):  # compared on characters: word perplexity for both
         assert report["models"][label]["tasks"]["word_perplexity"]["word_perplexity"] > 0
     assert "perplexity" in report["models"]["teacher"]["tasks"]  # token perplexity: the teacher's tokens only
