@@ -237,7 +237,7 @@ class Run:
             parts = [stage_cfg.kind, stage_cfg.method, chash, parent_fp, self.cfg.seed]
             if self.source is not None:
                 parts.append(session.teacher_ref.fingerprint)
-            if stage_cfg.kind in DATA_KINDS:
+            if stage_cfg.kind in DATA_KINDS or stage_cfg.uses_data():  # a student stage may read the data too
                 data_fp = data_fp or session.data().fingerprint
                 parts.append(data_fp)
             fingerprint = stable_hash(parts)

@@ -85,6 +85,17 @@ class Session:
             self._corpora[key] = build_data(config, self.teacher_tokenizer(), teacher=self._teacher_handle())
         return self._corpora[key]
 
+    def student_data(self, tokenizer: Any) -> DataBundle:
+        """The run's data tokenized with a student's own tokenizer (distillation across tokenizers), built once
+        per tokenizer; the blocks' cache is keyed by the tokenizer like any other."""
+        from slimforge.data import build_data
+        from slimforge.models import tokenizer_fingerprint
+
+        key = "student:" + tokenizer_fingerprint(tokenizer)
+        if key not in self._corpora:
+            self._corpora[key] = build_data(self.data_config, tokenizer, teacher=self._teacher_handle())
+        return self._corpora[key]
+
     def data_source(self, config: DataConfig | None = None) -> Source:
         """Where the run's data (or ``config``'s) comes from, with its fingerprint; nothing is read or generated."""
         from slimforge.data import data_source

@@ -37,6 +37,10 @@ def cache_teacher_for_recipe(recipe_name: str, overrides: list[str], stage: str 
         raise ConfigError(f"recipe {recipe.config.name!r} has no distill stage in its pipeline, so there is nothing to cache")
     name = stage or candidates[0]
     cfg = recipe.stages[name]
+    if cfg.cross_tokenizer.enabled:  # its rows need the student's tokenizer, which the stages before it make
+        raise ConfigError(f"stage {name} distils across tokenizers (cross_tokenizer.loss={cfg.cross_tokenizer.loss}): "
+                          "its cache needs the student's own tokenizer, so the stage builds it on first use; run "
+                          f"the recipe with stages.{name}.teacher_cache=true instead")
     if not cfg.teacher_cache:
         log.warning("stage %s has teacher_cache=false: run it with stages.%s.teacher_cache=true to train from this cache",
                     name, name)

@@ -41,7 +41,8 @@ TINY_FIELDS = {
 }
 # Sizes a stage sets explicitly (a fresh student, absolute width targets) -> sizes the tiny models allow.
 TINY_SIZES = {"hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 32,
-              "num_hidden_layers": 2, "head_dim": 8, "num_layers": 2, "num_remove": 1}
+              "num_hidden_layers": 2, "head_dim": 8, "num_layers": 2, "num_remove": 1,
+              "vocab_size": 320}  # a student's own tokenizer (from_config tokenizer=domain_bpe): 256 bytes + merges
 TINY_TASKS = {
     "perplexity": {"max_blocks": 2},
     "word_perplexity": {"max_documents": 2},
@@ -202,12 +203,27 @@ def expected_models(cfg: DictConfig) -> list[str]:
     return out
 
 
+TEXT = "Now is the winter of our discontent"
+
+
+def own_ids(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    """:data:`TEXT` in the artifact's own tokens where it keeps a tokenizer other than the teacher's (a student
+    distilled across tokenizers), else ``ids`` (the teacher's)."""
+    if not (meta_of(folder.parent.parent, folder.name).get("tokenizer") or {}).get("kind") and \
+            "cross_tokenizer" not in (meta_of(folder.parent.parent, folder.name).get("distill") or {}):
+        return ids
+    from transformers import AutoTokenizer
+
+    return torch.tensor([AutoTokenizer.from_pretrained(folder)(TEXT)["input_ids"]])
+
+
 def check_run(run_dir: Path, cfg: DictConfig, ids: torch.Tensor) -> dict:
     """Every stage done, every artifact loads and predicts, the report holds the chosen models."""
     manifest = read_json(run_dir / "manifest.json")
     assert {s: manifest["stages"][s]["status"] for s in cfg.pipeline} == {s: "done" for s in cfg.pipeline}
     for stage in cfg.pipeline:
         model = load_artifact(run_dir / "stages" / stage)
+        ids = own_ids(run_dir / "stages" / stage, ids)
         with torch.no_grad():
             assert torch.isfinite(model(input_ids=ids).logits.float()).all(), stage
     report = read_json(run_dir / "report.json")
@@ -290,7 +306,21 @@ def _real_scale(family):
     return check
 
 
-CHECKS = {"distill_kd": _distill_kd, "minitron": _minitron, "shortgpt_depth": _shortgpt_depth,
+def _cross_tokenizer_kd(run_dir, report, teacher):
+    from transformers import AutoTokenizer
+
+    own, theirs = AutoTokenizer.from_pretrained(run_dir / "stages" / "heal"), AutoTokenizer.from_pretrained(teacher)
+    assert len(own) <= 320 and own.get_vocab() != theirs.get_vocab()
+    assert AutoModelForCausalLM.from_pretrained(run_dir / "stages" / "heal").config.vocab_size == len(own)
+    heal = meta_of(run_dir, "heal")["distill"]
+    assert heal["cross_tokenizer"]["loss"] == "hybrid" and "eval_cross" in heal["history"][-1]
+    for label in ("teacher", "heal"):  # compared on characters: word perplexity for both
+        assert report["models"][label]["tasks"]["word_perplexity"]["word_perplexity"] > 0
+    assert "perplexity" in report["models"]["teacher"]["tasks"]  # token perplexity: the teacher's tokens only
+    assert "perplexity" not in report["models"]["heal"]["tasks"]
+
+
+CHECKS = {"cross_tokenizer_kd": _cross_tokenizer_kd, "distill_kd": _distill_kd, "minitron": _minitron, "shortgpt_depth": _shortgpt_depth,
           "wanda_2of4_heal": _wanda_2of4_heal, "gptq_w4": _gptq_w4, "qlora_kd": _qlora_kd, "gguf_edge": _gguf_edge,
           "phi3_mini_minitron": _real_scale("phi35"), "llama32_3b_to_1b": _real_scale("llama32")}
 
@@ -336,7 +366,7 @@ def test_recipe_runs_at_tiny_scale(name, tiny_teachers, corpus_dir, tmp_path, to
     teacher = tiny_teachers[teacher_family(cfg.teacher.path)]
     run_dir = tmp_path / "run"
     assert cli.main(["run", name, *tiny_overrides(name, teacher, corpus_dir, run_dir)]) == 0
-    ids = torch.tensor([tokenizer("Now is the winter of our discontent")["input_ids"]])
+    ids = torch.tensor([tokenizer(TEXT)["input_ids"]])
     if not is_sweep(name):
         report = check_run(run_dir, cfg, ids)
         if name in CHECKS:

@@ -141,12 +141,21 @@ TEACHER_ARCH_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", 
                        "num_key_value_heads", "head_dim")
 
 
+# The student's tokenizer (``from_config``'s ``tokenizer``): the teacher's, or a byte-level BPE trained on the run's data.
+STUDENT_TOKENIZERS = ("teacher", "domain_bpe")
+
+
 @dataclass
 class FromConfigStudentConfig(StageConfig):
-    """A freshly initialised student: the teacher's config with smaller sizes, the teacher's tokenizer.
+    """A freshly initialised student: the teacher's config with smaller sizes, the teacher's tokenizer or its own.
 
     Any size left ``None`` keeps the teacher's value. ``init_std`` overrides the
     config's ``initializer_range`` when set.
+
+    ``tokenizer: domain_bpe`` gives the student a tokenizer of its own instead: a byte-level BPE of
+    (at most) ``vocab_size`` tokens trained on the text of the run's training blocks, with the
+    teacher's special tokens and chat template, saved in the student's folder; its embeddings are sized
+    to it. Such a student is distilled across tokenizers (``cross_tokenizer.loss`` of the distill stage).
     """
 
     kind: str = "student"
@@ -158,10 +167,18 @@ class FromConfigStudentConfig(StageConfig):
     num_key_value_heads: int | None = None
     head_dim: int | None = None
     init_std: float | None = None
+    tokenizer: str = field(default="teacher", metadata=HASHED_WHEN_SET)
+    vocab_size: int = field(default=8192, metadata=HASHED_WHEN_SET)
 
     def check(self) -> None:
         for name in TEACHER_ARCH_FIELDS:
             check_int(name, getattr(self, name), low=1)
+        check_choice("tokenizer", self.tokenizer, STUDENT_TOKENIZERS)
+        # A byte-level BPE starts from the 256 bytes; a few more for the teacher's special tokens and merges.
+        check_int("vocab_size", self.vocab_size, low=300)
+
+    def uses_data(self) -> bool:
+        return self.tokenizer == "domain_bpe"  # the tokenizer is trained on the run's text
 
     def preflight(self, teacher: TeacherInfo) -> None:
         cfg = teacher.config
@@ -192,6 +209,8 @@ class FromConfigStudentConfig(StageConfig):
             fields["layer_types"] = None  # let the config class derive the per-layer pattern for the new depth
         if self.init_std is not None:
             fields["initializer_range"] = self.init_std
+        if self.tokenizer == "domain_bpe":  # the trained tokenizer may stop short of it: the stage sizes to it
+            fields["vocab_size"] = self.vocab_size
         return type(base)(**fields)
 
     def planned_config(self, parent: TeacherInfo) -> Any:
@@ -202,8 +221,12 @@ class FromConfigStudentConfig(StageConfig):
             return None
 
     def card_settings(self, meta: dict[str, Any]) -> list[str]:
-        return named_settings(self, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                     "num_key_value_heads"))
+        parts = named_settings(self, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                      "num_key_value_heads"))
+        if self.tokenizer == "domain_bpe":
+            size = (meta.get("tokenizer") or {}).get("vocab_size", self.vocab_size)
+            parts.append(f"own byte-level BPE tokenizer of {size} tokens, trained on the run's data")
+        return parts
 
 
 # --- checks against an architecture (its config, built on the meta device: no weights) ----------
@@ -305,6 +328,46 @@ def fsdp_process_problem(world_size: int) -> str | None:
             "(N >= 2), or set sharding=none")
 
 
+# The losses of distillation across tokenizers (``cross_tokenizer.loss``); none: the plain, same-vocabulary loss.
+CROSS_TOKENIZER_LOSSES = ("none", "uld", "hybrid")
+
+
+@dataclass
+class CrossTokenizerSpec:
+    """Distillation from a teacher whose tokenizer differs from the student's (docs/distillation.md).
+
+    ``loss``: ``uld`` (universal logit distillation: L1 between the two sorted probability vectors)
+    or ``hybrid`` (KL over the tokens both vocabularies spell the same, ULD over the rest, the latter
+    weighted by ``uld_weight``); ``none`` keeps the plain loss, which needs one shared tokenizer. The
+    loss is ``ce_weight * CE(student's next token, every position) + weight * mean cross-tokenizer loss`` over the
+    positions where both tokenizations end a token at the same character. ``top_k``: each side's
+    ``top_k`` largest probabilities are compared (and the teacher cache keeps ``top_k`` per position).
+    ``ce_weight`` scales the cross-entropy term (0: the teacher alone teaches).
+    """
+
+    loss: str = "none"
+    weight: float = 1.0
+    top_k: int = 64
+    uld_weight: float = 1.0
+    ce_weight: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.loss != "none"
+
+    def check(self) -> None:
+        check_choice("loss", self.loss, CROSS_TOKENIZER_LOSSES)
+        if not self.weight >= 0:
+            raise FieldError("weight", self.weight, "must be >= 0")
+        if not self.uld_weight >= 0:
+            raise FieldError("uld_weight", self.uld_weight, "must be >= 0")
+        if not self.ce_weight >= 0:
+            raise FieldError("ce_weight", self.ce_weight, "must be >= 0")
+        if self.loss != "none" and self.weight == 0 and self.ce_weight == 0:
+            raise FieldError("weight", self.weight, "with ce_weight 0 too, nothing would train; set one of them > 0")
+        check_int("top_k", self.top_k, low=1)
+
+
 # What a distillation stage's result is for (``role``): a student in its own right, or a draft model.
 DISTILL_ROLES = ("student", "draft")
 
@@ -372,9 +435,12 @@ class DistillConfig(StageConfig):
     # tokens for its teacher to verify in speculative decoding (draft: it must be smaller than the
     # teacher, checked before training; evaluate it with the ``speculative`` task).
     role: str = field(default="student", metadata=HASHED_WHEN_SET)
+    # Distillation across tokenizers: the student keeps a tokenizer of its own (off by default).
+    cross_tokenizer: CrossTokenizerSpec = field(default_factory=CrossTokenizerSpec, metadata=HASHED_WHEN_SET)
 
     def check(self) -> None:
         check_choice("loss", self.loss, tuple(KD_LOSSES))
+        self._check_cross_tokenizer()
         check_choice("role", self.role, DISTILL_ROLES)
         if not self.temperature > 0:
             raise FieldError("temperature", self.temperature, "must be > 0 (1.0 is plain softmax)")
@@ -428,6 +494,8 @@ class DistillConfig(StageConfig):
              "which sharded layers cannot follow; set on_policy.fraction=0 or sharding=none"),
             ("optimizer", self.optimizer if self.optimizer == "adamw_8bit" else None,
              "bitsandbytes' 8-bit AdamW does not step sharded (DTensor) parameters; use optimizer=adamw"),
+            ("cross_tokenizer.loss", self.cross_tokenizer.loss if self.cross_tokenizer.enabled else None,
+             "distillation across tokenizers is not wired for sharded models yet; use sharding=none (DDP)"),
         ]
         for name, value, why in refused:
             if value:
@@ -438,6 +506,20 @@ class DistillConfig(StageConfig):
         why = fsdp_process_problem(world_size) if self.sharding == "fsdp" else None
         if why:
             raise FieldError("sharding", self.sharding, why)
+
+    def _check_cross_tokenizer(self) -> None:
+        if not self.cross_tokenizer.enabled:
+            return
+        loss = self.cross_tokenizer.loss
+        if self.on_policy.fraction > 0:
+            raise FieldError("cross_tokenizer.loss", loss, "on-policy batches are not distilled across tokenizers; "
+                             "set on_policy.fraction=0")
+        if self.hidden_weight > 0:
+            raise FieldError("cross_tokenizer.loss", loss, "hidden-state distillation pairs positions of one "
+                             "tokenization; set hidden_weight=0")
+        if self.temperature != 1.0:
+            raise FieldError("cross_tokenizer.loss", loss, "the cross-tokenizer losses compare probabilities at "
+                             "T=1; set temperature=1")
 
     def check_teacher(self, teacher: TeacherInfo) -> None:
         """Checks against the teacher, valid wherever the stage sits in the pipeline."""
@@ -526,6 +608,9 @@ class DistillConfig(StageConfig):
             parts.append(f"teacher top-{self.top_k} cache")
         if self.on_policy.fraction:
             parts.append(f"on-policy fraction {self.on_policy.fraction}")
+        if self.cross_tokenizer.enabled:
+            x = self.cross_tokenizer
+            parts.append(f"across tokenizers: {x.loss} (weight {x.weight}, top-{x.top_k}) at aligned characters + CE")
         return parts
 
     def card_data(self, meta: dict[str, Any], source: str) -> str | None:

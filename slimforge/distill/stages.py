@@ -31,10 +31,32 @@ def check_compatible(teacher_tok: Any, student_tok: Any, teacher_config: Any, st
     why = tokenizer_mismatch(teacher_tok, student_tok)
     if why:
         raise ConfigError(f"teacher and student vocabularies differ ({why}); distillation compares "
-                          "per-token distributions, so the student needs the teacher's tokenizer")
+                          "per-token distributions, so the student needs the teacher's tokenizer, or distil "
+                          "across tokenizers with cross_tokenizer.loss=uld or hybrid")
     if teacher_config.vocab_size != student_config.vocab_size:
         raise ConfigError(f"teacher and student vocabularies differ (logit widths {teacher_config.vocab_size} "
                           f"vs {student_config.vocab_size}); resize the student's embeddings to the teacher's")
+
+
+# Text every tokenizer distilled across must spell back exactly from its tokens' bytes (what alignment reads).
+SPELLING_PROBE = "The quick brown fox jumps over the lazy dog, 42 times; then: 'Why?'"
+
+
+def check_student_vocabulary(tokenizer: Any, student_config: Any) -> None:
+    """Across tokenizers: the student's logits must cover its own tokenizer's ids, and its tokens must spell
+    text back byte for byte (byte-level BPE, or SentencePiece-style ``▁`` pieces), which alignment relies on."""
+    from slimforge.distill.cross_vocab import token_bytes
+
+    if int(student_config.vocab_size) < len(tokenizer):
+        raise ConfigError(f"the student's logits ({student_config.vocab_size}) do not cover its tokenizer's "
+                          f"{len(tokenizer)} tokens; resize its embeddings to its tokenizer")
+    table = token_bytes(tokenizer)
+    ids = tokenizer(SPELLING_PROBE, add_special_tokens=False)["input_ids"]
+    spelled = b"".join(table.get(i, b"?") for i in ids)
+    if spelled.lstrip(b" ") != SPELLING_PROBE.encode():
+        raise ConfigError(f"the student's tokens do not spell its text back byte for byte ({spelled[:40]!r}...), so "
+                          "its positions cannot be aligned with the teacher's by characters; give the student a "
+                          "byte-level BPE (student stage tokenizer=domain_bpe) or a SentencePiece-style tokenizer")
 
 
 def cache_plan(cfg: DistillConfig, data: Any, seed: int, world: int = 1) -> tuple[list[int], list[int]]:
@@ -45,18 +67,25 @@ def cache_plan(cfg: DistillConfig, data: Any, seed: int, world: int = 1) -> tupl
     return train, heldout
 
 
-def ensure_teacher_cache(cfg: DistillConfig, session: Any, seed: int) -> TeacherCache:
+def ensure_teacher_cache(cfg: DistillConfig, session: Any, seed: int, data: Any = None,
+                         cross: Any = None) -> TeacherCache:
     """The cache holding this stage's blocks; the teacher loads only if some are missing.
 
     The main rank adds what is missing (under the entry's lock, so concurrent runs wait for
     each other instead of racing); the other ranks wait at the barrier, then open it.
+
+    Across tokenizers, ``data`` is the student's blocks and ``cross`` the
+    :class:`~slimforge.distill.cross_objective.TeacherReader` whose rows the entry holds (keyed
+    apart from any plain entry by the student's tokenizer).
     """
     from slimforge import dist
     from slimforge.assets import cache_root
 
-    data = session.data()
+    data = data if data is not None else session.data()
     train, heldout = cache_plan(cfg, data, seed, dist.world_size())
-    key = cache_key(session.teacher_ref.fingerprint, data.fingerprint, cfg.top_k, cfg.temperature)
+    top_k = cross.top_k if cross is not None else cfg.top_k
+    extra = cross.cache_extra if cross is not None else None
+    key = cache_key(session.teacher_ref.fingerprint, data.fingerprint, top_k, cfg.temperature, extra)
     folder = cache_root() / "teacher_cache" / key
     if dist.is_main():
         loaded: list[bool] = []
@@ -65,9 +94,10 @@ def ensure_teacher_cache(cfg: DistillConfig, session: Any, seed: int) -> Teacher
             loaded.append(True)
             return session.teacher()[0]
 
-        ensure_cached(load_teacher, data.train, data.heldout, train, heldout, cfg.top_k, cfg.temperature, folder,
+        ensure_cached(load_teacher, data.train, data.heldout, train, heldout, top_k, cfg.temperature, folder,
                       key, session.device, batch_size=cfg.batch_size,
-                      provenance={"teacher": session.teacher_ref.path, "data": data.stats.get("source")})
+                      provenance={"teacher": session.teacher_ref.path, "data": data.stats.get("source")},
+                      rows=cross.rows if cross is not None else None)
         if loaded:
             session.release_teacher()  # training reads the cache: the teacher's memory goes back now
     dist.barrier()
@@ -116,24 +146,44 @@ def train_from_teacher(ctx: StageContext, student: Any, tokenizer: Any) -> tuple
     cfg: DistillConfig = ctx.config
     teacher_tok = ctx.session.teacher_tokenizer()
     teacher_cfg = teacher_config(ctx)
-    check_compatible(teacher_tok, tokenizer, teacher_cfg, student.config)
+    from slimforge.distill.cross_objective import distils_across_tokenizers
+
+    across = distils_across_tokenizers(cfg, teacher_tok, tokenizer)
+    if across:
+        check_student_vocabulary(tokenizer, student.config)
+    else:
+        check_compatible(teacher_tok, tokenizer, teacher_cfg, student.config)
     check_student(cfg, student, teacher_cfg, ctx.parent.meta.get("kept_layers"), f"stages.{ctx.name}")
-    data = ctx.data()
+    # Across tokenizers the blocks are the student's tokens (the teacher re-reads their text per block).
+    data = ctx.session.student_data(tokenizer) if across else ctx.data()
     if len(data.train) == 0:
         raise ConfigError("the training split is empty; add data or lower data.heldout_fraction")
     require_loss_tokens(cfg, data)
-    cache = ensure_teacher_cache(cfg, ctx.session, ctx.seed) if cfg.teacher_cache else None
-    teacher = None if cache is not None else ctx.teacher()[0]
+    objective = cache = teacher = None
+    if across:
+        from slimforge.distill.cross_objective import CrossTokenizerObjective, TeacherReader
+
+        reader = TeacherReader(tokenizer, teacher_tok, min(cfg.cross_tokenizer.top_k, int(teacher_cfg.vocab_size)))
+        cache = ensure_teacher_cache(cfg, ctx.session, ctx.seed, data, reader) if cfg.teacher_cache else None
+        teacher = None if cache is not None else ctx.teacher()[0]
+        objective = CrossTokenizerObjective(cfg, tokenizer, teacher_tok, teacher=teacher, cache=cache,
+                                            top_k=reader.top_k)
+    else:
+        cache = ensure_teacher_cache(cfg, ctx.session, ctx.seed) if cfg.teacher_cache else None
+        teacher = None if cache is not None else ctx.teacher()[0]
     trainer = DistillTrainer(cfg, student, data, ctx.work_dir, ctx.out_dir, ctx.seed, ctx.device,
                              teacher=teacher, cache=cache, kept_layers=ctx.parent.meta.get("kept_layers"),
                              provenance={"parent": ctx.parent.fingerprint, "teacher": ctx.teacher_ref.fingerprint},
-                             run_name=ctx.name)
+                             run_name=ctx.name, objective=objective)
     before = trainer.evaluate(student) if trainer.resume_point() is None else None
     result = trainer.train()
     if cfg.sharding == "fsdp" and teacher is not None:
         ctx.session.release_teacher()  # its layers are sharded now: whoever needs it next loads it whole
     meta: dict[str, Any] = {"distill": {"teacher_cache": cache.meta["key"] if cache else None,
                                         "history": result.history, "losses": result.losses}}
+    if across:
+        meta["distill"]["cross_tokenizer"] = {"loss": cfg.cross_tokenizer.loss, "student_vocab": len(tokenizer),
+                                              "teacher_vocab": len(teacher_tok)}
     if before is not None:
         meta["distill"]["before"] = before
     metrics = dict(result.metrics)

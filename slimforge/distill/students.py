@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from slimforge.arch import num_layers
 from slimforge.distill.config import (
@@ -84,8 +85,50 @@ def from_config_stage(ctx: StageContext) -> StageOutput:
     base = ctx.parent.load_config()
     changes = cfg.size_changes(base)
     config = cfg.student_config(base)
+    tokenizer = ctx.parent.load_tokenizer()
+    meta = {"init": "from_config", "changes": changes}
+    if cfg.tokenizer == "domain_bpe":
+        texts = training_texts(ctx.data(), ctx.session.teacher_tokenizer())
+        tokenizer = train_domain_tokenizer(texts, cfg.vocab_size, tokenizer)
+        config.vocab_size = len(tokenizer)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(config, name, None) is not None:
+                setattr(config, name, getattr(tokenizer, name))
+        meta["tokenizer"] = {"kind": "domain_bpe", "vocab_size": len(tokenizer), "trained_on_blocks": len(texts)}
+        log.info("student tokenizer: byte-level BPE of %d tokens trained on %d blocks", len(tokenizer), len(texts))
     torch.manual_seed(ctx.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tokenizer = ctx.parent.load_tokenizer()
     log.info("fresh student: %s", ", ".join(f"{k}={v}" for k, v in changes.items()) or "teacher-sized")
-    return StageOutput(model=model, tokenizer=tokenizer, meta={"init": "from_config", "changes": changes})
+    return StageOutput(model=model, tokenizer=tokenizer, meta=meta)
+
+
+def training_texts(data: Any, tokenizer: Any) -> list[str]:
+    """The text of the run's training blocks (never the held-out ones), decoded with the tokenizer that packed them."""
+    from slimforge.data import blocks_tensor
+
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in blocks_tensor(data.train).tolist()]
+
+
+def train_domain_tokenizer(texts: list[str], vocab_size: int, like: Any) -> Any:
+    """A byte-level BPE of at most ``vocab_size`` tokens trained on ``texts``, with the special tokens and
+    chat template of ``like`` (the teacher's tokenizer), as a transformers fast tokenizer.
+
+    Byte-level, so every text encodes without unknown tokens and each token stands for exact bytes
+    (what :func:`~slimforge.distill.cross_vocab.teacher_view` aligns by). Deterministic for one input.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(dict.fromkeys(str(t) for t in like.all_special_tokens))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    named = {role: str(getattr(like, role)) for role in ("bos_token", "eos_token", "pad_token", "unk_token")
+             if getattr(like, role, None) is not None}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **named)
+    if getattr(like, "chat_template", None):
+        fast.chat_template = like.chat_template
+    return fast

@@ -49,6 +49,9 @@ from slimforge.progress import progress_bar
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2
+# Rows of a batch computed another way than the teacher's buckets at every position: (teacher, ids [B, L])
+# -> (top ids [B, L - 1, k], bucket log-probabilities [B, L - 1, k + 1]).
+RowsFn = Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 PENDING = "pending.json"
 PROGRESS = "progress.json"
 
@@ -98,9 +101,15 @@ class TeacherCache:
         return bytes_per_token(self.meta["ids_dtype"], self.top_k)
 
 
-def cache_key(teacher_fingerprint: str, data_fingerprint: str, top_k: int, temperature: float) -> str:
-    """What an entry's rows depend on; the blocks it holds are not part of it."""
-    return stable_hash([CACHE_VERSION, teacher_fingerprint, data_fingerprint, top_k, float(temperature)])
+def cache_key(teacher_fingerprint: str, data_fingerprint: str, top_k: int, temperature: float,
+              extra: Any = None) -> str:
+    """What an entry's rows depend on; the blocks it holds are not part of it.
+
+    ``extra``: anything else the rows depend on (distillation across tokenizers names the student's
+    tokenizer here, so such an entry is never taken for a plain one, nor the other way round).
+    """
+    parts = [CACHE_VERSION, teacher_fingerprint, data_fingerprint, top_k, float(temperature)]
+    return stable_hash(parts if extra is None else [*parts, extra])
 
 
 def _missing(rows: dict[str, dict[str, int]], train_blocks: list[int],
@@ -153,7 +162,8 @@ def build_teacher_cache(teacher: Any, train: Any, heldout: Any, train_blocks: li
 
 def ensure_cached(load_teacher: Callable[[], Any], train: Any, heldout: Any, train_blocks: list[int],
                   heldout_blocks: list[int], top_k: int, temperature: float, dest: str | Path, key: str,
-                  device: Any, batch_size: int = 8, provenance: dict[str, Any] | None = None) -> TeacherCache:
+                  device: Any, batch_size: int = 8, provenance: dict[str, Any] | None = None,
+                  rows: RowsFn | None = None) -> TeacherCache:
     """Make the entry at ``dest`` hold the teacher's top-k buckets for these blocks.
 
     Args:
@@ -167,6 +177,8 @@ def ensure_cached(load_teacher: Callable[[], Any], train: Any, heldout: Any, tra
         device: where the teacher runs.
         batch_size: blocks per teacher forward.
         provenance: extra facts for ``meta.json`` when the entry is created (teacher path, data source...).
+        rows: computes a batch's rows from the teacher and the blocks' ids ([B, L] int64) instead of
+            the teacher's buckets at every position (distillation across tokenizers: at aligned ones).
     """
     dest = Path(dest)
     ready = _committed(dest, key)
@@ -180,7 +192,7 @@ def ensure_cached(load_teacher: Callable[[], Any], train: Any, heldout: Any, tra
             teacher = load_teacher()
             if meta is None:
                 meta = _new_meta(teacher, train, top_k, temperature, key, provenance)
-            _append_rows(teacher, train, heldout, meta, plan, done, dest, device, batch_size)
+            _append_rows(teacher, train, heldout, meta, plan, done, dest, device, batch_size, rows)
             _commit(dest, meta, plan)
     return open_teacher_cache(dest)
 
@@ -254,7 +266,7 @@ def _next_batch(plan: list[tuple[str, int]], start: int, size: int) -> tuple[str
 
 
 def _append_rows(teacher: Any, train: Any, heldout: Any, meta: dict[str, Any], plan: list[tuple[str, int]],
-                 done: int, dest: Path, device: Any, batch_size: int) -> None:
+                 done: int, dest: Path, device: Any, batch_size: int, rows: RowsFn | None = None) -> None:
     """Run the teacher over ``plan[done:]`` and write its buckets after the committed rows."""
     from slimforge.data import blocks_tensor
     from slimforge.distill.chunked import softcap_transform
@@ -270,9 +282,12 @@ def _append_rows(teacher: Any, train: Any, heldout: Any, meta: dict[str, Any], p
             split, batch = _next_batch(plan, done, batch_size)
             source = train if split == "train" else heldout
             tokens = blocks_tensor(source.select(batch)).to(device)
-            logits = teacher.get_output_embeddings()(final_hidden(teacher, tokens))
-            top_ids, top_logp = teacher_buckets(cap(logits.float()) if cap else logits, int(meta["top_k"]),
-                                                float(meta["temperature"]))
+            if rows is not None:
+                top_ids, top_logp = rows(teacher, tokens)
+            else:
+                logits = teacher.get_output_embeddings()(final_hidden(teacher, tokens))
+                top_ids, top_logp = teacher_buckets(cap(logits.float()) if cap else logits, int(meta["top_k"]),
+                                                    float(meta["temperature"]))
             ids[done: done + len(batch)] = top_ids.cpu().numpy().astype(ids.dtype)
             logp[done: done + len(batch)] = top_logp.cpu().numpy().astype(np.float16)
             ids.flush()

@@ -165,7 +165,7 @@ class DistillTrainer:
     def __init__(self, cfg: DistillConfig, student: Any, data: Any, work_dir: Path, tracking_dir: Path | None,
                  seed: int, device: torch.device, teacher: Any = None, cache: Any = None,
                  kept_layers: list[int] | None = None, provenance: dict[str, Any] | None = None,
-                 run_name: str = "distill") -> None:
+                 run_name: str = "distill", objective: Any = None) -> None:
         if teacher is None and cache is None:
             raise ValueError("a live teacher or a teacher cache is required")
         if cfg.sharding == "fsdp":
@@ -185,7 +185,8 @@ class DistillTrainer:
         self.run_name = run_name
         self.seed = seed
         self.device = device
-        self.objective = KDObjective(cfg, teacher, cache)
+        # ``objective``: another loss of a batch with KDObjective's interface (distillation across tokenizers).
+        self.objective = objective if objective is not None else KDObjective(cfg, teacher, cache)
         self.kept_layers = kept_layers
         self.train_blocks = self._plan_blocks()
         self.eval_blocks = list(range(min(cfg.eval_blocks, len(data.heldout))))
@@ -209,7 +210,10 @@ class DistillTrainer:
         return self.checkpoints.resume_point()
 
     def evaluate(self, student: Any) -> dict[str, float]:
-        """Held-out forward KL(teacher || student) at T = 1, student CE and top-1 agreement."""
+        """Held-out forward KL(teacher || student) at T = 1, student CE and top-1 agreement (or the objective's own)."""
+        own = getattr(self.objective, "heldout_metrics", None)
+        if own is not None:
+            return own(student, self.data.heldout, self.eval_blocks, self.cfg.batch_size, self.device)
         return heldout_metrics(student, self.data.heldout, self.eval_blocks, self.cfg.batch_size, self.device,
                                teacher=self.teacher, cache=self.cache)
 

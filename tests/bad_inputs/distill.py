@@ -91,6 +91,10 @@ CASES = [
              lambda env: distill_run(env, "stages.heal.sharding=fsdp", "stages.heal.optimizer=adamw_8bit"),
              r"invalid value stages\.heal\.optimizer='adamw_8bit': not supported with sharding=fsdp: bitsandbytes' "
              r"8-bit AdamW does not step sharded \(DTensor\) parameters; use optimizer=adamw$", after=nothing_ran),
+    BadInput("fsdp-across-tokenizers",
+             lambda env: distill_run(env, "stages.heal.sharding=fsdp", "stages.heal.cross_tokenizer.loss=uld"),
+             r"invalid value stages\.heal\.cross_tokenizer\.loss='uld': not supported with sharding=fsdp: distillation "
+             r"across tokenizers is not wired for sharded models yet; use sharding=none \(DDP\)$", after=nothing_ran),
     BadInput("fsdp-with-qat",
              lambda env: distill_run(env, "distill@stages.heal=qat", "stages.heal.sharding=fsdp"),
              r"invalid value stages\.heal\.sharding='fsdp': qat's fake-quantized layers are not sharded; set "
@@ -112,6 +116,36 @@ CASES = [
              r"stages\.merged \(merge_lora\) merges a LoRA adapter into its base, but its input student \(.*\) is "
              r"not an adapter folder \(no adapter_config\.json\); put it right after a distill stage with "
              r"lora\.enabled=true", after=no_merged_artifact),
+    BadInput("cross-tokenizer-unknown-loss", lambda env: distill_run(env, "stages.heal.cross_tokenizer.loss=kl"),
+             r"invalid value stages\.heal\.cross_tokenizer\.loss='kl': must be one of none, uld, hybrid$",
+             after=nothing_ran),
+    BadInput("cross-tokenizer-with-hidden-states",
+             lambda env: distill_run(env, "stages.heal.cross_tokenizer.loss=uld", "stages.heal.hidden_weight=1"),
+             r"invalid value stages\.heal\.cross_tokenizer\.loss='uld': hidden-state distillation pairs positions "
+             r"of one tokenization; set hidden_weight=0$", after=nothing_ran),
+    BadInput("cross-tokenizer-nothing-to-train",
+             lambda env: distill_run(env, "stages.heal.cross_tokenizer.loss=uld", "stages.heal.cross_tokenizer.weight=0",
+                                     "stages.heal.cross_tokenizer.ce_weight=0"),
+             r"invalid value stages\.heal\.cross_tokenizer\.weight=0\.0: with ce_weight 0 too, nothing would train; "
+             r"set one of them > 0$",
+             after=nothing_ran),
+    BadInput("domain-tokenizer-too-small",
+             lambda env: distill_run(env, "stages.student.tokenizer=domain_bpe", "stages.student.vocab_size=100",
+                                     student="student@stages.student=from_config"),
+             r"invalid value stages\.student\.vocab_size=100: must be >= 300$", after=nothing_ran),
+    # A student with a tokenizer of its own, distilled without cross_tokenizer: refused before training, saying what to set.
+    BadInput("own-tokenizer-without-cross-tokenizer-loss",
+             lambda env: distill_run(env, "stages.student.tokenizer=domain_bpe", "stages.student.vocab_size=320",
+                                     "stages.student.hidden_size=16", student="student@stages.student=from_config"),
+             r"teacher and student vocabularies differ \(.*\); distillation compares per-token distributions, so "
+             r"the student needs the teacher's tokenizer, or distil across tokenizers with cross_tokenizer\.loss=uld "
+             r"or hybrid$", after=no_heal_artifact),
+    BadInput("cache-teacher-across-tokenizers",
+             lambda env: ["distill", "cache-teacher", TINY_DISTILL, f"teacher.path={env.teacher_dir}",
+                          f"data.path={env.corpus_dir}", "stages.student.num_layers=2", "stages.heal.cross_tokenizer.loss=uld"],
+             r"stage heal distils across tokenizers \(cross_tokenizer\.loss=uld\): its cache needs the student's own "
+             r"tokenizer, so the stage builds it on first use; run the recipe with stages\.heal\.teacher_cache=true "
+             r"instead$"),
     BadInput("merge-dtype",
              lambda env: distill_run(env, "+distill@stages.merged=merge_lora", "pipeline=[student,merged]",
                                      "stages.merged.dtype=int8"),
