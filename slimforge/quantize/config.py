@@ -548,7 +548,7 @@ class W8A8Config(QuantizeConfig):
     run time) or ``static`` (one scale per layer from the largest input seen in calibration).
     ``smoothquant_alpha`` in [0, 1] first divides each input channel of the ``smoothquant_groups``
     by ``max|X|^alpha / max|W|^(1-alpha)``, folded exactly into the norm or linear that writes it
-    (``null``: no smoothing). ``smoothquant_alpha_grid`` (a list) instead picks alpha per group and
+    (``null``: no smoothing, whatever the grid). ``smoothquant_alpha_grid`` (a list) instead picks alpha per group and
     block from the list: the one whose smoothed, rounded readers' outputs move least on a sample of
     the block's calibration inputs (:func:`slimforge.quantize.w8a8.search_alpha`; round to nearest
     weights stand in for GPTQ's). Calibration: ``num_samples`` windows of ``seq_len`` tokens from the
@@ -585,14 +585,10 @@ class W8A8Config(QuantizeConfig):
                              "range), or null for no smoothing")
         check_choices("smoothquant_groups", self.smoothquant_groups, SMOOTHING_GROUPS)
         grid = self.smoothquant_alpha_grid
-        if grid is not None:
-            if not grid or not all(isinstance(a, (int, float)) and 0.0 <= a <= 1.0 for a in grid):
-                raise FieldError("smoothquant_alpha_grid", grid, "must list migration strengths in [0, 1] to try "
+        if grid is not None and (not grid or not all(isinstance(a, (int, float)) and 0.0 <= a <= 1.0 for a in grid)):
+            raise FieldError("smoothquant_alpha_grid", grid, "must list migration strengths in [0, 1] to try "
                                  "per group and block (e.g. [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]), or be null")
-            if alpha is None:
-                raise FieldError("smoothquant_alpha_grid", list(grid), "searches SmoothQuant's alpha, but "
-                                 "smoothquant_alpha=null turns smoothing off; set smoothquant_alpha (e.g. 0.5) or "
-                                 "smoothquant_alpha_grid=null")
+
         if alpha is not None and not self.smoothquant_groups:
             raise FieldError("smoothquant_groups", [], f"smoothquant_alpha={alpha} needs groups to smooth "
                              f"(from {', '.join(SMOOTHING_GROUPS)}); or set smoothquant_alpha=null")
@@ -638,7 +634,9 @@ class W8A8Config(QuantizeConfig):
         acts = "dynamic per-token" if self.activations == "dynamic" else "static per-tensor"
         settings = [f"W8A8 {grid}, weights per {self.weight_scales}, {acts} activations"]
         if self.smooths():
-            settings.append(f"SmoothQuant alpha {self.smoothquant_alpha} ({', '.join(self.smoothquant_groups)})")
+            alpha = (f"searched in {list(self.smoothquant_alpha_grid)}" if self.smoothquant_alpha_grid
+                     else self.smoothquant_alpha)
+            settings.append(f"SmoothQuant alpha {alpha} ({', '.join(self.smoothquant_groups)})")
         settings.append(f"{self.rounding.upper()} rounding" + (f", act_order {self.act_order}"
                                                               if self.rounding == "gptq" else ""))
         return settings

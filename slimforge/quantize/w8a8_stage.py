@@ -160,7 +160,7 @@ def w8a8_quantize_model(model: Any, input_ids: torch.Tensor | None, cfg: W8A8Con
         names = {id(module): name for name, module in model.named_modules()}
         offset = norm_weight_offset(model.config)
         # The alpha search measures output errors on a sample of each input's rows: about ALPHA_SEARCH_ROWS.
-        stride = max(1, input_ids.numel() // ALPHA_SEARCH_ROWS) if cfg.smoothquant_alpha_grid else 0
+        stride = max(1, input_ids.numel() // ALPHA_SEARCH_ROWS) if cfg.smooths() and cfg.smoothquant_alpha_grid else 0
         for step in layerwise(model, input_ids, batch_size=cfg.batch_size, device=device, desc="w8a8"):
             linears = {local: m for local, m in step.linears().items() if names[id(m)] in only}
             with record_linear_inputs(linears, hessian=cfg.rounding == "gptq", sample_stride=stride) as stats:
