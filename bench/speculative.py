@@ -45,7 +45,7 @@ def speculative_rows(report: dict, variant: str) -> list[dict]:
     rows = []
     for label, entry in report["models"].items():
         result = entry.get("tasks", {}).get("speculative")
-        if not result:
+        if not result or "acceptance_rate" not in result:  # the teacher's own row: its greedy speed only
             continue
         row = {"variant": variant, "model": label}
         row.update({k: v for k, v in result.items() if isinstance(v, (int, float))})
