@@ -184,17 +184,10 @@ class CrossTokenizerObjective:
                         device: torch.device) -> dict[str, float]:
         """Held-out student CE and perplexity per token and per character, the cross-tokenizer loss at the
         aligned positions (``eval_cross``) and the fraction of positions aligned."""
-        from slimforge.data import blocks_tensor
+        from slimforge.distill.metrics import heldout_batches
 
-        was_training = student.training
-        student.eval()
         ce_sum = cross_sum = count = aligned = chars = 0.0
-        for start in range(0, len(blocks), batch_size):
-            batch = blocks[start: start + batch_size]
-            ids = blocks_tensor(heldout.select(batch)).to(device)
-            logits = student(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            logits = logits.reshape(-1, logits.shape[-1])
-            targets = ids[:, 1:].reshape(-1)
+        for batch, ids, logits, targets in heldout_batches(student, heldout, blocks, batch_size, device):
             ce_sum += F.cross_entropy(logits, targets, reduction="sum").item()
             chars += float(self._char_counts(logits.shape[-1]).to(device)[targets].sum())
             t = self.teacher_targets("heldout", batch, ids)
@@ -204,7 +197,6 @@ class CrossTokenizerObjective:
                 cross_sum += self.rows_loss(s_logp, t["top_ids"][rows], t["top_logp"][rows]).sum().item()
             aligned += len(rows)
             count += targets.numel()
-        student.train(was_training)
         per_char = ce_sum / max(chars, 1.0)
         return {"eval_ce": ce_sum / count, "eval_ppl": math.exp(ce_sum / count),
                 "eval_cross": cross_sum / max(aligned, 1.0), "eval_aligned": aligned / count,

@@ -29,6 +29,27 @@ TRACKING_PROJECT = "slimforge"
 
 
 @torch.no_grad()
+def heldout_batches(student: Any, heldout: Any, blocks: list[int], batch_size: int, device: torch.device
+                    ) -> Iterable[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The student on held-out ``blocks``, ``batch_size`` at a time, in eval mode (restored afterwards).
+
+    Yields ``(block indices, ids [B, L], fp32 logits [B * (L - 1), V], next-token targets [B * (L - 1)])``;
+    call it under ``torch.no_grad()``.
+    """
+    from slimforge.data import blocks_tensor
+
+    was_training = student.training
+    student.eval()
+    try:
+        for start in range(0, len(blocks), batch_size):
+            batch = blocks[start: start + batch_size]
+            ids = blocks_tensor(heldout.select(batch)).to(device)
+            logits = student(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            yield batch, ids, logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+    finally:
+        student.train(was_training)
+
+
 def heldout_metrics(student: Any, heldout: Any, blocks: list[int], batch_size: int, device: torch.device,
                     teacher: Any = None, cache: Any = None) -> dict[str, float]:
     """Held-out forward KL(teacher || student) at T = 1, student CE and perplexity, top-1 agreement.
@@ -41,17 +62,8 @@ def heldout_metrics(student: Any, heldout: Any, blocks: list[int], batch_size: i
         teacher, cache: the live teacher, or its top-k cache (one of them). A cache built at a
             temperature other than 1 gives no KL (``eval_kl`` is left out).
     """
-    from slimforge.data import blocks_tensor
-
-    was_training = student.training
-    student.eval()
     kl_sum = ce_sum = agree = count = 0.0
-    for start in range(0, len(blocks), batch_size):
-        batch = blocks[start: start + batch_size]
-        ids = blocks_tensor(heldout.select(batch)).to(device)
-        logits = student(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        logits = logits.reshape(-1, logits.shape[-1])
-        targets = ids[:, 1:].reshape(-1)
+    for batch, ids, logits, targets in heldout_batches(student, heldout, blocks, batch_size, device):
         ce_sum += F.cross_entropy(logits, targets, reduction="sum").item()
         if cache is not None:
             top_ids, top_logp = cache.lookup("heldout", batch, device)
@@ -68,7 +80,6 @@ def heldout_metrics(student: Any, heldout: Any, blocks: list[int], batch_size: i
             teacher_top1 = t_logits.argmax(-1)
         agree += (logits.argmax(-1) == teacher_top1).sum().item()
         count += targets.numel()
-    student.train(was_training)
     out = {"eval_ce": ce_sum / count, "eval_ppl": math.exp(ce_sum / count), "eval_top1": agree / count}
     if cache is None or cache.meta["temperature"] == 1.0:
         out["eval_kl"] = kl_sum / count

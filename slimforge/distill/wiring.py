@@ -29,6 +29,7 @@ from slimforge.distill.hidden import (
     hidden_state_loss,
     validate_layer_map,
 )
+from slimforge.distill.losses import next_token_ce
 from slimforge.distill.objective import (
     LossSpec,
     cached_chunk_loss,
@@ -187,7 +188,7 @@ class KDObjective:
         logits = student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
         logits = logits.reshape(-1, logits.shape[-1])
         if not t:  # cross-entropy alone
-            return F.cross_entropy(logits.float(), targets, reduction="none").mul(mask).sum() / mask.sum().clamp_min(1)
+            return next_token_ce(logits, targets, mask)
         if "top_ids" in t:
             return naive_loss(self.spec, logits, t["top_logp"], targets, mask, topk_ids=t["top_ids"])
         return naive_loss(self.spec, logits, t["teacher_logp"], targets, mask)
