@@ -79,6 +79,40 @@ def tiny_config(arch: str, vocab_size: int, layers: int = 4):
     return AutoConfig.for_model(arch, **common)
 
 
+# Mixture-of-experts families (slimforge/moe.py); each builds in well under a second.
+MOE_ARCHS = ("mixtral", "phimoe", "qwen2_moe", "qwen3_moe")
+
+
+def tiny_moe_config(arch: str, vocab_size: int, layers: int = 4, experts: int = 4, top_k: int = 2):
+    """A random-init MoE config of ``arch``: hidden 32, 4 heads over 2 KV heads, ``experts`` experts of width 48
+    per layer with ``top_k`` routed per token; Qwen2-MoE adds a shared expert (width 40)."""
+    from transformers import AutoConfig
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, num_experts_per_tok=top_k,
+    )
+    if arch in ("mixtral", "phimoe"):
+        common["num_local_experts"] = experts
+    else:
+        common.update(num_experts=experts, moe_intermediate_size=48, norm_topk_prob=arch == "qwen3_moe")
+    if arch == "qwen2_moe":
+        common["shared_expert_intermediate_size"] = 40
+    if arch == "qwen3_moe":
+        common["head_dim"] = 8
+    return AutoConfig.for_model(arch, **common)
+
+
+def build_moe_model(arch: str, tokenizer, layers: int = 4, experts: int = 4, top_k: int = 2, seed: int = 0):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_moe_config(arch, len(tokenizer), layers, experts, top_k)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
 def build_model(arch: str, tokenizer, layers: int = 4, seed: int = 0):
     import torch
     from transformers import AutoModelForCausalLM

@@ -1,0 +1,316 @@
+"""The mixture-of-experts side of the architecture adapter (``arch.py`` holds the dense side).
+
+transformers 5 stores a sparse MoE block's experts fused, as two 3D parameters of one module
+(``experts.gate_up_proj`` ``[E, 2I, H]``, gate rows first, and ``experts.down_proj``
+``[E, H, I]``), beside a router whose ``weight`` is ``[E, H]``. Mixtral, PhiMoE, Qwen2-MoE and
+Qwen3-MoE share that layout; they differ in where the router lives (``gate`` or ``router``),
+in the config key holding the expert count, in how the router turns logits into weights
+(softmax top-k, renormalised or not; PhiMoE's sparsemixer) and in Qwen2-MoE's always-on
+shared expert. Code that measures or edits experts goes through here.
+
+Two kinds of edit keep a model a plain Hugging Face folder:
+
+* :func:`keep_experts` removes experts from every MoE block (the same count in each, since a
+  config holds one expert count), slicing the router's rows with them;
+* :func:`set_top_k` changes how many experts each token is routed to.
+
+Calibration-based methods (Wanda, SparseGPT, GPTQ) work on ``nn.Linear`` modules. Inside
+:func:`unfused_experts` each fused experts module is swapped for :class:`UnfusedExperts`, which
+computes the same function with one ``gate_proj``/``up_proj``/``down_proj`` ``nn.Linear`` per
+expert (``experts.<e>.gate_proj`` ...); each linear sees exactly the tokens routed to its
+expert. On exit the (edited) linears are written back into the fused parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimforge.errors import ConfigError
+
+MOE_MODEL_TYPES = ("mixtral", "phimoe", "qwen2_moe", "qwen3_moe")
+# The config key holding the number of routed experts per MoE block.
+_EXPERT_COUNT_KEY = {"mixtral": "num_local_experts", "phimoe": "num_local_experts",
+                     "qwen2_moe": "num_experts", "qwen3_moe": "num_experts"}
+TOP_K_KEY = "num_experts_per_tok"
+
+
+def is_moe_config(config: Any) -> bool:
+    """Whether ``config`` describes one of the MoE families the adapter knows."""
+    return getattr(config, "model_type", None) in MOE_MODEL_TYPES
+
+
+def expert_count_key(config: Any) -> str:
+    """The config key of the routed-expert count (``num_local_experts`` or ``num_experts``)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _EXPERT_COUNT_KEY:
+        raise ConfigError(f"model type {model_type!r} is not a mixture of experts; expert pruning needs one of "
+                          f"{', '.join(MOE_MODEL_TYPES)}")
+    return _EXPERT_COUNT_KEY[model_type]
+
+
+def num_experts(config: Any) -> int:
+    return int(getattr(config, expert_count_key(config)))
+
+
+def top_k(config: Any) -> int:
+    return int(getattr(config, TOP_K_KEY))
+
+
+@dataclass
+class MoEBlock:
+    """One sparse MoE block of a decoder layer: its router, its fused experts, and its shared expert if any."""
+
+    layer_index: int
+    block: nn.Module  # the layer's ``mlp``
+    router: nn.Module  # ``weight`` [E, H]; called on [tokens, H] -> (logits, weights, indices)
+    router_name: str  # "gate" or "router", local to the block
+    experts: nn.Module  # ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I] (or UnfusedExperts)
+    shared_expert: nn.Module | None = None
+    shared_expert_gate: nn.Module | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.router.weight.shape[0])
+
+
+def moe_block(layer: nn.Module, index: int = -1) -> MoEBlock | None:
+    """The layer's sparse MoE block, or ``None`` for a dense layer (Qwen2/3-MoE's ``mlp_only_layers``)."""
+    mlp = getattr(layer, "mlp", None)
+    experts = getattr(mlp, "experts", None)
+    if experts is None:
+        return None
+    for name in ("gate", "router"):
+        router = getattr(mlp, name, None)
+        if router is not None and getattr(router, "weight", None) is not None and router.weight.dim() == 2 \
+                and router.weight.shape[0] == _fused_count(experts):
+            return MoEBlock(index, mlp, router, name, experts, getattr(mlp, "shared_expert", None),
+                            getattr(mlp, "shared_expert_gate", None))
+    return None
+
+
+def _fused_count(experts: nn.Module) -> int:
+    if isinstance(experts, UnfusedExperts):
+        return len(experts)
+    return int(experts.gate_up_proj.shape[0])
+
+
+def moe_blocks(model: nn.Module) -> list[MoEBlock]:
+    """Every sparse MoE block of the model, in layer order (dense layers skipped)."""
+    from slimforge.arch import decoder_layers
+
+    out = []
+    for i, layer in enumerate(decoder_layers(model)):
+        block = moe_block(layer, i)
+        if block is not None:
+            out.append(block)
+    return out
+
+
+def require_moe(model: nn.Module, what: str = "expert pruning") -> list[MoEBlock]:
+    """The model's MoE blocks; a one-line :class:`ConfigError` for a dense model."""
+    config = getattr(model, "config", None)
+    blocks = moe_blocks(model) if is_moe_config(config) else []
+    if not blocks:
+        raise ConfigError(f"{what} needs a mixture-of-experts model ({', '.join(MOE_MODEL_TYPES)}), but this "
+                          f"{getattr(config, 'model_type', type(model).__name__)} model has no experts; "
+                          "use depth or width pruning for a dense model")
+    return blocks
+
+
+def expert_weights(block: MoEBlock, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views ``(gate [I, H], up [I, H], down [H, I])`` of one expert's weights (fused layout)."""
+    experts = block.experts
+    if isinstance(experts, UnfusedExperts):
+        e = experts[expert]
+        return e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight
+    inter = experts.down_proj.shape[-1]
+    gate_up = experts.gate_up_proj[expert]
+    return gate_up[:inter], gate_up[inter:], experts.down_proj[expert]
+
+
+@torch.no_grad()
+def route(block: MoEBlock, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The router's ``(logits [T, E], weights [T, k], indices [T, k])`` for ``hidden`` [T, H], in eval mode.
+
+    The weights are what the block multiplies each chosen expert's output by (after the
+    family's own normalisation), so ``weights * ||expert(x)||`` is the expert's contribution.
+    """
+    was = block.router.training
+    block.router.eval()
+    try:
+        logits, weights, indices = block.router(hidden.reshape(-1, hidden.shape[-1]))
+    finally:
+        block.router.train(was)
+    return logits, weights, indices
+
+
+def _set_count(module: nn.Module, count: int) -> None:
+    if hasattr(module, "num_experts"):
+        module.num_experts = count
+
+
+@torch.no_grad()
+def keep_experts(model: nn.Module, keep: list[list[int]]) -> None:
+    """Keep, in MoE block ``i``, only the experts ``keep[i]`` (in that order), in place.
+
+    Every block must keep the same number of experts (a config holds one count) and at least
+    the router's top-k. The router's rows are sliced with the experts, so the survivors are
+    routed to exactly as before wherever the removed experts were not chosen.
+    """
+    blocks = require_moe(model)
+    config = model.config
+    if len(keep) != len(blocks):
+        raise ConfigError(f"expert lists must name one list per MoE block ({len(blocks)}), got {len(keep)}")
+    counts = {len(k) for k in keep}
+    if len(counts) != 1:
+        raise ConfigError(f"every MoE block must keep the same number of experts (a config holds one count), "
+                          f"got {sorted(counts)}")
+    count = counts.pop()
+    if count < 1:
+        raise ConfigError("cannot remove every expert of a layer; keep at least top-k "
+                          f"({top_k(config)}) experts per layer")
+    if count < top_k(config):
+        raise ConfigError(f"keeping {count} experts per layer leaves fewer than the {top_k(config)} each token is "
+                          f"routed to; keep at least {top_k(config)} or lower top_k first")
+    for block, kept in zip(blocks, keep, strict=True):
+        total = block.num_experts
+        if len(set(kept)) != len(kept) or any(not 0 <= e < total for e in kept):
+            raise ConfigError(f"experts to keep in layer {block.layer_index} must be distinct indices in "
+                              f"[0, {total - 1}], got {kept}")
+        index = torch.tensor(kept, dtype=torch.long, device=block.router.weight.device)
+        block.router.weight = nn.Parameter(block.router.weight.data.index_select(0, index).clone(),
+                                           requires_grad=block.router.weight.requires_grad)
+        if getattr(block.router, "bias", None) is not None:
+            block.router.bias = nn.Parameter(block.router.bias.data.index_select(0, index).clone())
+        if isinstance(block.router, nn.Linear):
+            block.router.out_features = count
+        experts = block.experts
+        if isinstance(experts, UnfusedExperts):
+            survivors = [experts[e] for e in kept]
+            for name in list(experts._modules):
+                del experts._modules[name]
+            experts.extend(survivors)
+        else:
+            for name in ("gate_up_proj", "down_proj"):
+                param = getattr(experts, name)
+                setattr(experts, name, nn.Parameter(param.data.index_select(0, index).clone(),
+                                                    requires_grad=param.requires_grad))
+            for name in ("gate_up_proj_bias", "down_proj_bias"):
+                bias = getattr(experts, name, None)
+                if isinstance(bias, torch.Tensor):
+                    setattr(experts, name, nn.Parameter(bias.data.index_select(0, index).clone()))
+        for module in (block.router, block.block, *(() if isinstance(experts, UnfusedExperts) else (experts,))):
+            _set_count(module, count)
+    setattr(config, expert_count_key(config), count)
+
+
+def set_top_k(model: nn.Module, k: int) -> None:
+    """Route each token to ``k`` experts in every MoE block (config and modules)."""
+    blocks = require_moe(model, "changing top-k")
+    available = min(b.num_experts for b in blocks)
+    if not 1 <= k <= available:
+        raise ConfigError(f"top_k={k} must lie in [1, {available}] (the experts each layer has); "
+                          "lower top_k or keep more experts")
+    for block in blocks:
+        for module in (block.router, block.block):
+            if hasattr(module, "top_k"):
+                module.top_k = k
+    setattr(model.config, TOP_K_KEY, k)
+
+
+class _Expert(nn.Module):
+    """One expert as three ``nn.Linear`` (no bias): ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
+        super().__init__()
+        self.gate_proj = _linear(gate)
+        self.up_proj = _linear(up)
+        self.down_proj = _linear(down)
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    out_f, in_f = weight.shape
+    layer = nn.Linear(in_f, out_f, bias=False, device=weight.device, dtype=weight.dtype)
+    layer.weight.data.copy_(weight)
+    layer.weight.requires_grad_(weight.requires_grad)
+    return layer
+
+
+class UnfusedExperts(nn.ModuleList):
+    """A fused experts module's function with one linear triple per expert (see the module docstring).
+
+    A ``ModuleList`` of experts, so expert ``e``'s linears are named ``experts.<e>.gate_proj`` etc.
+    """
+
+    def __init__(self, fused: nn.Module):
+        if any(isinstance(getattr(fused, n, None), torch.Tensor) for n in ("gate_up_proj_bias", "down_proj_bias")):
+            raise ConfigError("experts with biases are not supported by the unfused calibration view")
+        inter = fused.down_proj.shape[-1]
+        super().__init__(
+            _Expert(fused.gate_up_proj[e, :inter].detach(), fused.gate_up_proj[e, inter:].detach(),
+                    fused.down_proj[e].detach())
+            for e in range(int(fused.gate_up_proj.shape[0]))
+        )
+        self.__dict__["act_fn"] = fused.act_fn  # not a list entry (it holds no parameters)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+                ) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e, expert in enumerate(self):
+            token_idx, slot = torch.where(top_k_index == e)
+            if token_idx.numel() == 0:
+                continue
+            x = hidden_states[token_idx]
+            y = expert.down_proj(self.act_fn(expert.gate_proj(x)) * expert.up_proj(x))
+            y = y * top_k_weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+    @torch.no_grad()
+    def fuse_into(self, fused: nn.Module) -> None:
+        """Write the linears back into ``fused``'s 3D parameters (resized if experts were removed)."""
+        gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self])
+        down = torch.stack([e.down_proj.weight for e in self])
+        fused.gate_up_proj = nn.Parameter(gate_up.to(fused.gate_up_proj.dtype),
+                                          requires_grad=fused.gate_up_proj.requires_grad)
+        fused.down_proj = nn.Parameter(down.to(fused.down_proj.dtype), requires_grad=fused.down_proj.requires_grad)
+        _set_count(fused, len(self))
+
+
+@contextlib.contextmanager
+def unfused_experts(model: nn.Module) -> Iterator[list[MoEBlock]]:
+    """Within the block, every fused experts module is an :class:`UnfusedExperts`; on exit, fused again.
+
+    A dense model passes through unchanged (an empty list). The edits made to the per-expert
+    linears (pruned or quantized weights) are what the fused parameters hold afterwards.
+    """
+    if not is_moe_config(getattr(model, "config", None)):
+        yield []
+        return
+    blocks = moe_blocks(model)
+    swapped = []
+    for block in blocks:
+        if isinstance(block.experts, UnfusedExperts):
+            continue
+        fused = block.experts
+        unfused = UnfusedExperts(fused)
+        block.block.experts = unfused
+        block.experts = unfused
+        swapped.append((block, fused))
+    try:
+        yield blocks
+    finally:
+        for block, fused in swapped:
+            block.experts.fuse_into(fused)
+            block.block.experts = fused
+            block.experts = fused
