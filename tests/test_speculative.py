@@ -7,10 +7,12 @@ import torch
 from conftest import build_model, save_sharp_teacher, sharpened
 
 from slimforge.eval.speculative import (
+    DraftHead,
     expected_tokens_per_round,
     greedy_decode,
     predicted_speedup,
     speculative_decode,
+    token_counts,
 )
 
 
@@ -74,6 +76,38 @@ def test_one_token_prompt_and_budget_edges(tokenizer):
         speculative_decode(teacher, draft, one, 5, k=0)
 
 
+def test_a_draft_head_over_frequent_tokens_is_the_argmax_of_those_logits(tokenizer):
+    """Reference: the draft's full logits, restricted to the head's tokens, then argmax."""
+    draft = sharp("llama", tokenizer, layers=1, seed=2)
+    counts = token_counts(torch.randint(0, 50, (8, 16)), len(tokenizer))
+    head = DraftHead.frequent(draft, counts, 40, always=(2,))
+    assert head.token_ids.numel() in (40, 41) and 2 in head.token_ids.tolist()
+    assert set(head.token_ids.tolist()) - {2} <= set(range(50))  # ids never seen are not kept
+    ids = prompt(tokenizer)
+    tokens, _ = greedy_decode(draft, ids, 12, head=head)
+    context = ids
+    for token in tokens:  # reference decode: full forward, full logits restricted to the head's ids
+        logits = draft(context).logits[0, -1]
+        assert token == int(head.token_ids[int(logits[head.token_ids].argmax())])
+        context = torch.cat([context, torch.tensor([[token]])], dim=1)
+
+
+@pytest.mark.parametrize("size", [16, 100])
+def test_a_draft_head_changes_acceptance_only_never_the_output(tokenizer, size):
+    teacher = sharp("llama", tokenizer, layers=4, seed=1)
+    draft = sharp("llama", tokenizer, layers=1, seed=2)
+    ids = prompt(tokenizer)
+    reference = greedy_decode(teacher, ids, 30)[0]
+    counts = token_counts(torch.tensor([reference]), len(tokenizer))
+    head = DraftHead.frequent(draft, counts, size)
+    tokens, stats = speculative_decode(teacher, draft, ids, 30, k=3, draft_head=head)
+    assert tokens == reference
+    assert stats.accepted <= stats.drafted
+    # A draft that is the teacher, over the tokens the teacher emits: every draft is accepted.
+    full = DraftHead.frequent(teacher, counts, len(set(reference)))
+    assert speculative_decode(teacher, teacher, ids, 30, k=3, draft_head=full)[1].acceptance_rate == 1.0
+
+
 def test_cost_model():
     for a in (0.0, 0.3, 0.75, 0.99):
         for k in (1, 4, 8):
@@ -101,7 +135,7 @@ def test_speculative_task_in_a_recipe_measures_each_student_as_a_draft(teacher_d
     # float32 on every CPU: with native bf16, "auto" would verify in bf16, where near-ties may flip.
     args = tiny_args(teacher_dir, corpus_dir, run_dir, "dtype=float32", "+eval.tasks.spec.type=speculative",
                      "+eval.tasks.spec.prompts=2", "+eval.tasks.spec.prompt_tokens=8",
-                     "+eval.tasks.spec.new_tokens=12", "+eval.tasks.spec.k=3")
+                     "+eval.tasks.spec.new_tokens=12", "+eval.tasks.spec.k=3", "+eval.tasks.spec.draft_vocab=64")
     assert cli.main(["run", recipe, *args]) == 0
     report = json.loads((run_dir / "report.json").read_text())
     teacher = report["models"]["teacher"]["tasks"]["spec"]
@@ -110,6 +144,7 @@ def test_speculative_task_in_a_recipe_measures_each_student_as_a_draft(teacher_d
     assert student["identical_outputs"] == 1.0
     assert 0 <= student["acceptance_rate"] <= 1 and 1 <= student["tokens_per_round"] <= 4
     assert student["speedup"] > 0 and student["predicted_speedup"] > 0
+    assert 0 < student["draft_vocab_coverage"] <= 1
 
 
 

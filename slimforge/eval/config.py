@@ -427,12 +427,16 @@ class SpeculativeTaskConfig(TaskConfig):
     prompt_tokens: int = 64
     new_tokens: int = 64
     k: int = 4
+    # The draft proposes only the N tokens most frequent in the training text (FR-Spec); null: all.
+    draft_vocab: int | None = None
 
     def check(self) -> None:
         check_int("prompts", self.prompts, low=1, high=1000)
         check_int("prompt_tokens", self.prompt_tokens, low=1, high=32768)
         check_int("new_tokens", self.new_tokens, low=1, high=4096)
         check_int("k", self.k, low=1, high=64)
+        if self.draft_vocab is not None:
+            check_int("draft_vocab", self.draft_vocab, low=16, high=10_000_000)
 
     def check_data(self, data: DataConfig) -> None:
         if self.prompt_tokens >= data.block_size:

@@ -18,6 +18,14 @@ average and costs ``k`` draft steps plus one verification: ``k * c + v`` teacher
 decode step. The speed-up over the teacher alone is ``E / (k * c + v)``. On a CPU ``v`` exceeds
 1 (``k + 1`` positions are more work than one, where a GPU step is bound by reading weights), so
 the model takes the measured ``v``.
+
+**A draft head over the frequent tokens** (FR-Spec, Zhao et al. 2025). A draft that shares the
+teacher's vocabulary pays the full vocabulary projection at every step: for SmolLM2-135M's 49,152
+tokens that is most of a 2-layer draft's cost. With ``draft_vocab`` set, the draft scores only the
+``draft_vocab`` tokens most frequent in the run's training text (its hidden state times those rows
+of its head), so it can only propose those. Verification is untouched, so the output is still the
+teacher's; the acceptance can only fall where the teacher's choice lies outside the subset (the
+report gives that share as ``draft_vocab_coverage``).
 """
 
 from __future__ import annotations
@@ -84,6 +92,47 @@ def _step(model: Any, ids: torch.Tensor, cache: Any) -> torch.Tensor:
     return model(input_ids=ids, use_cache=True, **{_cache_argument(model): cache}).logits[0]
 
 
+def _feed(model: Any, ids: torch.Tensor, cache: Any) -> None:
+    """Append ``ids`` [1, n] to ``cache`` without the output projection (its logits would be thrown away)."""
+    decoder = model.get_decoder()
+    decoder(input_ids=ids, use_cache=True, **{_cache_argument(decoder): cache})
+
+
+def _draft_step(model: Any, ids: torch.Tensor, cache: Any, head: DraftHead | None) -> int:
+    """The draft's greedy next token after ``ids`` [1, n] appended to ``cache``, over ``head``'s tokens if given."""
+    if head is None:
+        return int(_step(model, ids, cache)[-1].argmax())
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=ids, use_cache=True, **{_cache_argument(decoder): cache}).last_hidden_state[0, -1]
+    return int(head.token_ids[int((head.weight @ hidden).argmax())])
+
+
+@dataclass
+class DraftHead:
+    """The rows of a draft's output projection for a subset of the vocabulary, and their token ids."""
+
+    weight: torch.Tensor  # [n, hidden]
+    token_ids: torch.Tensor  # [n]
+
+    @classmethod
+    def frequent(cls, model: Any, counts: torch.Tensor, size: int, always: tuple[int, ...] = ()) -> DraftHead:
+        """The ``size`` tokens with the highest ``counts`` (plus ``always``, e.g. EOS), as a head of ``model``."""
+        head = model.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("a draft head over frequent tokens needs an output projection without bias")
+        order = torch.argsort(counts.double() + torch.rand(counts.shape, dtype=torch.float64) * 1e-3,
+                              descending=True)  # ties broken at random, not by id
+        keep = order[:size].tolist()
+        keep += [t for t in always if t is not None and t not in keep]
+        ids = torch.tensor(sorted(keep), dtype=torch.long, device=head.weight.device)
+        return cls(head.weight.detach().index_select(0, ids).contiguous(), ids)
+
+
+def token_counts(blocks: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """How often each token id occurs in ``blocks`` [n, length]."""
+    return torch.bincount(blocks.reshape(-1).long(), minlength=vocab_size)[:vocab_size]
+
+
 def _drop(cache: Any, tokens: int) -> None:
     """Remove the last ``tokens`` positions from ``cache`` (transformers 5 takes a negative count)."""
     if tokens > 0:
@@ -91,28 +140,35 @@ def _drop(cache: Any, tokens: int) -> None:
 
 
 @torch.no_grad()
-def greedy_decode(model: Any, prompt: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None
-                  ) -> tuple[list[int], float]:
-    """The model's own greedy continuation of ``prompt`` [1, n] with its KV cache; ``(tokens, seconds)``."""
+def greedy_decode(model: Any, prompt: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
+                  head: DraftHead | None = None) -> tuple[list[int], float]:
+    """The model's own greedy continuation of ``prompt`` [1, n] with its KV cache; ``(tokens, seconds)``.
+
+    With ``head``, over that head's tokens only (how a draft with a :class:`DraftHead` decodes).
+    """
     from transformers import DynamicCache
 
     start = time.perf_counter()
     cache = DynamicCache()
-    logits = _step(model, prompt, cache)
+    if prompt.shape[1] > 1:
+        _feed(model, prompt[:, :-1], cache)
+    token = _draft_step(model, prompt[:, -1:], cache, head)
     out: list[int] = []
     while len(out) < max_new_tokens:
-        token = int(logits[-1].argmax())
         out.append(token)
-        if token == eos_token_id:
+        if token == eos_token_id or len(out) == max_new_tokens:
             break
-        logits = _step(model, torch.tensor([[token]], device=prompt.device), cache)
+        token = _draft_step(model, torch.tensor([[token]], device=prompt.device), cache, head)
     return out, time.perf_counter() - start
 
 
 @torch.no_grad()
 def speculative_decode(teacher: Any, draft: Any, prompt: torch.Tensor, max_new_tokens: int, k: int = 4,
-                       eos_token_id: int | None = None) -> tuple[list[int], SpecStats]:
+                       eos_token_id: int | None = None, draft_head: DraftHead | None = None
+                       ) -> tuple[list[int], SpecStats]:
     """The teacher's greedy continuation of ``prompt`` [1, n], drafted ``k`` tokens at a time (module docstring).
+
+    ``draft_head`` restricts the draft's proposals to a subset of the vocabulary (module docstring).
 
     Returns:
         ``(tokens, stats)``: at most ``max_new_tokens`` tokens, stopping after ``eos_token_id``.
@@ -126,8 +182,8 @@ def speculative_decode(teacher: Any, draft: Any, prompt: torch.Tensor, max_new_t
     t_cache, d_cache = DynamicCache(), DynamicCache()
     # Both caches hold the prompt but its last token, which every round feeds first.
     if prompt.shape[1] > 1:
-        _step(teacher, prompt[:, :-1], t_cache)
-        _step(draft, prompt[:, :-1], d_cache)
+        _feed(teacher, prompt[:, :-1], t_cache)
+        _feed(draft, prompt[:, :-1], d_cache)
     last = int(prompt[0, -1])
     out: list[int] = []
     while len(out) < max_new_tokens:
@@ -137,7 +193,7 @@ def speculative_decode(teacher: Any, draft: Any, prompt: torch.Tensor, max_new_t
         drafted: list[int] = []
         token = last
         for _ in range(steps):
-            token = int(_step(draft, torch.tensor([[token]], device=device), d_cache)[-1].argmax())
+            token = _draft_step(draft, torch.tensor([[token]], device=device), d_cache, draft_head)
             drafted.append(token)
             if token == eos_token_id:
                 break
@@ -160,9 +216,9 @@ def speculative_decode(teacher: Any, draft: Any, prompt: torch.Tensor, max_new_t
         if accepted < len(drafted):
             _drop(d_cache, len(drafted) - 1 - accepted)  # it holds last + drafted[:-1]
         elif drafted:  # all accepted: the draft has not seen its own last token yet
-            _step(draft, torch.tensor([[drafted[-1]]], device=device), d_cache)
+            _feed(draft, torch.tensor([[drafted[-1]]], device=device), d_cache)
         else:  # nothing drafted (one token left to emit): the draft has not seen last
-            _step(draft, torch.tensor([[last]], device=device), d_cache)
+            _feed(draft, torch.tensor([[last]], device=device), d_cache)
         stats.draft_seconds += time.perf_counter() - start
         for token in emitted:
             out.append(token)
@@ -200,8 +256,10 @@ def speculative_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str
                 "info": {"prompts": len(prompts), "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens},
                 "higher_is_better": {"greedy_tokens_per_s": True}}
     teacher = pair[0]
+    head = _frequent_head(model, cfg.draft_vocab, ctx, eos) if cfg.draft_vocab else None
     greedy_decode(teacher, prompts[0], 2, eos)  # warm-ups
-    speculative_decode(teacher, model, prompts[0], 2, cfg.k, eos)
+    speculative_decode(teacher, model, prompts[0], 2, cfg.k, eos, head)
+    covered = 0
     alone_s = spec_s = draft_alone_s = 0.0
     identical, alone_tokens, spec_tokens = 0, 0, 0
     total = SpecStats()
@@ -209,11 +267,13 @@ def speculative_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str
         reference, seconds = greedy_decode(teacher, prompt, cfg.new_tokens, eos)
         alone_s, alone_tokens = alone_s + seconds, alone_tokens + len(reference)
         start = time.perf_counter()
-        tokens, stats = speculative_decode(teacher, model, prompt, cfg.new_tokens, cfg.k, eos)
+        tokens, stats = speculative_decode(teacher, model, prompt, cfg.new_tokens, cfg.k, eos, head)
         spec_s += time.perf_counter() - start
         spec_tokens += len(tokens)
         identical += tokens == reference
-        drafted, seconds = greedy_decode(model, prompt, cfg.new_tokens, eos)
+        if head is not None:
+            covered += int(torch.isin(torch.tensor(reference, device=head.token_ids.device), head.token_ids).sum())
+        drafted, seconds = greedy_decode(model, prompt, cfg.new_tokens, eos, head)
         draft_alone_s += seconds / max(len(drafted), 1)
         for name in ("rounds", "drafted", "accepted", "emitted", "draft_seconds", "verify_seconds"):
             setattr(total, name, getattr(total, name) + getattr(stats, name))
@@ -221,7 +281,9 @@ def speculative_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str
     draft_cost = draft_alone_s / len(prompts) / teacher_step
     verify_cost = total.verify_seconds / max(total.rounds, 1) / teacher_step
     acceptance = total.acceptance_rate
+    extra = {} if head is None else {"draft_vocab_coverage": covered / max(alone_tokens, 1)}
     return {
+        **extra,
         "acceptance_rate": acceptance,
         "tokens_per_round": total.tokens_per_round,
         "speedup": (spec_tokens / spec_s) / (alone_tokens / alone_s),
@@ -231,8 +293,21 @@ def speculative_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str
         "identical_outputs": identical / len(prompts),
         "info": {"k": cfg.k, "prompts": len(prompts), "prompt_tokens": cfg.prompt_tokens,
                  "new_tokens": cfg.new_tokens, "draft_cost": draft_cost, "verify_cost": verify_cost,
+                 "draft_vocab": None if head is None else int(head.token_ids.numel()),
                  "dtype": str(next(teacher.parameters()).dtype).removeprefix("torch.")},
         "higher_is_better": {"acceptance_rate": True, "tokens_per_round": True, "speedup": True,
                              "teacher_tokens_per_s": True, "speculative_tokens_per_s": True,
-                             "predicted_speedup": True, "identical_outputs": True},
+                             "predicted_speedup": True, "identical_outputs": True,
+                             **({"draft_vocab_coverage": True} if head is not None else {})},
     }
+
+
+def _frequent_head(model: Any, size: int, ctx: Any, eos: int | None) -> DraftHead:
+    """A :class:`DraftHead` over the ``size`` tokens most frequent in the run's training split."""
+    from slimforge.data import blocks_tensor
+    from slimforge.eval.perplexity import data_split
+
+    vocab = model.get_output_embeddings().weight.shape[0]
+    counts = token_counts(blocks_tensor(data_split(ctx, "train")), vocab)
+    torch.manual_seed(0)
+    return DraftHead.frequent(model, counts, min(size, vocab), (eos,))
