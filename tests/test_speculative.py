@@ -24,7 +24,7 @@ def prompt(tokenizer, text: str = "To be, or not to be, that is the question") -
     return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
 
 
-@pytest.mark.parametrize(("arch", "k"), [("llama", 1), ("llama", 5), ("mistral", 3), ("qwen3", 4)])
+@pytest.mark.parametrize(("arch", "k"), [("llama", 1), ("llama", 5), ("mistral", 3), ("qwen3", 4), ("gemma2", 3)])
 def test_output_is_the_teachers_greedy_output_in_float32(tokenizer, arch, k):
     """Mistral's sliding window (16) is shorter than prompt + 40 tokens: cutting its cache back must still work."""
     teacher = sharp(arch, tokenizer, layers=4, seed=1)
