@@ -145,6 +145,11 @@ def test_speculative_task_in_a_recipe_measures_each_student_as_a_draft(teacher_d
     assert 0 <= student["acceptance_rate"] <= 1 and 1 <= student["tokens_per_round"] <= 4
     assert student["speedup"] > 0 and student["predicted_speedup"] > 0
     assert 0 < student["draft_vocab_coverage"] <= 1
+    # The report's efficiency section shows each draft's acceptance and speed-up, and whether to use it.
+    md = (run_dir / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| spec | student |"))
+    assert f"{100 * student['acceptance_rate']:.1f}%" in row and f"{student['speedup']:.2f}x" in row
+    assert row.rstrip(" |").endswith("yes") == (student["speedup"] >= 1)
 
 
 

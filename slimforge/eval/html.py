@@ -22,6 +22,7 @@ from slimforge.eval.tables import (
     DOMAIN_NOTE,
     GAP_NOTE,
     SIGNAL_NOTE,
+    SPECULATIVE_NOTE,
     TEACHER,
     VERDICT_NOTE,
     domain_table,
@@ -33,6 +34,7 @@ from slimforge.eval.tables import (
     models_table,
     retained_table,
     scores_table,
+    speculative_table,
     tasks_table,
     verdicts_table,
 )
@@ -280,6 +282,9 @@ def html_report(report: dict[str, Any]) -> str:
     header, rows = efficiency_table(report)
     if rows:
         parts += ["<h2>Efficiency</h2>", _html_table(header, rows)]
+    header, rows = speculative_table(report)
+    if rows:
+        parts += ["<h2>Efficiency: speculative decoding</h2>", _note(SPECULATIVE_NOTE), _html_table(header, rows)]
     header, rows = bias_table(report)
     if rows:
         parts += ["<h2>Bias</h2>", f"<p class='note'>{html.escape(BIAS_NOTE)}</p>", _html_table(header, rows)]

@@ -37,6 +37,7 @@ from slimforge.eval.tables import (
     DOMAIN_NOTE,
     GAP_NOTE,
     SIGNAL_NOTE,
+    SPECULATIVE_NOTE,
     TEACHER,
     VERDICT_NOTE,
     domain_table,
@@ -48,6 +49,7 @@ from slimforge.eval.tables import (
     models_table,
     retained_table,
     scores_table,
+    speculative_table,
     tasks_table,
     verdicts_table,
 )
@@ -329,6 +331,10 @@ def markdown_report(report: dict[str, Any]) -> str:
         lines += ["## Efficiency", "", f"On {info.get('device', 'this device')}: batch 1, {info.get('prompt_tokens')} "
                   f"prompt tokens, {info.get('new_tokens')} new tokens, median of {info.get('repeats')} runs; peak "
                   f"memory = {info.get('peak_memory_method')}.", "", *markdown_table(header, rows), ""]
+    header, rows = speculative_table(report)
+    if rows:
+        lines += ["### Speculative decoding" if any(x.startswith("## Efficiency") for x in lines)
+                  else "## Efficiency: speculative decoding", "", SPECULATIVE_NOTE, "", *markdown_table(header, rows), ""]
     header, rows = bias_table(report)
     if rows:
         lines += ["## Bias", "", BIAS_NOTE, "", *markdown_table(header, rows, align="lllr" + "r" * 7), ""]

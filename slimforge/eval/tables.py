@@ -235,6 +235,32 @@ def efficiency_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]
     return header, rows
 
 
+SPECULATIVE_NOTE = ("Each student as a draft for its teacher's greedy decoding (the output is the teacher's: "
+                    "`identical` checks it per prompt). Speed-up = the teacher's tokens/s with the draft over "
+                    "the teacher alone, measured in the same run; the cost model predicts it from the measured "
+                    "draft and verification costs. A draft is worth using only above 1.00x.")
+
+
+def speculative_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Every model scored as a draft by a ``speculative`` task: acceptance, tokens a round, speed-up, verdict."""
+    header = ["task", "draft", "acceptance", "tokens / round", "teacher tok/s", "with draft tok/s", "speed-up",
+              "cost model", "identical", "use it"]
+    rows = []
+    for task, summary in report.get("tasks", {}).items():
+        if summary.get("type") != "speculative":
+            continue
+        for label, model in report["models"].items():
+            r = model["tasks"].get(task, {})
+            if "acceptance_rate" not in r:
+                continue
+            worth = r["speedup"] >= 1.0 and r.get("identical_outputs") == 1.0
+            rows.append([task, label, f"{100 * r['acceptance_rate']:.1f}%", fmt(r["tokens_per_round"], 2),
+                         fmt(r["teacher_tokens_per_s"], 1), fmt(r["speculative_tokens_per_s"], 1),
+                         f"{r['speedup']:.2f}x", f"{r['predicted_speedup']:.2f}x", fmt(r.get("identical_outputs"), 2),
+                         "yes" if worth else "no: slower than the teacher alone" if r["speedup"] < 1 else "no"])
+    return header, rows
+
+
 def gate_lines(report: dict[str, Any]) -> list[str]:
     gate = report.get("gate") or {}
     if not gate or gate.get("status") == "none":
