@@ -43,16 +43,15 @@ class ExpertsConfig(CalibrationConfig):
     def check(self) -> None:
         super().check()
         check_choice("score", self.score, EXPERT_SCORES)
-        if self.num_experts is not None and self.ratio is not None:
-            raise FieldError("num_experts", self.num_experts, "give num_experts (kept per layer) or ratio "
-                             "(fraction removed), not both")
         if self.num_experts is not None and self.num_experts < 1:
             raise FieldError("num_experts", self.num_experts,
                              "every layer must keep at least one expert (and at least top-k)")
-        check_int("num_experts", self.num_experts, low=1)
         if self.ratio is not None and self.ratio >= 1:
             raise FieldError("ratio", self.ratio, "would remove every expert of a layer; give a fraction below 1")
         check_fraction("ratio", self.ratio)
+        if self.num_experts is not None and self.ratio is not None:
+            raise FieldError("num_experts", self.num_experts, "give num_experts (kept per layer) or ratio "
+                             "(fraction removed), not both")
         check_int("top_k", self.top_k, low=1)
         if self.num_experts is None and self.ratio is None and self.top_k is None:
             raise FieldError("ratio", None, "give num_experts or ratio (experts to remove), top_k, or both")
