@@ -237,6 +237,8 @@ def test_schema_refuses_bad_settings(settings, message):
     ("qwen3_moe", {"ratio": 0.75}, "routed to 2 experts but only 1 of 4 would remain"),
     ("mixtral", {"ratio": 0.9}, "would remove all 4 experts"),
     ("phimoe", {"top_k": 1}, "sparsemixer.*always routes each token to 2 experts"),
+    ("mixtral", {"ratio": 0.1}, "ratio=0.1 is invalid: changes nothing: all 4 experts per layer stay"),
+    ("qwen2_moe", {"top_k": 2}, "top_k=2 is invalid: changes nothing"),
 ])
 def test_plan_refuses_what_the_model_cannot_do(arch, settings, message, tokenizer):
     from conftest import tiny_moe_config

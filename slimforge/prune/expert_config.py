@@ -85,6 +85,11 @@ class ExpertsConfig(CalibrationConfig):
         if keep < 1:
             raise FieldError("ratio", self.ratio, f"would remove all {total} experts of each layer; keep at least one")
         new_k = self.top_k if self.top_k is not None else k
+        if keep == total and new_k == k:
+            field_name = "num_experts" if self.num_experts is not None else ("ratio" if self.ratio else "top_k")
+            raise FieldError(field_name, getattr(self, field_name),
+                             f"changes nothing: all {total} experts per layer stay (a ratio rounds to whole experts) "
+                             f"and top-k stays {k}; remove at least one expert or change top_k")
         if new_k > keep:
             field_name = "top_k" if self.top_k is not None else ("num_experts" if self.num_experts else "ratio")
             raise FieldError(field_name, getattr(self, field_name),
