@@ -6,12 +6,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from slimforge.config import FieldError, check_choice, check_fraction, check_int, named_settings
+from slimforge.prune.choices import EXPERT_SCORES
 from slimforge.prune.config import CalibrationConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from slimforge.stage import TeacherInfo
-
-EXPERT_SCORES = ("reap", "frequency")  # the same names as slimforge.prune.expert_scores (torch-free copy)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-EXPERT_SCORES = ("reap", "frequency")
+from slimforge.prune.choices import EXPERT_SCORES
 
 ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]  # (expert, tokens [n, H]) -> outputs [n, H]
 
