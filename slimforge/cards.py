@@ -150,8 +150,15 @@ def stage_outcome(meta: dict[str, Any]) -> str:
         parts.append(f"removed layers {meta['removed_layers']}")
     if meta.get("dropped_layers") is not None:
         parts.append(f"kept layers {meta.get('kept_layers')} of {meta.get('layers_before')}")
+    if meta.get("experts_before") is not None and meta.get("experts_before") != meta.get("experts_after"):
+        parts.append(f"experts per layer {meta['experts_before']} → {meta.get('experts_after')}")
+    if meta.get("top_k_before") is not None and meta.get("top_k_before") != meta.get("top_k_after"):
+        parts.append(f"top-k {meta['top_k_before']} → {meta.get('top_k_after')}")
     if meta.get("parameters_before") and meta.get("parameters_after") and meta["parameters_before"] != meta["parameters_after"]:
         parts.append(f"{fmt_params(meta['parameters_before'])} → {fmt_params(meta['parameters_after'])} parameters")
+    if meta.get("active_parameters_before") and meta.get("active_parameters_after"):
+        parts.append(f"{fmt_params(meta['active_parameters_before'])} → "
+                     f"{fmt_params(meta['active_parameters_after'])} active per token")
     if metrics.get("eval_kl") is not None:
         before = (meta.get("distill") or {}).get("before") or {}
         start = f"{fmt_num(before['eval_kl'])} → " if before.get("eval_kl") is not None else ""

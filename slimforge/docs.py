@@ -115,7 +115,7 @@ def format_value(value: Any) -> str:
 
 # Values that make a schema's defaults valid where they leave a required choice open, so that
 # each field's own range check can be probed (a one-of-these choice is enough).
-BASELINE_FIXES = {"path": "x", "task": "x", "num_layers": 1, "remove_ratio": 0.25, "param_ratio": 0.5}
+BASELINE_FIXES = {"path": "x", "task": "x", "num_layers": 1, "remove_ratio": 0.25, "param_ratio": 0.5, "ratio": 0.5}
 PROBES = {"str": ["\x00"], "int": [-(10**9), 10**9], "float": [-1.0, 10.0**9], "list[str]": [["\x00"]]}
 
 

@@ -178,36 +178,111 @@ def keep_experts(model: nn.Module, keep: list[list[int]]) -> None:
     if count < top_k(config):
         raise ConfigError(f"keeping {count} experts per layer leaves fewer than the {top_k(config)} each token is "
                           f"routed to; keep at least {top_k(config)} or lower top_k first")
-    for block, kept in zip(blocks, keep, strict=True):
-        total = block.num_experts
-        if len(set(kept)) != len(kept) or any(not 0 <= e < total for e in kept):
+    for block, kept in zip(blocks, keep, strict=True):  # every list checked before any block changes
+        if len(set(kept)) != len(kept) or any(not 0 <= e < block.num_experts for e in kept):
             raise ConfigError(f"experts to keep in layer {block.layer_index} must be distinct indices in "
-                              f"[0, {total - 1}], got {kept}")
-        index = torch.tensor(kept, dtype=torch.long, device=block.router.weight.device)
-        block.router.weight = nn.Parameter(block.router.weight.data.index_select(0, index).clone(),
-                                           requires_grad=block.router.weight.requires_grad)
-        if getattr(block.router, "bias", None) is not None:
-            block.router.bias = nn.Parameter(block.router.bias.data.index_select(0, index).clone())
-        if isinstance(block.router, nn.Linear):
-            block.router.out_features = count
-        experts = block.experts
-        if isinstance(experts, UnfusedExperts):
-            survivors = [experts[e] for e in kept]
-            for name in list(experts._modules):
-                del experts._modules[name]
-            experts.extend(survivors)
-        else:
-            for name in ("gate_up_proj", "down_proj"):
-                param = getattr(experts, name)
-                setattr(experts, name, nn.Parameter(param.data.index_select(0, index).clone(),
-                                                    requires_grad=param.requires_grad))
-            for name in ("gate_up_proj_bias", "down_proj_bias"):
-                bias = getattr(experts, name, None)
-                if isinstance(bias, torch.Tensor):
-                    setattr(experts, name, nn.Parameter(bias.data.index_select(0, index).clone()))
-        for module in (block.router, block.block, *(() if isinstance(experts, UnfusedExperts) else (experts,))):
-            _set_count(module, count)
-    setattr(config, expert_count_key(config), count)
+                              f"[0, {block.num_experts - 1}], got {kept}")
+    for block, kept in zip(blocks, keep, strict=True):
+        keep_block_experts(block, kept)
+    set_expert_count(config, count)
+
+
+@torch.no_grad()
+def keep_block_experts(block: MoEBlock, kept: list[int]) -> None:
+    """Keep only the experts ``kept`` (in that order) of one MoE block, slicing its router rows, in place.
+
+    The model's config is not touched: :func:`keep_experts` (every block at once) or the caller
+    sets the count once every block holds it. Between the two, the blocks still run (each
+    module knows its own count), which is what layer-by-layer expert pruning needs.
+    """
+    count, total = len(kept), block.num_experts
+    if count < 1 or len(set(kept)) != count or any(not 0 <= e < total for e in kept):
+        raise ConfigError(f"experts to keep in layer {block.layer_index} must be distinct indices in "
+                          f"[0, {total - 1}], at least one, got {kept}")
+    index = torch.tensor(kept, dtype=torch.long, device=block.router.weight.device)
+    block.router.weight = nn.Parameter(block.router.weight.data.index_select(0, index).clone(),
+                                       requires_grad=block.router.weight.requires_grad)
+    if getattr(block.router, "bias", None) is not None:
+        block.router.bias = nn.Parameter(block.router.bias.data.index_select(0, index).clone())
+    if isinstance(block.router, nn.Linear):
+        block.router.out_features = count
+    experts = block.experts
+    if isinstance(experts, UnfusedExperts):
+        survivors = [experts[e] for e in kept]
+        for name in list(experts._modules):
+            del experts._modules[name]
+        experts.extend(survivors)
+    else:
+        for name in ("gate_up_proj", "down_proj"):
+            param = getattr(experts, name)
+            setattr(experts, name, nn.Parameter(param.data.index_select(0, index.to(param.device)).clone(),
+                                                requires_grad=param.requires_grad))
+        for name in ("gate_up_proj_bias", "down_proj_bias"):
+            bias = getattr(experts, name, None)
+            if isinstance(bias, torch.Tensor):
+                setattr(experts, name, nn.Parameter(bias.data.index_select(0, index.to(bias.device)).clone()))
+    for module in (block.router, block.block, *(() if isinstance(experts, UnfusedExperts) else (experts,))):
+        _set_count(module, count)
+
+
+def set_expert_count(config: Any, count: int) -> None:
+    """Record ``count`` routed experts per MoE block in ``config`` (after every block holds that many)."""
+    setattr(config, expert_count_key(config), int(count))
+
+
+@torch.no_grad()
+def set_expert_weights(block: MoEBlock, expert: int, gate: torch.Tensor, up: torch.Tensor,
+                       down: torch.Tensor) -> None:
+    """Overwrite one expert's ``(gate [I, H], up [I, H], down [H, I])`` weights in place (fused or unfused)."""
+    for target, value in zip(expert_weights(block, expert), (gate, up, down), strict=True):
+        target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+
+def expert_forward(block: MoEBlock, expert: int, hidden: torch.Tensor) -> torch.Tensor:
+    """Expert ``expert``'s output ``down(act(gate(x)) * up(x))`` for tokens ``hidden`` [T, H], unweighted."""
+    gate, up, down = expert_weights(block, expert)
+    x = hidden.to(gate.dtype)
+    act = block.experts.act_fn
+    return nn.functional.linear(act(nn.functional.linear(x, gate)) * nn.functional.linear(x, up), down)
+
+
+def parameters_per_expert(block: MoEBlock) -> int:
+    """Parameters one routed expert of ``block`` holds (gate, up, down and biases if any)."""
+    gate, up, down = expert_weights(block, 0)
+    total = gate.numel() + up.numel() + down.numel()
+    experts = block.experts
+    if not isinstance(experts, UnfusedExperts):
+        for name in ("gate_up_proj_bias", "down_proj_bias"):
+            bias = getattr(experts, name, None)
+            if isinstance(bias, torch.Tensor):
+                total += bias[0].numel()
+    return int(total)
+
+
+# Families whose router picks a fixed number of experts whatever ``num_experts_per_tok`` says:
+# PhiMoE's sparsemixer always picks two (a top-1 pass, then a top-1 among the rest).
+FIXED_TOP_K = {"phimoe": 2}
+
+
+def check_top_k(config: Any, k: int) -> None:
+    """Refuse, in one line, a top-k this family's router cannot route with."""
+    fixed = FIXED_TOP_K.get(getattr(config, "model_type", None))
+    if fixed is not None and k != fixed:
+        raise ConfigError(f"top_k={k}: {config.model_type}'s router (sparsemixer) always routes each token to "
+                          f"{fixed} experts; leave top_k unset or {fixed} for this model")
+
+
+def active_parameters(model: nn.Module) -> int:
+    """Parameters one token uses: every parameter but the routed experts it is not sent to.
+
+    In each MoE block ``num_experts - top_k`` experts sit idle for a given token; the shared
+    expert (Qwen2-MoE), attention, embeddings and LM head always work (tied weights counted once).
+    """
+    from slimforge.arch import count_parameters
+
+    k = top_k(model.config)
+    idle = sum(max(b.num_experts - k, 0) * parameters_per_expert(b) for b in moe_blocks(model))
+    return count_parameters(model) - idle
 
 
 def set_top_k(model: nn.Module, k: int) -> None:
@@ -217,6 +292,7 @@ def set_top_k(model: nn.Module, k: int) -> None:
     if not 1 <= k <= available:
         raise ConfigError(f"top_k={k} must lie in [1, {available}] (the experts each layer has); "
                           "lower top_k or keep more experts")
+    check_top_k(model.config, k)
     for block in blocks:
         for module in (block.router, block.block):
             if hasattr(module, "top_k"):

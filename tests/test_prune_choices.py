@@ -8,7 +8,13 @@ import torch
 from conftest import build_model, build_tokenizer
 
 from slimforge.config import FieldError
-from slimforge.prune.choices import DEPTH_CRITERIA, HEAD_MODES, PER_CHOICES, WIDTH_AXES
+from slimforge.prune.choices import (
+    DEPTH_CRITERIA,
+    EXPERT_SCORES,
+    HEAD_MODES,
+    PER_CHOICES,
+    WIDTH_AXES,
+)
 from slimforge.prune.config import DepthConfig, MagnitudeConfig, SparseGPTConfig, WidthConfig
 from slimforge.prune.depth import choose_layers
 from slimforge.prune.unstructured import sparsegpt_prune, unstructured_mask
@@ -91,3 +97,16 @@ def test_a_name_outside_the_lists_is_refused_by_schema_and_math(tiny):
     for refuse, error in refusals:
         with pytest.raises(error):
             refuse()
+
+
+@pytest.mark.parametrize("score", EXPERT_SCORES)
+def test_every_expert_score_is_accepted_and_ranks_experts(score):
+    from slimforge.prune.expert_config import ExpertsConfig
+    from slimforge.prune.expert_scores import ExpertStats, expert_scores
+
+    ExpertsConfig(score=score, ratio=0.5).check()
+    stats = ExpertStats(tokens=torch.tensor([4.0, 0.0, 2.0], dtype=torch.float64),
+                        weighted_norm=torch.tensor([2.0, 0.0, 3.0], dtype=torch.float64))
+    ranked = expert_scores(stats, score)
+    assert ranked.shape == (3,) and float(ranked[1]) == 0.0  # an expert no token chose scores 0
+    assert ranked.argmax().item() == {"reap": 2, "frequency": 0}[score]  # mean gate x norm 1.5 > 0.5; count 4 > 2

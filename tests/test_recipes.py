@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_config, tiny_moe_config
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM
 
@@ -58,8 +58,10 @@ NO_GATE = ["eval.gate.min_retained=null", "eval.gate.max_kl=null", "eval.gate.mi
 
 
 def teacher_family(teacher_path: str | None) -> str:
-    """Which tiny stand-in a recipe's teacher gets: Phi-3.5-mini, Llama 3.2, or SmolLM2 (a Llama)."""
+    """Which tiny stand-in a recipe's teacher gets: Phi-3.5-mini, Llama 3.2, a Qwen MoE, or SmolLM2 (a Llama)."""
     name = (teacher_path or "").lower()
+    if "moe" in name:
+        return "qwen2_moe"
     if "phi-3" in name:
         return "phi35"
     if "llama" in name:
@@ -68,6 +70,8 @@ def teacher_family(teacher_path: str | None) -> str:
 
 
 def _family_config(family: str, vocab_size: int):
+    if family == "qwen2_moe":  # Qwen1.5-MoE: 4 routed experts (2 per token) and a shared expert per layer
+        return tiny_moe_config("qwen2_moe", vocab_size)
     if family == "phi35":  # Phi-3.5-mini: fused projections, as many KV heads as heads, longrope RoPE
         config = tiny_config("phi3", vocab_size)
         config.num_key_value_heads = config.num_attention_heads
@@ -103,7 +107,7 @@ def _no_plot_rendering(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_teachers(tmp_path_factory, tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("recipe-teachers")
-    return {family: save_tiny(root / family, family, tokenizer) for family in ("smollm", "llama32", "phi35")}
+    return {family: save_tiny(root / family, family, tokenizer) for family in ("smollm", "llama32", "phi35", "qwen2_moe")}
 
 
 # --- deriving the tiny overrides from a composed recipe ---------------------------------------
@@ -320,8 +324,20 @@ def _cross_tokenizer_kd(run_dir, report, teacher):
     assert "perplexity" not in report["models"]["heal"]["tasks"]
 
 
+def _moe_expert_prune(run_dir, report, teacher):
+    prune = meta_of(run_dir, "prune")
+    assert (prune["experts_before"], prune["experts_after"], prune["score"]) == (4, 2, "reap")  # half of 4
+    assert [len(layer["kept"]) for layer in prune["layers"]] == [2, 2, 2, 2]
+    pruned = AutoModelForCausalLM.from_pretrained(run_dir / "stages" / "prune")
+    assert pruned.config.num_experts == 2 and parameters(run_dir / "stages" / "prune") == prune["parameters_after"]
+    # A token uses the same experts' worth of weights; only the removed router rows (2 x hidden 32 x 4 layers) go.
+    assert prune["active_parameters_before"] - prune["active_parameters_after"] == 2 * 32 * 4
+    assert report["models"]["prune"]["tasks"]["perplexity"]["perplexity"] > 0
+
+
 CHECKS = {"cross_tokenizer_kd": _cross_tokenizer_kd, "distill_kd": _distill_kd, "minitron": _minitron, "shortgpt_depth": _shortgpt_depth,
           "wanda_2of4_heal": _wanda_2of4_heal, "gptq_w4": _gptq_w4, "qlora_kd": _qlora_kd, "gguf_edge": _gguf_edge,
+          "moe_expert_prune": _moe_expert_prune,
           "phi3_mini_minitron": _real_scale("phi35"), "llama32_3b_to_1b": _real_scale("llama32")}
 
 

@@ -1,4 +1,4 @@
-"""Pruning: unstructured, N:M and structured (depth, width).
+"""Pruning: unstructured, N:M, structured (depth, width) and mixture-of-experts (experts).
 
 This module only declares registry entries; implementations load on first use. A method is
 its module (math and stage function), its schema in :mod:`slimforge.prune.config`, and one
@@ -31,4 +31,9 @@ register(
     "prune", "width",
     "slimforge.prune.width:width_stage", "slimforge.prune.config:WidthConfig",
     "Minitron-style width pruning of MLP channels, heads and hidden channels",
+)
+register(
+    "prune", "experts",
+    "slimforge.prune.experts:experts_stage", "slimforge.prune.expert_config:ExpertsConfig",
+    "MoE expert pruning: drop or merge the least salient experts (REAP or frequency), lower top-k",
 )

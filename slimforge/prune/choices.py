@@ -9,3 +9,4 @@ PER_CHOICES = ("row", "layer")  # where unstructured sparsity is counted: each o
 DEPTH_CRITERIA = ("block_influence", "angular", "list")  # which layers depth pruning removes
 HEAD_MODES = ("query", "group")  # how width pruning drops heads under GQA
 WIDTH_AXES = ("mlp", "heads", "hidden")  # what a width pruning budget may shrink
+EXPERT_SCORES = ("reap", "frequency")  # how expert pruning ranks the experts of an MoE layer
