@@ -298,3 +298,28 @@ def test_a_student_tokenizer_that_cannot_spell_its_text_is_refused(student_tok):
     config.vocab_size = 100
     with pytest.raises(ConfigError, match=r"logits \(100\) do not cover its tokenizer's 700 tokens"):
         check_student_vocabulary(student_tok, config)
+
+
+def test_a_pretrained_student_of_another_family_is_distilled_across_tokenizers(sharp_teacher, tokenizer, corpus_dir,
+                                                                               student_tok, tmp_path, capsys):
+    """A checkpoint with a tokenizer of its own (a Qwen3 with the domain BPE, the teacher a Llama with the test
+    BPE) is refused without ``own_tokenizer``; with it, the heal stage distills it across tokenizers."""
+    folder = tmp_path / "foreign-student"
+    build_model("qwen3", student_tok, layers=2, seed=4).save_pretrained(folder)
+    student_tok.save_pretrained(folder)
+    common = ["run", TINY_DISTILL, f"teacher.path={sharp_teacher}", f"data.path={corpus_dir}",
+              "student@stages.student=checkpoint", f"stages.student.path={folder}",
+              "stages.heal.cross_tokenizer.loss=hybrid", "stages.heal.cross_tokenizer.top_k=16",
+              "stages.heal.steps=10", "stages.heal.eval_every=10", "~eval.tasks.perplexity"]
+    assert cli.main([*common, f"run_dir={tmp_path / 'refused'}"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("slimforge: error:")]
+    assert len(err) == 1 and "set own_tokenizer: true" in err[0]
+    assert not (tmp_path / "refused" / "stages").exists()
+    run_dir = tmp_path / "run"
+    assert cli.main([*common, f"run_dir={run_dir}", "stages.student.own_tokenizer=true"]) == 0
+    heal_dir = run_dir / "stages" / "heal"
+    assert AutoTokenizer.from_pretrained(heal_dir).get_vocab() == student_tok.get_vocab()
+    meta = json.loads((heal_dir / "slimforge.json").read_text())["distill"]
+    assert meta["cross_tokenizer"]["loss"] == "hybrid" and meta["cross_tokenizer"]["student_vocab"] == len(student_tok)
+    before, after = meta["before"], meta["history"][-1]
+    assert after["eval_cross"] < before["eval_cross"]

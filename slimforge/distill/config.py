@@ -88,7 +88,9 @@ class DropLayersConfig(StageConfig):
 
 @dataclass
 class CheckpointStudentConfig(StageConfig):
-    """Start from an existing checkpoint that uses the teacher's tokenizer."""
+    """Start from an existing checkpoint: one that uses the teacher's tokenizer, or, with
+    ``own_tokenizer: true``, one with a tokenizer of its own (a model of another family), which the
+    distill stage after it distills across tokenizers (``cross_tokenizer.loss``)."""
 
     kind: str = "student"
     method: str = "checkpoint"
@@ -97,6 +99,7 @@ class CheckpointStudentConfig(StageConfig):
     revision: str | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    own_tokenizer: bool = field(default=False, metadata=HASHED_WHEN_SET)
 
     def check(self) -> None:
         if not self.path:
@@ -114,10 +117,11 @@ class CheckpointStudentConfig(StageConfig):
         from slimforge.models import tokenizer_mismatch
 
         why = tokenizer_mismatch(teacher.tokenizer, self.source().load_tokenizer())
-        if why:
+        if why and not self.own_tokenizer:
             raise ConfigError(
                 f"student checkpoint {self.path} does not share the teacher's tokenizer ({why}); "
-                "distillation compares token distributions, so use a student with the teacher's tokenizer"
+                "use a student with the teacher's tokenizer, or set own_tokenizer: true and distill it with "
+                "cross_tokenizer.loss: uld or hybrid"
             )
 
     def planned_config(self, parent: TeacherInfo) -> Any:
