@@ -323,3 +323,59 @@ def test_a_pretrained_student_of_another_family_is_distilled_across_tokenizers(s
     assert meta["cross_tokenizer"]["loss"] == "hybrid" and meta["cross_tokenizer"]["student_vocab"] == len(student_tok)
     before, after = meta["before"], meta["history"][-1]
     assert after["eval_cross"] < before["eval_cross"]
+
+
+def test_two_cpu_processes_distill_across_tokenizers_like_one(sharp_teacher, corpus_dir, tmp_path):
+    """DDP over gloo: 2 ranks x 2 blocks of student tokens reach the weights of 1 process x 4 blocks, with the
+    teacher re-reading each rank's blocks at the aligned positions."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    assert launcher, "accelerate's launcher is installed with the package"
+    common = [a for a in xtok_run(sharp_teacher, corpus_dir, tmp_path / "ddp", "stages.heal.steps=3",
+                                  "stages.heal.eval_every=3", "stages.heal.precision=fp32", "dtype=float32",
+                                  "stages.heal.cross_tokenizer.loss=hybrid") if a != "stages.heal.cross_tokenizer.loss=uld"]
+    proc = subprocess.run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "slimforge", *common[:1],
+                           *common[1:], "stages.heal.batch_size=2"],
+                          capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "manifest.json").read_text())["stages"]["heal"]["metrics"]
+    assert metrics["world_size"] == 2 and metrics["ranks_agree"] is True
+    single = [a.replace(str(tmp_path / "ddp"), str(tmp_path / "single")) for a in common]
+    assert cli.main([*single, "stages.heal.batch_size=4"]) == 0
+    meta = json.loads((tmp_path / "ddp" / "stages" / "heal" / "slimforge.json").read_text())["distill"]
+    assert meta["cross_tokenizer"]["loss"] == "hybrid"
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "stages" / "heal")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "stages" / "heal")
+    start = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "stages" / "student")
+    moved = max(float((y - s).abs().max()) for y, s in zip(b.parameters(), start.parameters()))
+    assert moved > 1e-3  # training moved the weights, so agreeing below is not agreeing on nothing
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_cross_loss_of_a_batch_does_not_depend_on_how_its_blocks_are_split():
+    """Reference: each block's mean over its rows, then the mean over blocks; split into halves it is unchanged."""
+    from slimforge.distill.cross_objective import per_block_mean
+
+    torch.manual_seed(0)
+    positions, blocks = 7, 4
+    rows = torch.tensor(sorted(torch.randperm(blocks * positions)[:11].tolist()))
+    values = torch.rand(len(rows), requires_grad=True)
+    got = per_block_mean(values, rows, positions, blocks)
+    ref = sum(values[rows // positions == b].mean() if (rows // positions == b).any() else 0.0
+              for b in range(blocks)) / blocks
+    torch.testing.assert_close(got, ref)
+    first = rows < 2 * positions
+    halves = (per_block_mean(values[first], rows[first], positions, 2)
+              + per_block_mean(values[~first], rows[~first] - 2 * positions, positions, 2)) / 2
+    torch.testing.assert_close(halves, got)
+    (g1,) = torch.autograd.grad(got, values)
+    (g2,) = torch.autograd.grad(ref, values)
+    torch.testing.assert_close(g1, g2)

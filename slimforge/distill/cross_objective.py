@@ -13,7 +13,10 @@ The math is in :mod:`slimforge.distill.cross_vocab`; this module is what the tra
   ([L - 1, k] and [L - 1, k + 1] per block) and its file format. The log-probabilities are rounded to
   fp16, as the cache stores them, so the live teacher and its cache train the same.
 - :class:`CrossTokenizerObjective` is the loss of a batch: ``ce_weight`` times the student's next-token
-  cross-entropy on all its positions plus ``weight`` times the mean cross-tokenizer loss (ULD or hybrid) over the aligned ones,
+  cross-entropy on all its positions plus ``weight`` times the cross-tokenizer loss (ULD or hybrid): the
+  mean over each block's aligned positions, averaged over the blocks (:func:`per_block_mean`), so a batch's
+  loss does not depend on how its blocks are split into micro-batches or DDP ranks (blocks differ in how
+  many positions align, so one mean over a micro-batch's aligned rows would weigh them by the split),
   and the held-out metrics (per token and per character, so students with other tokenizers compare).
 """
 
@@ -173,7 +176,8 @@ class CrossTokenizerObjective:
         rows = (torch.isfinite(top_logp[:, 0]) & (mask > 0)).nonzero().squeeze(-1)
         if len(rows):
             s_logp = F.log_softmax(logits[rows], dim=-1)
-            cross = self.rows_loss(s_logp, top_ids[rows], top_logp[rows]).mean()
+            cross = per_block_mean(self.rows_loss(s_logp, top_ids[rows], top_logp[rows]), rows,
+                                   input_ids.shape[1] - 1, input_ids.shape[0])
         else:
             cross = logits.sum() * 0.0
         loss = self.spec.ce_weight * ce + self.spec.weight * cross
@@ -206,6 +210,18 @@ class CrossTokenizerObjective:
         if self._chars is None or len(self._chars) != width:
             self._chars = self.reader.char_counts(width)
         return self._chars
+
+
+def per_block_mean(values: torch.Tensor, rows: torch.Tensor, positions: int, blocks: int) -> torch.Tensor:
+    """The mean over ``blocks`` blocks of each block's mean of ``values`` (a block with no row counts 0).
+
+    Args:
+        values: [R] a loss per aligned row; rows: [R] their indices in the flattened [blocks * positions].
+    """
+    block = torch.div(rows, positions, rounding_mode="floor")
+    sums = torch.zeros(blocks, dtype=values.dtype, device=values.device).index_add(0, block, values)
+    counts = torch.bincount(block, minlength=blocks).to(values.dtype).clamp_min(1)
+    return (sums / counts).sum() / blocks
 
 
 def shares_one_tokenizer(teacher_tokenizer: Any, student_tokenizer: Any) -> bool:
