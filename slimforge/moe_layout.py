@@ -89,3 +89,20 @@ def keep_sparse_layout(config: Any, keep: list[int], before: list[bool]) -> None
 def router_aux_coef(config: Any) -> float:
     """The weight the family gives the load-balancing loss (``router_aux_loss_coef``); 0 for a dense model."""
     return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0) if is_moe_config(config) else 0.0
+
+
+def expert_count(config: Any) -> int:
+    """Routed experts per MoE block, read from either family's key (0 for a dense config)."""
+    return int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0) \
+        if is_moe_config(config) else 0
+
+
+def inactive_parameters_from_config(config: Any) -> int:
+    """Parameters a token does not use, from the config alone: ``E - top_k`` routed experts (gate, up and
+    down projections, no biases, as the four families have them) in every sparse layer."""
+    if not is_moe_config(config):
+        return 0
+    width = getattr(config, "moe_intermediate_size", None) if config.model_type in _SPARSE_LAYOUT_TYPES else None
+    per_expert = 3 * int(config.hidden_size) * int(width or config.intermediate_size)
+    unused = max(expert_count(config) - int(config.num_experts_per_tok), 0)
+    return sum(sparse_layers(config)) * unused * per_expert

@@ -168,10 +168,15 @@ class KDObjective:
     def __call__(self, student: Any, projections: HiddenProjections | None, input_ids: torch.Tensor,
                  loss_mask: torch.Tensor, attention_mask: torch.Tensor | None, targets_from_teacher: dict[str, Any]
                  ) -> tuple[torch.Tensor, dict[str, float]]:
+        from slimforge import moe
+
         targets, mask = flatten_batch(input_ids, loss_mask, attention_mask)
         t = targets_from_teacher
         capture = capture_layer_outputs(student, list(range(len(self.layer_map)))) if self.layer_map else nullcontext({})
-        with capture as layers:
+        # An MoE student keeps its router's load-balancing term, as its own training loss would have it.
+        aux_coef = moe.router_aux_coef(student.config)
+        routers = moe.capture_router_logits(student) if aux_coef else nullcontext(None)
+        with capture as layers, routers as router_logits:
             if self.cfg.kd_backend == "naive":
                 loss = self._naive_kd(student, input_ids, attention_mask, targets, mask, t)
             else:
@@ -181,6 +186,10 @@ class KDObjective:
             hidden_term = self._hidden_term(layers, projections, mask, t["teacher_layers"])
             stats["hidden"] = hidden_term.item()
             loss = loss + self.cfg.hidden_weight * hidden_term
+        if router_logits is not None and router_logits.logits:
+            aux = moe.load_balancing_loss(student, router_logits.logits, attention_mask)
+            stats["router_aux"] = aux.item()
+            loss = loss + aux_coef * aux
         return loss, stats
 
     def _naive_kd(self, student: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
