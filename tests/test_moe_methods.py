@@ -3,7 +3,7 @@
 Depth pruning keeps Qwen2/3-MoE's dense/sparse layout; Wanda and SparseGPT prune each expert on the tokens
 routed to it (magnitude for an expert with none) and never the routers; GPTQ quantizes every expert under
 either calibration policy; KD adds the student's router load-balancing loss; the methods not built for
-MoE refuse in one line; the CLI takes an MoE teacher folder end to end.
+MoE refuse in one line (tests/bad_inputs/moe.py); the CLI takes an MoE teacher folder end to end.
 """
 
 from __future__ import annotations
@@ -289,14 +289,6 @@ def test_active_parameters_leave_out_the_unrouted_experts(arch, tokenizer):
     assert inactive_parameters_from_config(model.config) == 2 * (4 - 2) * per_expert
 
 
-REFUSED = [  # (recipe, overrides, the method's name in the message)
-    ("prune_depth", ["prune@stages.prune=width"], "width pruning"),
-    ("gptq_w4", ["quantize@stages.quant=awq"], "AWQ"),
-    ("gptq_w4", ["quantize@stages.quant=w8a8_int8"], "W8A8 (int8)"),
-    ("gptq_w4", ["quantize@stages.quant=mixed_precision"], "mixed-precision quantization"),
-    ("gptq_w4", ["quantize@stages.quant=gguf"], "GGUF export"),
-    ("gptq_w4", ["quantize@stages.quant=bnb_nf4"], "bitsandbytes (bnb_nf4)"),
-]
 NO_GATE = ["eval.gate.min_retained=null", "eval.gate.max_kl=null", "eval.gate.min_top1_agreement=null",
            "eval.gate.min_retained_tasks={}"]
 
@@ -307,18 +299,6 @@ def moe_teacher(tmp_path_factory, tokenizer):
     build_moe_model("qwen2_moe", tokenizer, layers=2).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-@pytest.mark.parametrize(("recipe", "extra", "what"), REFUSED, ids=[r[1][0].split("=")[1] for r in REFUSED])
-def test_methods_not_built_for_moe_refuse_in_one_line(recipe, extra, what, moe_teacher, tmp_path, capsys):
-    from slimforge import cli
-
-    code = cli.main(["run", recipe, "teacher=local", f"teacher.path={moe_teacher}", "data=text",
-                     f"data.path={ASSETS / 'corpus'}", f"run_dir={tmp_path / 'run'}", *extra])
-    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
-    assert code == 2, err
-    assert f"{what} does not support mixture-of-experts models (qwen2_moe) yet; use" in err[-1], err
-    assert not (tmp_path / "run" / "stages").exists()
 
 
 def test_cli_runs_gptq_on_an_moe_teacher_and_the_folder_reloads(moe_teacher, tmp_path):
