@@ -137,7 +137,7 @@ class LayerStep:
 
     def linears(self) -> dict[str, nn.Linear]:
         """The block's linear layers, by their name inside the block, without MoE routers (never pruned or
-        quantized: :data:`slimforge.moe.ROUTER_NAMES`). Inside :func:`slimforge.moe.unfused_experts` each
+        quantized: :data:`slimforge.moe_layout.ROUTER_NAMES`). Inside :func:`slimforge.moe.unfused_experts` each
         expert's linears are here too (``mlp.experts.<e>.gate_proj``)."""
         from slimforge.moe_layout import is_router_name
 
