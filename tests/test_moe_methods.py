@@ -182,6 +182,24 @@ def _gptq(model, ids, monkeypatch, **kwargs):
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_every_expert_sees_every_token_but_the_output_follows_the_routing(arch, tokenizer):
+    from slimforge.calibration.activations import record_linear_inputs
+
+    model = build_moe_model(arch, tokenizer, layers=2)
+    ids = calibration_ids(tokenizer)
+    with torch.no_grad():
+        ref = model(ids).logits
+        with moe.unfused_experts(model):
+            expert = model.model.layers[1].mlp.experts[0]
+            with moe.every_expert_sees_every_token(model), moe.routed_tokens(model) as routed, \
+                    record_linear_inputs({"up": expert.up_proj}) as stats:
+                logits = model(ids).logits
+            assert stats["up"].tokens == ids.numel()  # every token, not only the routed ones
+            assert 0 < routed["model.layers.1.mlp.experts.0"] < ids.numel()
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_gptq_quantizes_every_expert_on_a_hessian_of_all_tokens_by_default(arch, tokenizer, monkeypatch):
     model = build_moe_model(arch, tokenizer, layers=2, experts=4)
     ids = calibration_ids(tokenizer)
@@ -323,4 +341,6 @@ def test_cli_runs_gptq_on_an_moe_teacher_and_the_folder_reloads(moe_teacher, tmp
     assert max(len(torch.unique(row)) for row in gate) <= 16
     report = json.loads((run / "report.json").read_text())
     assert report["models"]["teacher"]["active_parameters"] == meta["active_parameters"]
+    assert report["models"]["quant"]["tasks"]["perplexity"]["perplexity"] > 0  # evaluated like any model
+    assert 0 <= report["fidelity"]["quant"]["perplexity"]["kl_mean"] < 0.1  # int4 of a random model: close
     assert "active)" in (run / "report.md").read_text()
