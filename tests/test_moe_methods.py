@@ -344,3 +344,25 @@ def test_cli_runs_gptq_on_an_moe_teacher_and_the_folder_reloads(moe_teacher, tmp
     assert report["models"]["quant"]["tasks"]["perplexity"]["perplexity"] > 0  # evaluated like any model
     assert 0 <= report["fidelity"]["quant"]["perplexity"]["kl_mean"] < 0.1  # int4 of a random model: close
     assert "active)" in (run / "report.md").read_text()
+
+
+def test_masked_kd_keeps_the_experts_2_of_4_pattern(moe_teacher, tmp_path):
+    """wanda_2of4_heal on an MoE teacher: the heal trains the fused experts and keeps their zeros."""
+    from transformers import AutoModelForCausalLM
+
+    from slimforge import cli
+
+    run = tmp_path / "run"
+    code = cli.main(["run", "wanda_2of4_heal", "teacher=local", f"teacher.path={moe_teacher}", "data=text",
+                     f"data.path={ASSETS / 'corpus'}", "data.block_size=32", f"run_dir={run}",
+                     "stages.prune.num_samples=4", "stages.prune.seq_len=16", "stages.prune.batch_size=2",
+                     "stages.heal.steps=2", "stages.heal.batch_size=2", "stages.heal.warmup_steps=0",
+                     "stages.heal.eval_every=2", "stages.heal.eval_blocks=2", "stages.heal.lr=1e-2",
+                     "eval.tasks.perplexity.max_blocks=2", "eval.batch_size=2", *NO_GATE])
+    assert code == 0
+    pruned, healed = (AutoModelForCausalLM.from_pretrained(run / "stages" / s) for s in ("prune", "heal"))
+    for before, after in zip(moe.moe_blocks(pruned), moe.moe_blocks(healed), strict=True):
+        for name in ("gate_up_proj", "down_proj"):
+            b, a = getattr(before.experts, name), getattr(after.experts, name)
+            assert ((b == 0).reshape(*b.shape[:2], -1, 4).sum(-1) == 2).all()
+            assert torch.equal(b == 0, a == 0) and not torch.equal(a, b), name
