@@ -17,7 +17,8 @@ from slimforge.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
 # Config entries that are not per-layer lists even when their length happens to match.
-_NOT_PER_LAYER = {"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens"}
+_NOT_PER_LAYER = {"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+                  "mlp_only_layers"}  # Qwen2/3-MoE: layer indices, rewritten by moe_layout.keep_sparse_layout
 
 
 def decoder_layers(model: Any) -> Any:
@@ -95,6 +96,8 @@ def keep_layers(model: Any, keep: list[int]) -> Any:
     """
     import torch.nn as nn
 
+    from slimforge import moe_layout
+
     layers = decoder_layers(model)
     total = len(layers)
     if not keep or len(set(keep)) != len(keep) or any(not 0 <= i < total for i in keep):
@@ -106,10 +109,12 @@ def keep_layers(model: Any, keep: list[int]) -> Any:
                 module.layer_idx = new_idx
     set_decoder_layers(model, kept)
     config = model.config
+    sparse_before = moe_layout.sparse_layers(config)
     for key, value in list(vars(config).items()):
         if key not in _NOT_PER_LAYER and isinstance(value, list | tuple) and len(value) == total and total > 1:
             setattr(config, key, [value[i] for i in keep])
     config.num_hidden_layers = len(keep)
+    moe_layout.keep_sparse_layout(config, keep, sparse_before)
     return model
 
 
@@ -140,7 +145,10 @@ def num_kv_heads(config: Any) -> int:
 
 def linear_input_sizes(config: Any) -> list[int]:
     """Input widths of the decoder blocks' linear layers (hidden, attention output, MLP)."""
-    return [int(config.hidden_size), config.num_attention_heads * head_dim(config), int(config.intermediate_size)]
+    from slimforge.moe_layout import expert_widths
+
+    return [int(config.hidden_size), config.num_attention_heads * head_dim(config), int(config.intermediate_size),
+            *expert_widths(config).values()]
 
 
 def norm_weight_offset(config: Any) -> float:

@@ -243,6 +243,10 @@ def size_section(inp: CardInput) -> list[str]:
         return f"{100 * mine / theirs:.1f}%" if mine and theirs else "–"
 
     rows.append(["parameters", fmt_num(params), fmt_num(base.get("num_parameters")), share(params, base.get("num_parameters"))])
+    active = meta.get("active_parameters")
+    if active or base.get("active_parameters"):  # mixture of experts: what one token uses
+        rows.append(["active parameters per token", fmt_num(active), fmt_num(base.get("active_parameters")),
+                     share(active, base.get("active_parameters"))])
     label = "size on disk (weights" + (", with its base" if files.get("format") == "lora" else "") + ")"
     rows.append([label, fmt_bytes(disk), fmt_bytes(base.get("disk_bytes")), share(disk, base.get("disk_bytes"))])
     lines = ["## Size", ""] + _table(["", "this model", "teacher", "share"], rows) + [""]

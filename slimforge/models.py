@@ -672,6 +672,17 @@ def save_model(model: Any, tokenizer: Any, dest: str | Path, meta: dict[str, Any
     return dest
 
 
+def _active_parameters(model: Any) -> dict[str, int]:
+    """``{"active_parameters": n}`` for a mixture-of-experts model (parameters one token uses), else nothing."""
+    from slimforge.moe_layout import is_moe_config
+
+    if not is_moe_config(getattr(model, "config", None)):
+        return {}
+    from slimforge.moe import active_parameters
+
+    return {"active_parameters": active_parameters(model, count_parameters(model))}
+
+
 def write_model_files(model: Any, tokenizer: Any, folder: Path, meta: dict[str, Any],
                       recipe_yaml: str | None = None) -> dict[str, Any]:
     """Write the model into an existing (temporary) folder; returns the metadata written."""
@@ -684,6 +695,7 @@ def write_model_files(model: Any, tokenizer: Any, folder: Path, meta: dict[str, 
         "architecture": type(model).__name__,
         "model_type": getattr(model.config, "model_type", None),
         "num_parameters": count_parameters(model),
+        **_active_parameters(model),
         **meta,
     }
     atomic_write_json(folder / META_FILE, full_meta)
@@ -827,7 +839,23 @@ def base_facts(path: str | None) -> dict[str, Any]:
     files = folder_facts(folder, meta)
     facts["num_parameters"] = meta.get("num_parameters") or files.get("num_parameters")
     facts["disk_bytes"] = files.get("disk_bytes")
+    active = meta.get("active_parameters") or _active_from_config(folder, facts["num_parameters"])
+    if active:
+        facts["active_parameters"] = active
     return facts
+
+
+def _active_from_config(folder: Path, total: int | None) -> int | None:
+    """A mixture-of-experts folder's parameters per token, from its ``config.json`` and total (else None)."""
+    import types
+
+    from slimforge.moe_layout import inactive_parameters_from_config, is_moe_config
+
+    path = folder / "config.json"
+    config = types.SimpleNamespace(**read_json(path)) if path.is_file() else None
+    if not total or not is_moe_config(config):
+        return None
+    return total - inactive_parameters_from_config(config)
 
 
 def write_model_card(folder: str | Path, location: str | Path | None = None, report: dict[str, Any] | None = None,

@@ -32,17 +32,23 @@ import torch
 from torch import nn
 
 from slimforge.errors import ConfigError
+from slimforge.moe_layout import (  # noqa: F401  (config-only MoE facts, torch-free; re-exported)
+    MOE_MODEL_TYPES,
+    ROUTER_NAMES,
+    expert_of,
+    expert_widths,
+    is_moe_config,
+    is_router_name,
+    keep_sparse_layout,
+    refuse_moe,
+    router_aux_coef,
+    sparse_layers,
+)
 
-MOE_MODEL_TYPES = ("mixtral", "phimoe", "qwen2_moe", "qwen3_moe")
 # The config key holding the number of routed experts per MoE block.
 _EXPERT_COUNT_KEY = {"mixtral": "num_local_experts", "phimoe": "num_local_experts",
                      "qwen2_moe": "num_experts", "qwen3_moe": "num_experts"}
 TOP_K_KEY = "num_experts_per_tok"
-
-
-def is_moe_config(config: Any) -> bool:
-    """Whether ``config`` describes one of the MoE families the adapter knows."""
-    return getattr(config, "model_type", None) in MOE_MODEL_TYPES
 
 
 def expert_count_key(config: Any) -> str:
@@ -342,12 +348,20 @@ class UnfusedExperts(nn.ModuleList):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
+        counts = self.__dict__.get("routed_tokens")  # set by routed_tokens(): per-expert routed counts
+        see_all = self.__dict__.get("see_all_tokens", False)  # set by every_expert_sees_every_token()
         for e, expert in enumerate(self):
             token_idx, slot = torch.where(top_k_index == e)
-            if token_idx.numel() == 0:
+            if counts is not None:
+                counts[e] += int(token_idx.numel())
+            if see_all:  # every token through the expert (for the hooks); only the routed ones count
+                x = hidden_states
+                y = expert.down_proj(self.act_fn(expert.gate_proj(x)) * expert.up_proj(x))[token_idx]
+            elif token_idx.numel() == 0:
                 continue
-            x = hidden_states[token_idx]
-            y = expert.down_proj(self.act_fn(expert.gate_proj(x)) * expert.up_proj(x))
+            else:
+                x = hidden_states[token_idx]
+                y = expert.down_proj(self.act_fn(expert.gate_proj(x)) * expert.up_proj(x))
             y = y * top_k_weights[token_idx, slot, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
         return out
@@ -390,3 +404,143 @@ def unfused_experts(model: nn.Module) -> Iterator[list[MoEBlock]]:
             block.experts.fuse_into(fused)
             block.block.experts = fused
             block.experts = fused
+
+
+# --- what the dense methods need to know about MoE models (issue 18) ---------------------------
+
+
+def _expert_numel(block: MoEBlock) -> int:
+    """Parameters of one routed expert of ``block`` (fused or unfused)."""
+    experts = block.experts
+    if isinstance(experts, UnfusedExperts):
+        return sum(p.numel() for p in experts[0].parameters())
+    total = 0
+    for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+        tensor = getattr(experts, name, None)
+        if isinstance(tensor, torch.Tensor):
+            total += tensor[0].numel()
+    return total
+
+
+def inactive_parameters(model: nn.Module) -> int:
+    """Parameters a token does not use: in each MoE block, ``E - top_k`` routed experts' worth."""
+    if not is_moe_config(getattr(model, "config", None)):
+        return 0
+    k = top_k(model.config)
+    return sum(max(b.num_experts - k, 0) * _expert_numel(b) for b in moe_blocks(model))
+
+
+def active_parameters(model: nn.Module, total: int) -> int | None:
+    """Parameters used per token (``total`` minus :func:`inactive_parameters`); None for a dense model."""
+    if not is_moe_config(getattr(model, "config", None)):
+        return None
+    return total - inactive_parameters(model)
+
+
+class RouterLogits:
+    """Hooks that keep each MoE router's logits [tokens, E] of the forward passes run while they are on."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.logits: list[torch.Tensor] = []
+        self._handles = [b.router.register_forward_hook(self._hook) for b in moe_blocks(model)]
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.logits.append(output[0] if isinstance(output, tuple | list) else output)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+@contextlib.contextmanager
+def capture_router_logits(model: nn.Module) -> Iterator[RouterLogits]:
+    """Record every MoE router's logits (with their autograd graph) while the block runs."""
+    recorder = RouterLogits(model)
+    try:
+        yield recorder
+    finally:
+        recorder.remove()
+
+
+def load_balancing_loss(model: nn.Module, router_logits: list[torch.Tensor] | tuple[torch.Tensor, ...],
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The family's own auxiliary load-balancing loss (``load_balancing_loss_func`` of its modeling module),
+    unweighted, over the routers' logits of one forward: what ``model(..., output_router_logits=True).aux_loss``
+    holds."""
+    import importlib
+
+    config = model.config
+    module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    return module.load_balancing_loss_func(tuple(router_logits), num_experts(config), top_k(config), attention_mask)
+
+
+@contextlib.contextmanager
+def every_expert_sees_every_token(model: nn.Module) -> Iterator[None]:
+    """Inside :func:`unfused_experts`: every expert's linears run on every token (what calibration hooks see),
+    while the block's output still sums only the routed experts' outputs (what later layers see).
+
+    llm-compressor's "calibrate all experts": an expert that is routed few calibration tokens would
+    otherwise get a rank-deficient Hessian.
+    """
+    unfused = [b.experts for b in moe_blocks(model) if isinstance(b.experts, UnfusedExperts)]
+    for experts in unfused:
+        experts.__dict__["see_all_tokens"] = True
+    try:
+        yield
+    finally:
+        for experts in unfused:
+            experts.__dict__.pop("see_all_tokens", None)
+
+
+@contextlib.contextmanager
+def routed_tokens(module: nn.Module) -> Iterator[dict[str, int]]:
+    """Count the tokens routed to each unfused expert inside ``module`` (a model or one decoder block) while
+    the block runs; the dict, filled on exit, maps each expert's name inside ``module`` (``mlp.experts.3``)
+    to its count."""
+    found = {name: m for name, m in module.named_modules() if isinstance(m, UnfusedExperts)}
+    for experts in found.values():
+        experts.__dict__["routed_tokens"] = [0] * len(experts)
+    out: dict[str, int] = {}
+    try:
+        yield out
+    finally:
+        for name, experts in found.items():
+            counts = experts.__dict__.pop("routed_tokens")
+            out.update({f"{name}.{e}" if name else str(e): c for e, c in enumerate(counts)})
+
+
+class ExpertCoverage:
+    """How many calibration tokens the router sent each expert, gathered block by block, for a stage's report.
+
+    ``min_tokens``: an expert routed fewer counts as having "few" tokens (what a method does about it is the
+    method's: Wanda and SparseGPT fall back to magnitude for an expert with none; GPTQ's policy is its
+    ``moe_calibration``).
+    """
+
+    def __init__(self, min_tokens: int = 1) -> None:
+        self.min_tokens = min_tokens
+        self.counts: dict[str, int] = {}  # "layers.<i>.mlp.experts.<e>" -> routed tokens
+
+    def add(self, layer_index: int, routed: dict[str, int]) -> None:
+        """Fold in one block's :func:`routed_tokens` counts."""
+        self.counts.update({f"layers.{layer_index}.{name}": count for name, count in routed.items()})
+
+    def few(self) -> list[str]:
+        """The experts routed fewer than ``min_tokens`` tokens."""
+        return [name for name, count in self.counts.items() if count < self.min_tokens]
+
+    def report(self, **extra: Any) -> dict[str, Any] | None:
+        """Counts for ``slimforge.json``: experts, those with no tokens and with few, routed-token min/median/max."""
+        if not self.counts:
+            return None
+        values = sorted(self.counts.values())
+        return {"experts": len(values), "experts_without_tokens": sum(v == 0 for v in values),
+                "experts_below_min_tokens": len(self.few()), "min_tokens": self.min_tokens,
+                "routed_tokens": {"min": values[0], "median": values[len(values) // 2], "max": values[-1]},
+                **extra}
+
+
+def expert_name(linear_name: str) -> str | None:
+    """``mlp.experts.3`` for ``mlp.experts.3.up_proj`` (an unfused expert's linear), else None."""
+    return linear_name.rsplit(".", 1)[0] if expert_of(linear_name) is not None else None

@@ -136,8 +136,13 @@ class LayerStep:
         self.outputs: list[torch.Tensor] | None = None
 
     def linears(self) -> dict[str, nn.Linear]:
-        """The block's linear layers, by their name inside the block."""
-        return {name: m for name, m in self.layer.named_modules() if isinstance(m, nn.Linear)}
+        """The block's linear layers, by their name inside the block, without MoE routers (never pruned or
+        quantized: :data:`slimforge.moe_layout.ROUTER_NAMES`). Inside :func:`slimforge.moe.unfused_experts` each
+        expert's linears are here too (``mlp.experts.<e>.gate_proj``)."""
+        from slimforge.moe_layout import is_router_name
+
+        return {name: m for name, m in self.layer.named_modules()
+                if isinstance(m, nn.Linear) and not is_router_name(name)}
 
     @torch.no_grad()
     def run(self, fn: Callable[[torch.Tensor, torch.Tensor], None] | None = None,

@@ -702,6 +702,12 @@ def qat_input_error(source: str, why: str) -> str:
             f"stage's artifact), but {source} {why}; put such a stage before it, e.g. pipeline=[gptq, qat]")
 
 
+def _refuse_moe_qat(config: Any) -> None:
+    from slimforge.moe_layout import refuse_moe
+
+    refuse_moe(config, "quantization-aware distillation (qat)", "distill method kd, then quantize method gptq")
+
+
 @dataclass
 class QatConfig(DistillConfig):
     """Quantization-aware distillation: the parent's integer layers trained through fake quantization.
@@ -749,9 +755,11 @@ class QatConfig(DistillConfig):
 
     def preflight(self, student: TeacherInfo) -> None:
         """The first stage's input is the teacher: it must be integer weight-only compressed-tensors."""
+        _refuse_moe_qat(student.config)
         self.require_integer_grid(student.config, "the teacher")
 
     def check_input(self, student: TeacherInfo) -> None:
+        _refuse_moe_qat(student.config)
         super().check_input(student)
         self.require_integer_grid(student.config, "the model the stages before it will make")
 

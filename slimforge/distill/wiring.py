@@ -44,23 +44,46 @@ from slimforge.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+class FusedWeight:
+    """A mixture-of-experts block's fused 3-D expert parameter (``mlp.experts.gate_up_proj``) presented as a
+    module with a ``weight``, which is all masked training touches; looked up live, so a sharded
+    parameter is seen too."""
+
+    def __init__(self, owner: torch.nn.Module, name: str) -> None:
+        self.owner, self.name = owner, name
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.owner, self.name)
+
+
+def _maskable(block: torch.nn.Module) -> dict[str, Any]:
+    """The block's linears and fused 3-D expert weights (an MoE block's), by name inside the block."""
+    found: dict[str, Any] = {name: m for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    for name, param in block.named_parameters():
+        if param.dim() == 3 and ".experts." in f".{name}":
+            owner, _, attr = name.rpartition(".")
+            found[name] = FusedWeight(block.get_submodule(owner), attr)
+    return found
+
+
 def sparsity_masks(model: Any, min_sparsity: float = 0.01) -> dict[str, torch.Tensor]:
-    """Masks (weight != 0) of the decoder's linear weights that are meaningfully sparse."""
+    """Masks (weight != 0) of the decoder's linear weights (and fused expert weights) that are meaningfully sparse."""
     masks = {}
     for layer_idx, block in enumerate(decoder_layers(model)):
-        for name, module in block.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                mask = module.weight.detach() != 0
-                if 1 - mask.float().mean().item() >= min_sparsity:
-                    masks[f"{layer_idx}.{name}"] = mask
+        for name, module in _maskable(block).items():
+            mask = module.weight.detach() != 0
+            if 1 - mask.float().mean().item() >= min_sparsity:
+                masks[f"{layer_idx}.{name}"] = mask
     return masks
 
 
-def masked_linears(model: Any, masks: dict[str, torch.Tensor]) -> list[tuple[torch.nn.Linear, torch.Tensor]]:
-    """The linear layers of ``model`` that :func:`sparsity_masks` kept masks for, each with its mask."""
+def masked_linears(model: Any, masks: dict[str, torch.Tensor]) -> list[tuple[Any, torch.Tensor]]:
+    """The linear layers (and :class:`FusedWeight` s) of ``model`` that :func:`sparsity_masks` kept masks for,
+    each with its mask."""
     pairs = []
     for layer_idx, block in enumerate(decoder_layers(model)):
-        for name, module in block.named_modules():
+        for name, module in _maskable(block).items():
             key = f"{layer_idx}.{name}"
             if key in masks:
                 pairs.append((module, masks[key].to(module.weight.device)))
@@ -168,10 +191,15 @@ class KDObjective:
     def __call__(self, student: Any, projections: HiddenProjections | None, input_ids: torch.Tensor,
                  loss_mask: torch.Tensor, attention_mask: torch.Tensor | None, targets_from_teacher: dict[str, Any]
                  ) -> tuple[torch.Tensor, dict[str, float]]:
+        from slimforge import moe
+
         targets, mask = flatten_batch(input_ids, loss_mask, attention_mask)
         t = targets_from_teacher
         capture = capture_layer_outputs(student, list(range(len(self.layer_map)))) if self.layer_map else nullcontext({})
-        with capture as layers:
+        # An MoE student keeps its router's load-balancing term, as its own training loss would have it.
+        aux_coef = moe.router_aux_coef(student.config)
+        routers = moe.capture_router_logits(student) if aux_coef else nullcontext(None)
+        with capture as layers, routers as router_logits:
             if self.cfg.kd_backend == "naive":
                 loss = self._naive_kd(student, input_ids, attention_mask, targets, mask, t)
             else:
@@ -181,6 +209,10 @@ class KDObjective:
             hidden_term = self._hidden_term(layers, projections, mask, t["teacher_layers"])
             stats["hidden"] = hidden_term.item()
             loss = loss + self.cfg.hidden_weight * hidden_term
+        if router_logits is not None and router_logits.logits:
+            aux = moe.load_balancing_loss(student, router_logits.logits, attention_mask)
+            stats["router_aux"] = aux.item()
+            loss = loss + aux_coef * aux
         return loss, stats
 
     def _naive_kd(self, student: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,

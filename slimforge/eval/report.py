@@ -156,6 +156,8 @@ def _model_entry(record: dict[str, Any]) -> dict[str, Any]:
              "memory_bytes": record.get("memory_bytes"), "tasks": tasks, "efficiency": _efficiency(record)}
     if skipped:
         entry["skipped"] = skipped
+    if record.get("active_parameters") is not None:  # mixture of experts: parameters one token uses
+        entry["active_parameters"] = record["active_parameters"]
     return entry
 
 

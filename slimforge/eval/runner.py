@@ -190,11 +190,15 @@ def _tokenizer_problem(ev: Evaluation, ref: ModelRef) -> str | None:
 
 
 def _model_info(ref: ModelRef, model: Any) -> dict[str, Any]:
+    from slimforge import moe
     from slimforge.eval.efficiency import disk_bytes, logical_parameters, memory_bytes
     from slimforge.eval.fingerprint import model_kind
 
-    return {"num_parameters": logical_parameters(model), "memory_bytes": memory_bytes(model),
-            "disk_bytes": disk_bytes(ref.path, ref.gguf_file), "kind": model_kind(ref.path, ref.gguf_file)}
+    params = logical_parameters(model)
+    active = moe.active_parameters(model, params) if moe.is_moe_config(getattr(model, "config", None)) else None
+    return {"num_parameters": params, "memory_bytes": memory_bytes(model),
+            "disk_bytes": disk_bytes(ref.path, ref.gguf_file), "kind": model_kind(ref.path, ref.gguf_file),
+            **({"active_parameters": active} if active is not None else {})}
 
 
 def _lineage(ref: ModelRef) -> dict[str, Any]:

@@ -99,13 +99,20 @@ def domain_tasks(report: dict[str, Any]) -> list[str]:
     return sorted(labelled, key=lambda name: report["tasks"][name]["domain"] != "in-domain")
 
 
+def fmt_parameters(model: dict[str, Any]) -> str:
+    """``12.3M``, or ``12.3M (4.1M active)`` for a mixture-of-experts model."""
+    text = f"{model['num_parameters'] / 1e6:.1f}M"
+    active = model.get("active_parameters")
+    return f"{text} ({active / 1e6:.1f}M active)" if active is not None else text
+
+
 def scores_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     keys = [f"{t}.{m}" for t, metrics in report["higher_is_better"].items() for m in metrics]
     header = ["model", "kind", "parameters", "size", *[column_heading(report, k) for k in keys]]
     rows = []
     for label, model in report["models"].items():
         values = [fmt(model["tasks"].get(k.split(".", 1)[0], {}).get(k.split(".", 1)[1])) for k in keys]
-        rows.append([label, str(model.get("kind") or ""), f"{model['num_parameters'] / 1e6:.1f}M",
+        rows.append([label, str(model.get("kind") or ""), fmt_parameters(model),
                      fmt_bytes(model.get("disk_bytes")), *values])
     return header, rows
 

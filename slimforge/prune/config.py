@@ -22,9 +22,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def _supported(teacher: TeacherInfo) -> None:
+    """A dense family ``arch`` knows, or an MoE family ``moe`` knows (depth and unstructured pruning)."""
     from slimforge.arch import require_supported
+    from slimforge.moe_layout import is_moe_config
 
-    require_supported(teacher.config)
+    if not is_moe_config(teacher.config):
+        require_supported(teacher.config)
 
 
 @dataclass
@@ -296,6 +299,9 @@ class WidthConfig(CalibrationConfig):
 
     def preflight(self, teacher: TeacherInfo) -> None:
         """Targets must fit the teacher's shape: whole heads per KV group, no growth."""
+        from slimforge.moe_layout import refuse_moe
+
+        refuse_moe(teacher.config, "width pruning", "depth pruning, or wanda/sparsegpt on the expert weights")
         _supported(teacher)
         self.targets(teacher.config)
 

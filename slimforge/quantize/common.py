@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from slimforge.arch import decoder_layers
 from slimforge.errors import ConfigError
+from slimforge.moe_layout import is_router_name
 from slimforge.quantize.config import (
     QuantizeConfig,
     dividing_group_sizes_hint,
@@ -18,8 +19,6 @@ from slimforge.quantize.config import (
 
 log = logging.getLogger(__name__)
 
-# Linear layers that route tokens to experts: small, sensitive, and kept in full precision.
-ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 
 
 def parent_config(ref: Any) -> Any:
@@ -57,7 +56,7 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     out = {}
     for block in decoder_layers(model):
         for local, module in block.named_modules():
-            if isinstance(module, nn.Linear) and local.rsplit(".", 1)[-1] not in ROUTER_NAMES:
+            if isinstance(module, nn.Linear) and not is_router_name(local):  # routers stay in full precision
                 out[names[id(module)]] = module
     return out
 

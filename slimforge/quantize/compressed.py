@@ -193,13 +193,21 @@ def _finish(ctx: StageContext, model: Any, tokenizer: Any, linears: dict[str, An
         widths: per-layer widths over ``linears`` (16: left in ``dtype``) when the method chose
             them per layer; default: ``cfg.bits`` everywhere.
     """
+    from slimforge import moe
+
     cfg: IntWeightConfig = ctx.config
     numel = linear_numel(model, list(linears))
     params = count_parameters(model)
     quant = _quantization_meta(cfg, dtype, act_order, widths)
     schemes = {name: IntScheme(widths[name], cfg.group_size) for name in scales} if widths else None
-    footprint = save_compressed(model, tokenizer, ctx.out_dir, scales, cfg.bits, cfg.group_size, act_order,
-                                dtype, {"num_parameters": params, "quantization": quant}, schemes)
+    if moe.is_moe_config(model.config):  # the packed format cannot hold fused experts: see EXPERTS_SAVED
+        quant["format"] = DEQUANTIZED_FORMAT
+        model.to(dtype)
+        footprint = int(model.get_memory_footprint())
+        write_model_files(model, tokenizer, ctx.out_dir, {"num_parameters": params, "quantization": quant})
+    else:
+        footprint = save_compressed(model, tokenizer, ctx.out_dir, scales, cfg.bits, cfg.group_size, act_order,
+                                    dtype, {"num_parameters": params, "quantization": quant}, schemes)
     meta = artifact_report(ctx.out_dir, numel, params, footprint, seconds, quantization={**quant, **extra})
     metrics = {k: meta[k] for k in ("bits_per_weight", "size_on_disk_bytes", "quantize_seconds")}
     grid = f"int{quant['bits']}" if quant["bits"] else "int" + "/".join(map(str, sorted(set((widths or {}).values()))))
@@ -208,19 +216,44 @@ def _finish(ctx: StageContext, model: Any, tokenizer: Any, linears: dict[str, An
     return StageOutput(meta=meta, metrics=metrics)
 
 
+# compressed-tensors packs ``nn.Linear`` modules, and transformers 5 keeps an MoE block's experts fused
+# in two 3D parameters: a packed MoE folder does not reload (transformers cannot fuse the saved
+# per-expert tensors back; seen with compressed-tensors 0.20, transformers 5.24). An MoE model is
+# therefore quantized all the same (experts in the unfused view) and saved as a plain folder of its
+# dequantized weights, every one on its int grid, in the storage dtype: it reloads with plain
+# transformers and keeps the quantized model's function, but not the packed size.
+DEQUANTIZED_FORMAT = "dequantized"
+EXPERTS_SAVED = ("the whole model dequantized on the int grid in the storage dtype (compressed-tensors cannot "
+                 "pack fused 3D experts)")
+
+
+def _moe_meta(model: Any, report: dict[str, Any] | None) -> dict[str, Any]:
+    """What ``slimforge.json`` says of an MoE model's experts (nothing for a dense one)."""
+    from slimforge import moe
+
+    if not moe.is_moe_config(model.config):
+        return {}
+    expert_weights = sum(b.experts.gate_up_proj.numel() + b.experts.down_proj.numel() for b in moe.moe_blocks(model))
+    return {"moe": {**(report or {}), "experts_saved": EXPERTS_SAVED, "expert_weights": expert_weights}}
+
+
 def rtn_stage(ctx: StageContext) -> StageOutput:
     """Round to nearest, layer by layer, no calibration: the baseline GPTQ must beat."""
+    from slimforge import moe
+
     cfg: RtnConfig = ctx.config
     model, tokenizer, linears, dtype = _prepare(ctx)
     start = time.perf_counter()
     scales = {}
-    with torch.no_grad():
-        for name, linear in progress_bar(linears.items(), desc="rtn", total=len(linears), unit="linear"):
+    with torch.no_grad(), moe.unfused_experts(model):
+        targets = quantizable_linears(model)  # with each expert's linears, in the unfused view
+        for name, linear in progress_bar(targets.items(), desc="rtn", total=len(targets), unit="linear"):
             result = rtn_quantize(linear.weight, cfg.bits, cfg.group_size, dtype)
             linear.weight.copy_(result.weight.to(linear.weight.dtype))
-            scales[name] = result.scales
+            if name in linears:
+                scales[name] = result.scales
     seconds = time.perf_counter() - start
-    return _finish(ctx, model, tokenizer, linears, scales, dtype, seconds, False, {})
+    return _finish(ctx, model, tokenizer, linears, scales, dtype, seconds, False, _moe_meta(model, None))
 
 
 def gptq_stage(ctx: StageContext) -> StageOutput:
@@ -232,9 +265,13 @@ def gptq_stage(ctx: StageContext) -> StageOutput:
     model, tokenizer, linears, dtype = _prepare(ctx)
     ids = calibration_windows(ctx, cfg)
     start = time.perf_counter()
+    from slimforge import moe
+
+    only = None if moe.is_moe_config(model.config) else set(linears)  # MoE: the experts' linears too
     result = gptq_quantize_model(model, ids, cfg.bits, cfg.group_size, cfg.act_order, cfg.percdamp,
-                                 cfg.block_size, cfg.batch_size, ctx.device, dtype, only=set(linears),
-                                 scale_search=cfg.scale_search)
+                                 cfg.block_size, cfg.batch_size, ctx.device, dtype, only=only,
+                                 scale_search=cfg.scale_search, moe_calibration=cfg.moe_calibration,
+                                 moe_min_tokens=cfg.moe_min_tokens)
     seconds = time.perf_counter() - start
     missing = sorted(set(linears) - set(result["scales"]))
     if missing:
@@ -243,5 +280,6 @@ def gptq_stage(ctx: StageContext) -> StageOutput:
     losses = [result["loss"][name] for name in linears]
     extra = {"calibration_tokens": int(ids.numel()), "percdamp": cfg.percdamp, "block_size": cfg.block_size,
              "scale_search": cfg.scale_search,
-             "mean_layer_loss": sum(losses) / len(losses), "dead_columns": result["dead_columns"]}
+             "mean_layer_loss": sum(losses) / len(losses), "dead_columns": result["dead_columns"],
+             **_moe_meta(model, result.get("moe"))}
     return _finish(ctx, model, tokenizer, linears, scales, dtype, seconds, cfg.act_order, extra)

@@ -23,6 +23,7 @@ from slimforge.config import (
     check_int,
 )
 from slimforge.errors import ConfigError
+from slimforge.moe_layout import expert_widths, refuse_moe
 
 # The model families GGUF export handles, and their checks, live with the family table.
 from slimforge.quantize.gguf_arch import check_gguf_architecture
@@ -39,6 +40,10 @@ COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 INT_BITS = (3, 4, 8)
 # How a group's scale is chosen; slimforge.quantize.intquant.group_scales implements each one.
 SCALE_SEARCHES = ("minmax", "mse")
+# Which tokens build an MoE expert's GPTQ Hessian: every calibration token, or those routed to it.
+MOE_CALIBRATIONS = ("all", "routed")
+# What the methods that refuse mixture-of-experts models point to instead.
+_MOE_INSTEAD = "quantize method gptq or rtn (they quantize every expert; the folder is saved dequantized on the int grid)"
 GROUP_SIZES = (-1, 32, 64, 128)
 # The GGUF tensor types the export writes (the gguf package quantizes them in Python), each with
 # the type the embedding / output matrix takes by default: llama.cpp keeps that matrix at higher
@@ -98,6 +103,7 @@ def linear_input_widths(config: Any) -> dict[str, int]:
         "hidden_size": hidden,
         "intermediate_size": getattr(config, "intermediate_size", None),
         "num_attention_heads*head_dim": heads * head_dim if heads and head_dim else None,
+        **expert_widths(config),  # MoE experts' and shared experts' own widths
     }
     return {name: int(width) for name, width in widths.items() if width}
 
@@ -161,7 +167,12 @@ class BnbConfig(QuantizeConfig):
 
     def preflight(self, teacher: TeacherInfo) -> None:
         super().preflight(teacher)
+        self.check_input(teacher)
         self.check_device()
+
+    def check_input(self, parent: TeacherInfo) -> None:
+        # transformers' bitsandbytes replaces nn.Linear only: fused experts would stay 16-bit, unannounced.
+        refuse_moe(parent.config, f"bitsandbytes ({self.method})", _MOE_INSTEAD)
 
     def check_device(self, device_type: str | None = None) -> None:
         """Refuse CUDA-only options when no CUDA device will run the stage."""
@@ -247,7 +258,8 @@ class IntWeightConfig(QuantizeConfig):
         return [f"int{self.bits}, {groups}"]
 
     def artifact_format(self, meta: dict[str, Any]) -> str | None:
-        return "compressed-tensors"
+        # An MoE model is saved dequantized, a plain folder (slimforge.quantize.compressed.DEQUANTIZED_FORMAT).
+        return "hf" if self.recorded_quantization(meta).get("format") == "dequantized" else "compressed-tensors"
 
     def check_input(self, parent: TeacherInfo) -> None:
         """A later stage's input, as the stages before it plan it (a width prune's sizes)."""
@@ -285,6 +297,13 @@ class GptqConfig(IntWeightConfig):
     error weighted by each input column's energy (``diag(H)``); ``minmax`` uses the group's
     largest magnitude (llm-compressor's default observer).
     Calibration: ``num_samples`` windows of ``seq_len`` tokens from the training split.
+
+    Mixture-of-experts models: each expert is quantized on a Hessian of its own, and an expert is
+    routed only a share of the calibration tokens. ``moe_calibration``: ``all`` (default, as
+    llm-compressor's "calibrate all experts") builds every expert's Hessian from every token, while
+    each block's output still follows the true routing; ``routed`` uses only the tokens routed to the
+    expert, and rounds to nearest an expert routed fewer than ``moe_min_tokens`` (default: the
+    layer's input width, below which its Hessian is rank-deficient). Routers are never quantized.
     """
 
     method: str = "gptq"
@@ -295,6 +314,8 @@ class GptqConfig(IntWeightConfig):
     num_samples: int = 128
     seq_len: int = 512
     batch_size: int = 8
+    moe_calibration: str = field(default="all", metadata=HASHED_WHEN_SET)
+    moe_min_tokens: int | None = field(default=None, metadata=HASHED_WHEN_SET)
 
     def check(self) -> None:
         super().check()
@@ -304,6 +325,8 @@ class GptqConfig(IntWeightConfig):
         check_int("num_samples", self.num_samples, low=1)
         check_int("seq_len", self.seq_len, low=2)
         check_int("batch_size", self.batch_size, low=1)
+        check_choice("moe_calibration", self.moe_calibration, MOE_CALIBRATIONS)
+        check_int("moe_min_tokens", self.moe_min_tokens, low=1)
         if self.group_size > 0 and self.block_size % self.group_size:
             raise FieldError("block_size", self.block_size,
                              f"must be a multiple of group_size={self.group_size}, so no group straddles two blocks")
@@ -388,6 +411,7 @@ class GgufConfig(QuantizeConfig):
         if self.by_llamacpp():
             from slimforge.runtimes.install import require_llamacpp
 
+            refuse_moe(teacher.config, "GGUF export", "quantize method gptq or rtn for a plain folder")
             check_gguf_architecture(teacher.config)
             require_llamacpp()
 
@@ -397,6 +421,7 @@ class GgufConfig(QuantizeConfig):
 
     def check_input(self, parent: TeacherInfo) -> None:
         """The architecture, and the embedding width against an explicit ``output_type``'s blocks."""
+        refuse_moe(parent.config, "GGUF export", "quantize method gptq or rtn for a plain folder")
         check_gguf_architecture(parent.config)
         if self.by_llamacpp() and self.output_type is not None:
             check_row_blocks("output_type", self.output_type, int(parent.config.hidden_size), "the embedding width")
@@ -506,10 +531,12 @@ class AwqConfig(GptqConfig):
 
     def preflight(self, teacher: TeacherInfo) -> None:
         # The layout first: an unknown family is the problem to name, whatever its widths.
+        refuse_moe(teacher.config, "AWQ", _MOE_INSTEAD)
         require_scaling_layout(teacher.config, f"quantize method {self.method}")
         super().preflight(teacher)
 
     def check_input(self, parent: TeacherInfo) -> None:
+        refuse_moe(parent.config, "AWQ", _MOE_INSTEAD)
         require_scaling_layout(parent.config, f"quantize method {self.method}")
         super().check_input(parent)
 
@@ -615,6 +642,7 @@ class W8A8Config(QuantizeConfig):
         """What the input's config alone rules out: smoothing a family whose block layout arch.py does
         not know, v -> o smoothing under grouped-query attention, and mixture-of-experts models."""
         config, what = parent.config, f"quantize method {self.method} ({self.type})"
+        refuse_moe(config, f"W8A8 ({self.type})", _MOE_INSTEAD)
         experts = next((getattr(config, key) for key in EXPERT_COUNTS if getattr(config, key, None)), None)
         if experts:
             raise ConfigError(f"{what} writes compressed-tensors schemes for nn.Linear layers, and this "
@@ -726,10 +754,12 @@ class MixedPrecisionConfig(GptqConfig):
         check_int("sensitivity_seq_len", self.sensitivity_seq_len, low=2)
 
     def preflight(self, teacher: TeacherInfo) -> None:
+        refuse_moe(teacher.config, "mixed-precision quantization", _MOE_INSTEAD)
         super().preflight(teacher)
         self.check_budget(teacher.config)
 
     def check_input(self, parent: TeacherInfo) -> None:
+        refuse_moe(parent.config, "mixed-precision quantization", _MOE_INSTEAD)
         super().check_input(parent)
         self.check_budget(parent.config)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,38 +123,63 @@ def gptq_quantize_model(model: Any, input_ids: torch.Tensor, bits: int, group_si
                         act_order: bool, percdamp: float, block_size: int, batch_size: int,
                         device: torch.device, scale_dtype: torch.dtype | None,
                         only: set[str] | None = None, scale_search: str = "minmax",
-                        widths: dict[str, int] | None = None) -> dict[str, Any]:
+                        widths: dict[str, int] | None = None, moe_calibration: str = "all",
+                        moe_min_tokens: int | None = None) -> dict[str, Any]:
     """Quantize the linear layers of every decoder block in place, block by block.
 
     Each block is calibrated on the outputs of the blocks before it *after* they were
     quantized, so later layers correct for earlier layers' errors too.
 
+    A mixture-of-experts model is quantized in :func:`slimforge.moe.unfused_experts`'s view: each
+    expert's linears (``...mlp.experts.<e>.up_proj``) get a Hessian of their own, routers none (never
+    quantized). With ``moe_calibration="all"`` every expert's Hessian comes from every calibration token
+    while the block's output still follows the true routing; with ``"routed"`` only from the tokens routed
+    to it, and an expert routed fewer than ``moe_min_tokens`` (default: the linear's input width, below
+    which its Hessian is rank-deficient) is rounded to nearest instead (an identity Hessian).
+
     Args:
-        only: full module names to quantize (default: every linear in the blocks).
+        only: full module names to quantize (default: every linear in the blocks, experts' too).
         widths: full module name -> that layer's width, for layers not on ``bits`` (mixed precision).
 
     Returns:
         ``{"scales": {module name: fp32 [rows, groups]}, "loss": {module name: float},
-        "dead_columns": int}``; the model's linear weights now lie on their grids.
+        "dead_columns": int, "moe": the experts' coverage report or None}``; the model's linear weights
+        now lie on their grids.
     """
-    names = {id(module): name for name, module in model.named_modules()}
+    from slimforge import moe
+
     scales: dict[str, torch.Tensor] = {}
     losses: dict[str, float] = {}
     dead = 0
-    for step in layerwise(model, input_ids, batch_size=batch_size, device=device, desc="gptq"):
-        linears = {local: m for local, m in step.linears().items() if only is None or names[id(m)] in only}
-        with record_linear_inputs(linears, hessian=True) as stats:
-            step.run()
-        for local, linear in linears.items():
-            name = names[id(linear)]
-            result = gptq_quantize_weight(linear.weight, stats[local].hessian, (widths or {}).get(name, bits),
-                                          group_size, act_order=act_order, percdamp=percdamp,
-                                          block_size=block_size, scale_dtype=scale_dtype,
-                                          scale_search=scale_search)
-            linear.weight.data.copy_(result.weight.to(linear.weight.dtype))
-            scales[name] = result.scales.cpu()
-            losses[name] = result.loss
-            dead += result.dead_columns
-        log.debug("gptq: block %d done (%d linears, mean loss %.4g)", step.index, len(linears),
-                 sum(losses[names[id(m)]] for m in linears.values()) / max(len(linears), 1))
-    return {"scales": scales, "loss": losses, "dead_columns": dead}
+    coverage = moe.ExpertCoverage(moe_min_tokens or int(getattr(model.config, "hidden_size", 1)))
+    rounded: set[str] = set()  # experts quantized round-to-nearest (routed mode, too few tokens)
+    with moe.unfused_experts(model):
+        names = {id(module): name for name, module in model.named_modules()}
+        for step in layerwise(model, input_ids, batch_size=batch_size, device=device, desc="gptq"):
+            linears = {local: m for local, m in step.linears().items() if only is None or names[id(m)] in only}
+            see_all = moe.every_expert_sees_every_token(model) if moe_calibration == "all" else nullcontext()
+            with record_linear_inputs(linears, hessian=True) as stats, moe.routed_tokens(step.layer) as routed, \
+                    see_all:
+                step.run()
+            coverage.add(step.index, routed)
+            for local, linear in linears.items():
+                name = names[id(linear)]
+                expert = moe.expert_name(local)
+                few = expert is not None and routed[expert] < (moe_min_tokens or linear.in_features)
+                if local not in stats or (moe_calibration == "routed" and few):
+                    hessian = torch.eye(linear.in_features, device=linear.weight.device)  # round to nearest
+                    rounded.add(f"layers.{step.index}.{expert}")
+                else:
+                    hessian = stats[local].hessian
+                result = gptq_quantize_weight(linear.weight, hessian, (widths or {}).get(name, bits),
+                                              group_size, act_order=act_order, percdamp=percdamp,
+                                              block_size=block_size, scale_dtype=scale_dtype,
+                                              scale_search=scale_search)
+                linear.weight.data.copy_(result.weight.to(linear.weight.dtype))
+                scales[name] = result.scales.cpu()
+                losses[name] = result.loss
+                dead += result.dead_columns
+            log.debug("gptq: block %d done (%d linears, mean loss %.4g)", step.index, len(linears),
+                     sum(losses[names[id(m)]] for m in linears.values()) / max(len(linears), 1))
+    report = coverage.report(policy=moe_calibration, experts_rounded_to_nearest=len(rounded))
+    return {"scales": scales, "loss": losses, "dead_columns": dead, "moe": report}
