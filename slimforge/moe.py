@@ -253,16 +253,8 @@ def expert_forward(block: MoEBlock, expert: int, hidden: torch.Tensor) -> torch.
 
 
 def parameters_per_expert(block: MoEBlock) -> int:
-    """Parameters one routed expert of ``block`` holds (gate, up, down and biases if any)."""
-    gate, up, down = expert_weights(block, 0)
-    total = gate.numel() + up.numel() + down.numel()
-    experts = block.experts
-    if not isinstance(experts, UnfusedExperts):
-        for name in ("gate_up_proj_bias", "down_proj_bias"):
-            bias = getattr(experts, name, None)
-            if isinstance(bias, torch.Tensor):
-                total += bias[0].numel()
-    return int(total)
+    """Parameters one routed expert of ``block`` holds (gate, up, down and biases if any; fused or unfused)."""
+    return _expert_numel(block)
 
 
 # Families whose router picks a fixed number of experts whatever ``num_experts_per_tok`` says:
@@ -276,19 +268,6 @@ def check_top_k(config: Any, k: int) -> None:
     if fixed is not None and k != fixed:
         raise ConfigError(f"top_k={k}: {config.model_type}'s router (sparsemixer) always routes each token to "
                           f"{fixed} experts; leave top_k unset or {fixed} for this model")
-
-
-def active_parameters(model: nn.Module) -> int:
-    """Parameters one token uses: every parameter but the routed experts it is not sent to.
-
-    In each MoE block ``num_experts - top_k`` experts sit idle for a given token; the shared
-    expert (Qwen2-MoE), attention, embeddings and LM head always work (tied weights counted once).
-    """
-    from slimforge.arch import count_parameters
-
-    k = top_k(model.config)
-    idle = sum(max(b.num_experts - k, 0) * parameters_per_expert(b) for b in moe_blocks(model))
-    return count_parameters(model) - idle
 
 
 def set_top_k(model: nn.Module, k: int) -> None:
@@ -430,10 +409,16 @@ def inactive_parameters(model: nn.Module) -> int:
     return sum(max(b.num_experts - k, 0) * _expert_numel(b) for b in moe_blocks(model))
 
 
-def active_parameters(model: nn.Module, total: int) -> int | None:
-    """Parameters used per token (``total`` minus :func:`inactive_parameters`); None for a dense model."""
+def active_parameters(model: nn.Module, total: int | None = None) -> int | None:
+    """Parameters one token uses: ``total`` (default: the model's, tied weights once) less
+    :func:`inactive_parameters` (the shared expert, attention, embeddings and head always work);
+    None for a dense model."""
     if not is_moe_config(getattr(model, "config", None)):
         return None
+    if total is None:
+        from slimforge.arch import count_parameters
+
+        total = count_parameters(model)
     return total - inactive_parameters(model)
 
 
