@@ -32,3 +32,8 @@ register(
     "slimforge.prune.width:width_stage", "slimforge.prune.config:WidthConfig",
     "Minitron-style width pruning of MLP channels, heads and hidden channels",
 )
+register(
+    "prune", "search",
+    "slimforge.prune.search:search_stage", "slimforge.prune.search_config:SearchConfig",
+    "search depth x width shapes to a parameter budget; keep the lowest KL after a short heal",
+)
