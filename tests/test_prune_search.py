@@ -212,4 +212,25 @@ def test_stage_records_candidates_and_writes_the_chosen_shape(teacher_dir, corpu
     assert model.config.num_hidden_layers == chosen["shape"]["layers"]
     assert model.config.intermediate_size == chosen["shape"]["intermediate_size"]
     card = (folder / "README.md").read_text()
-    assert f"{len(records)} candidates" in card
+    assert f"{len(records)} candidates" in card and "## Architecture search" in card
+    rows = [line for line in card.splitlines() if line.startswith("| ") and line.endswith(" |") and "KL" not in line]
+    assert sum(" | chosen |" in row for row in rows) == 1
+    assert sum(row.count(f"| {r['parameters']:,} |") for row in rows for r in records) >= len(records)
+
+
+def test_an_extra_axis_multiplies_the_grid_and_counts(tokenizer):
+    """The extension point for MoE experts: a further axis's levels multiply the grid and its count
+    shifts every solve (a stand-in axis that removes 1,000 parameters per level below 4)."""
+    from slimforge.prune.search_grid import ExtraAxis
+
+    config = tiny_config("llama", len(tokenizer), layers=6)
+    axis = ExtraAxis("experts", lambda c: [4, 2], lambda c, s: -1000 * (4 - dict(s.extra)["experts"]))
+    target = 0.7 * search.shape_param_count(config, search.full_shape(config))
+    shapes = search.enumerate_shapes(config, target, 0.03, [1.0, 0.8], [("mlp", "heads", "hidden"), ("mlp",)],
+                                     "query", 8, axes=[axis])
+    assert {dict(s.extra)["experts"] for s in shapes} == {4, 2}
+    for shape in shapes:
+        dense = search.shape_param_count(config, dataclasses.replace(shape, extra=()))
+        counted = search.shape_param_count(config, shape, [axis])
+        assert counted == dense - 1000 * (4 - dict(shape.extra)["experts"])
+        assert abs(counted - target) <= 0.03 * target

@@ -24,19 +24,17 @@ Given a target size, the search
 The stage writes the chosen shape, sliced from its input but *not* healed (the few healing
 steps only rank the shapes): the recipe's distillation stage heals it.
 
-The axes are pluggable: :data:`SLICERS` lists, in order, the steps that turn an input model
-and a :class:`Shape` into a candidate (depth, then width). An axis for mixture-of-experts
-models (experts kept per layer) adds a field to :class:`Shape`'s ``extra``, a level list to
-:func:`enumerate_shapes` (``extra_levels``), its parameter count to :func:`shape_param_count`
-(``extra_counts``), and one slicer between depth and width.
+The axes are pluggable. Depth and width are built in; a further axis (experts kept per layer
+on MoE models) is an :class:`~slimforge.prune.search_grid.ExtraAxis` (its levels and its effect
+on the parameter count), passed to :func:`enumerate_shapes` (``axes``), which multiplies the grid
+by its levels and records the size in each :class:`Shape`'s ``extra``, plus a slicer inserted
+into :data:`SLICERS` between depth and width. The dense search passes none.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
-import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -44,13 +42,20 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from slimforge import arch
-from slimforge.prune.width_targets import (
-    WidthTargets,
-    _axis_sizes,
-    _param_shapes,
-    full_targets,
-    scaled_targets,
+from slimforge.prune.search_grid import (  # noqa: F401  (re-exported: the search's API in one place)
+    ExtraAxis,
+    Shape,
+    depth_levels,
+    enumerate_shapes,
+    full_shape,
+    nearest_counts,
+    parse_mix,
+    shape_param_count,
+    smallest_shape,
+    solve_shape,
+    spread,
 )
+from slimforge.prune.width_targets import full_targets
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -60,160 +65,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from slimforge.stage import StageContext, StageOutput
 
 log = logging.getLogger(__name__)
-
-
-# --- shapes and their sizes ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Shape:
-    """A candidate architecture: decoder layers kept and the width targets.
-
-    ``extra`` holds further axes as ``(name, size)`` pairs (the extension point for an
-    ``experts`` axis on MoE models); the dense search leaves it empty.
-    """
-
-    layers: int
-    width: WidthTargets
-    extra: tuple[tuple[str, int], ...] = ()
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"layers": self.layers, **dataclasses.asdict(self.width), **dict(self.extra)}
-
-    def describe(self) -> str:
-        w = self.width
-        extra = "".join(f" {k} {v}" for k, v in self.extra)
-        return (f"{self.layers} layers, hidden {w.hidden_size}, mlp {w.intermediate_size}, "
-                f"heads {w.num_attention_heads}/{w.num_key_value_heads}{extra}")
-
-
-def shape_param_count(config: Any, shape: Shape,
-                      extra_counts: dict[str, Callable[[Any, Shape], int]] | None = None) -> int:
-    """Parameters of ``config``'s model cut to ``shape`` (tied weights once), from the parameter shapes.
-
-    Decoder layers are alike in size, so the count is that of the first ``shape.layers`` of them.
-    ``extra_counts`` gives, per extra axis, the change it makes to the count.
-    """
-    shapes = _param_shapes(config)
-    sizes = _axis_sizes(config, shape.width)
-    total = 0
-    for name, dims in shapes.items():
-        layer, axes = arch.param_axes(name, config.model_type)
-        if layer is not None and layer >= shape.layers:
-            continue
-        total += math.prod(sizes[axes[d]] if d in axes else n for d, n in enumerate(dims))
-    for axis, _ in shape.extra:
-        total += (extra_counts or {})[axis](config, shape)
-    return total
-
-
-def full_shape(config: Any) -> Shape:
-    return Shape(int(config.num_hidden_layers), full_targets(config))
-
-
-def depth_levels(total: int, depth_keep: Sequence[float]) -> list[int]:
-    """Layer counts for the fractions ``depth_keep`` of ``total`` (rounded, at least one), deepest first."""
-    return sorted({max(1, min(total, round(total * f))) for f in depth_keep}, reverse=True)
-
-
-def parse_mix(mix: str) -> tuple[str, ...]:
-    """``"mlp+heads"`` -> ``("mlp", "heads")``."""
-    return tuple(a.strip() for a in mix.split("+") if a.strip())
-
-
-def smallest_shape(config: Any, layers: int, head_mode: str, round_to: int) -> Shape:
-    """The smallest legal shape with ``layers`` layers: every width axis at its minimum."""
-    return Shape(layers, scaled_targets(config, {"mlp": 1e-9, "heads": 1e-9, "hidden": 1e-9}, head_mode, round_to))
-
-
-def _refine_mlp(config: Any, shape: Shape, target: float, round_to: int) -> Shape:
-    """``shape`` with the MLP width re-solved alone to land nearest ``target`` (the count is linear in it)."""
-    full = int(config.intermediate_size)
-    step = min(round_to, full)
-
-    def with_mlp(size: int) -> Shape:
-        return dataclasses.replace(shape, width=dataclasses.replace(shape.width, intermediate_size=size))
-
-    low, high = shape_param_count(config, with_mlp(step)), shape_param_count(config, with_mlp(2 * step)) \
-        if 2 * step <= full else None
-    if high is None or high == low:
-        return shape
-    per_unit = (high - low) / step
-    ideal = step + (target - low) / per_unit
-    best = shape
-    for size in {math.floor(ideal / step) * step, math.ceil(ideal / step) * step}:
-        size = min(full, max(step, size))
-        trial = with_mlp(size)
-        if abs(shape_param_count(config, trial) - target) < abs(shape_param_count(config, best) - target):
-            best = trial
-    return best
-
-
-def solve_shape(config: Any, layers: int, mix: Sequence[str], target: float, head_mode: str,
-                round_to: int) -> Shape:
-    """The shape with ``layers`` layers whose ``mix`` axes, shrunk by one common factor, land nearest ``target``.
-
-    Bisection on the factor for the largest count at most ``target`` and the smallest above it; the
-    nearer wins. A mix holding ``mlp`` then re-solves the MLP width alone (:func:`_refine_mlp`).
-    """
-    def at(scale: float) -> Shape:
-        return Shape(layers, scaled_targets(config, {a: scale for a in mix}, head_mode, round_to))
-
-    below, above = at(1e-9), at(1.0)
-    if shape_param_count(config, above) <= target:
-        best = above
-    elif shape_param_count(config, below) > target:
-        best = below
-    else:
-        low, high = 0.0, 1.0
-        for _ in range(24):
-            mid = (low + high) / 2
-            trial = at(mid)
-            if shape_param_count(config, trial) <= target:
-                low, below = mid, trial
-            else:
-                high, above = mid, trial
-        best = min((below, above), key=lambda s: abs(shape_param_count(config, s) - target))
-    if "mlp" in mix:
-        best = _refine_mlp(config, best, target, round_to)
-    return best
-
-
-def enumerate_shapes(config: Any, target: float, tolerance: float, depth_keep: Sequence[float],
-                     mixes: Sequence[Sequence[str]], head_mode: str, round_to: int,
-                     max_candidates: int | None = None) -> list[Shape]:
-    """The candidate grid: depth levels x width mixes, each solved for ``target``, kept within ``tolerance``.
-
-    Returns distinct shapes in grid order (deepest first, then the mixes in order); with more than
-    ``max_candidates``, an evenly spaced subset of them.
-    """
-    out: list[Shape] = []
-    for layers in depth_levels(int(config.num_hidden_layers), depth_keep):
-        for mix in mixes:
-            shape = solve_shape(config, layers, mix, target, head_mode, round_to)
-            if abs(shape_param_count(config, shape) - target) <= tolerance * target and shape not in out:
-                out.append(shape)
-    return spread(out, max_candidates)
-
-
-def spread(items: list[Any], limit: int | None) -> list[Any]:
-    """At most ``limit`` of ``items``, evenly spaced (first and last kept)."""
-    if limit is None or len(items) <= limit:
-        return items
-    if limit == 1:
-        return items[:1]
-    step = (len(items) - 1) / (limit - 1)
-    return [items[round(i * step)] for i in range(limit)]
-
-
-def nearest_counts(config: Any, target: float, depth_keep: Sequence[float], mixes: Sequence[Sequence[str]],
-                   head_mode: str, round_to: int) -> tuple[int | None, int | None]:
-    """The grid's solved counts nearest ``target`` from below and from above (for an error message)."""
-    counts = [shape_param_count(config, solve_shape(config, d, mix, target, head_mode, round_to))
-              for d in depth_levels(int(config.num_hidden_layers), depth_keep) for mix in mixes]
-    below = max((c for c in counts if c <= target), default=None)
-    above = min((c for c in counts if c > target), default=None)
-    return below, above
 
 
 # --- the Pareto set ----------------------------------------------------------------------------
@@ -479,12 +330,15 @@ def search_stage(ctx: StageContext) -> StageOutput:
             "parameters_before": params_before, "parameters_after": params_after,
             "parameter_ratio": round(params_after / params_before, 6),
             "dims_before": full_shape(model.config).as_dict(), "dims_after": best.as_dict(),
-            "kept_layers": keep, "removed_layers": sorted(set(range(arch.num_layers(model))) - set(keep)),
+            "kept_layers": keep,
             "depth_scores": [round(s, 6) for s in importance.depth],
             "candidates": records, "pareto": front, "chosen": chosen,
             "candidates_table": candidates_table(records, front, chosen),
             "heal_steps": cfg.heal_steps, "score_blocks": cfg.score_blocks,
             "calibration": {"samples": cfg.num_samples, "seq_len": cfg.seq_len}}
+    removed = sorted(set(range(arch.num_layers(model))) - set(keep))
+    if removed:  # the card's outcome names them
+        meta["removed_layers"] = removed
     log.info("search: chose candidate %d (%s): %d -> %d parameters, KL after %d steps %.4f; Pareto set %s",
              chosen, best.describe(), params_before, params_after, cfg.heal_steps, records[chosen]["kl_after"], front)
     del model

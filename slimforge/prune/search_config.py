@@ -11,7 +11,7 @@ from slimforge.prune.choices import HEAD_MODES, WIDTH_AXES
 from slimforge.prune.config import CalibrationConfig, _supported
 
 if TYPE_CHECKING:  # pragma: no cover
-    from slimforge.prune.search import Shape
+    from slimforge.prune.search_grid import Shape
     from slimforge.stage import TeacherInfo
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
@@ -130,7 +130,7 @@ class SearchConfig(CalibrationConfig):
         return "target_bytes", f"{self.target_bytes}"
 
     def mixes(self) -> list[tuple[str, ...]]:
-        from slimforge.prune.search import parse_mix
+        from slimforge.prune.search_grid import parse_mix
 
         return [parse_mix(m) for m in self.width_mixes]
 
@@ -141,7 +141,7 @@ class SearchConfig(CalibrationConfig):
             FieldError: a target at or above the model's size, below the smallest shape the grid
                 reaches, or that no grid shape lands within ``tolerance`` of.
         """
-        from slimforge.prune import search
+        from slimforge.prune import search_grid as search
 
         target = self.target_count()
         name, value = self._target_words()
@@ -194,3 +194,14 @@ class SearchConfig(CalibrationConfig):
                        f"heads {d['num_attention_heads']}/{d['num_key_value_heads']}")
         return out
 
+    def card_details(self, meta: dict[str, Any]) -> list[str]:
+        """The search's own section: every candidate tried, the Pareto set and the one chosen."""
+        table = meta.get("candidates_table")
+        if not table:
+            return []
+        steps = meta.get("heal_steps", self.heal_steps)
+        return ["## Architecture search", "",
+                f"Target {fmt_count(meta.get('target_parameters', 0))} parameters (within {self.tolerance:g}); "
+                f"every candidate sliced from importances measured once, healed {steps} KD steps, and scored by "
+                f"KL to the input on {meta.get('score_blocks', self.score_blocks)} training blocks it never healed on. "
+                f"Pareto set (parameters vs KL): {meta.get('pareto')}; chosen: {meta.get('chosen')}.", "", *table]
