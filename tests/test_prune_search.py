@@ -40,7 +40,8 @@ def _legal(config, shape: search.Shape, round_to: int) -> bool:
             and config_accepts(config, w.hidden_size, w.num_attention_heads, w.num_key_value_heads))
 
 
-@pytest.mark.parametrize("arch_name,tied", [("llama", True), ("llama", False), ("qwen3", False)])
+@pytest.mark.parametrize("arch_name,tied", [("llama", True), ("llama", False), ("qwen3", False), ("phi3", False),
+                                           ("gemma", True)])
 @pytest.mark.parametrize("ratio", [0.55, 0.7, 0.85])
 def test_grid_lands_within_tolerance_and_only_legal_shapes(tokenizer, arch_name, tied, ratio):
     config = tiny_config(arch_name, len(tokenizer), layers=6)
@@ -119,8 +120,9 @@ def _calibration(tokenizer, n: int = 4, length: int = 24) -> torch.Tensor:
     return torch.randint(3, len(tokenizer), (n, length), generator=g)
 
 
-def test_candidate_is_the_counted_shape_and_reloads(tokenizer, tmp_path):
-    model = build_model("llama", tokenizer, layers=4)
+@pytest.mark.parametrize("arch_name", ["llama", "phi3", "gemma"])
+def test_candidate_is_the_counted_shape_and_reloads(tokenizer, tmp_path, arch_name):
+    model = build_model(arch_name, tokenizer, layers=4)
     importance = search.measure_importance(model, _calibration(tokenizer), batch_size=2)
     shape = search.Shape(3, dataclasses.replace(search.full_shape(model.config).width, intermediate_size=40,
                                                 hidden_size=24, num_attention_heads=2))
