@@ -58,6 +58,11 @@ def test_grid_lands_within_tolerance_and_only_legal_shapes(tokenizer, arch_name,
         assert abs(counted - target) <= 0.03 * target
         assert _legal(config, shape, 8), shape
     assert len({s.layers for s in shapes}) >= 2  # depth is searched, not fixed
+    floored = search.enumerate_shapes(config, target, 0.03, [1.0, 0.9, 0.8, 0.7], [("mlp", "heads", "hidden"),
+                                      ("mlp", "hidden"), ("mlp",), ("hidden",)], "query", 8, min_ratio=0.5)
+    assert set(floored) == {s for s in shapes if s.width.hidden_size >= config.hidden_size / 2
+                            and s.width.intermediate_size >= config.intermediate_size / 2
+                            and s.width.num_attention_heads >= config.num_attention_heads / 2}
 
 
 def test_grid_is_capped_evenly():

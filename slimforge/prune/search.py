@@ -302,14 +302,13 @@ def candidates_table(records: Sequence[dict[str, Any]], front: Sequence[int], ch
 def search_stage(ctx: StageContext) -> StageOutput:
     """Search depth x width shapes to a parameter budget; write the one with the lowest KL after a short heal."""
     from slimforge.calibration.windows import calibration_windows, load_for_calibration
-    from slimforge.stage import StageOutput, TeacherInfo
+    from slimforge.stage import StageOutput
 
     cfg: SearchConfig = ctx.config
     model, tokenizer = load_for_calibration(ctx, cfg.offload_model)
     arch.require_supported(model.config)
-    cfg.check_input(TeacherInfo(model.config, tokenizer))
     target = cfg.target_count()
-    shapes = cfg.shapes(model.config)
+    shapes = cfg.shapes(model.config)  # the input's real config: the plan checked the same
     data = ctx.data()
     cfg.check_data(len(data.train))
     importance = measure_importance(model, calibration_windows(ctx, cfg), cfg.batch_size, ctx.device)

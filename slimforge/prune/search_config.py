@@ -55,7 +55,8 @@ class SearchConfig(CalibrationConfig):
     The grid: each fraction of ``depth_keep`` (layers kept, rounded) times each of
     ``width_mixes`` (width axes joined by ``+``, shrunk by one common factor solved for the
     target; a mix with ``mlp`` then fine-tunes the MLP width alone); duplicates merged, at most
-    ``max_candidates`` kept, evenly spread. Heads follow ``head_mode`` (as width pruning) and
+    ``max_candidates`` kept, evenly spread; a shape whose hidden size, MLP width or query heads keep
+    less than ``min_width_ratio`` of the input's is left out (degenerate). Heads follow ``head_mode`` (as width pruning) and
     channel counts are multiples of ``round_to``.
 
     Each candidate is sliced from importances measured once (Block Influence, and Minitron's
@@ -75,6 +76,7 @@ class SearchConfig(CalibrationConfig):
     depth_keep: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.8, 0.7])
     width_mixes: list[str] = field(default_factory=lambda: ["mlp+heads+hidden", "mlp+hidden", "mlp", "hidden"])
     max_candidates: int = 16
+    min_width_ratio: float = 0.25
     head_mode: str = "query"
     round_to: int = 16
     rescale_norms: bool = True
@@ -110,6 +112,7 @@ class SearchConfig(CalibrationConfig):
             if not all(a in WIDTH_AXES for a in axes) or len(set(axes)) != len(axes):
                 raise FieldError("width_mixes", mix, f"each mix joins distinct axes of {', '.join(WIDTH_AXES)} with +")
         check_int("max_candidates", self.max_candidates, low=1)
+        check_fraction("min_width_ratio", self.min_width_ratio, low_open=False, high_open=True)
         check_choice("head_mode", self.head_mode, HEAD_MODES)
         check_int("round_to", self.round_to, low=1)
         check_int("heal_steps", self.heal_steps, low=0)
@@ -151,20 +154,23 @@ class SearchConfig(CalibrationConfig):
             raise FieldError(name, value, f"the target{unit} is not below the model's {full:,} ({fmt_count(full)}) "
                                           "parameters; nothing to prune")
         shallowest = min(search.depth_levels(int(config.num_hidden_layers), self.depth_keep))
-        low = search.shape_param_count(config, search.smallest_shape(config, shallowest, self.head_mode, self.round_to))
+        low = search.shape_param_count(config, search.smallest_shape(config, shallowest, self.head_mode, self.round_to,
+                                                                     self.min_width_ratio))
         if target < low * (1 - self.tolerance):
             raise FieldError(name, value, f"the target{unit} is below the smallest shape this search reaches: "
                                           f"{low:,} ({fmt_count(low)}) parameters at {shallowest} layers and minimal "
-                                          "widths; raise the target or add a smaller fraction to depth_keep")
+                                          "widths; raise the target, or add a smaller fraction to depth_keep or "
+                                          "lower min_width_ratio")
         shapes = search.enumerate_shapes(config, target, self.tolerance, self.depth_keep, self.mixes(),
-                                         self.head_mode, self.round_to, self.max_candidates)
+                                         self.head_mode, self.round_to, self.max_candidates,
+                                         min_ratio=self.min_width_ratio)
         if not shapes:
             below, above = search.nearest_counts(config, target, self.depth_keep, self.mixes(), self.head_mode,
-                                                 self.round_to)
+                                                 self.round_to, self.min_width_ratio)
             near = " and ".join(f"{c:,}" for c in (below, above) if c is not None)
             raise FieldError(name, value, f"no shape of the grid lands within {self.tolerance:g} of the target{unit} "
-                                          f"(nearest: {near} parameters); raise tolerance, lower round_to, or add "
-                                          "depth_keep levels or width_mixes")
+                                          f"(nearest: {near or 'none'} parameters); raise tolerance, lower round_to or "
+                                          "min_width_ratio, or add depth_keep levels or width_mixes")
         return shapes
 
     def preflight(self, teacher: TeacherInfo) -> None:

@@ -98,9 +98,19 @@ def parse_mix(mix: str) -> tuple[str, ...]:
     return tuple(a.strip() for a in mix.split("+") if a.strip())
 
 
-def smallest_shape(config: Any, layers: int, head_mode: str, round_to: int) -> Shape:
-    """The smallest legal shape with ``layers`` layers: every width axis at its minimum."""
-    return Shape(layers, scaled_targets(config, {"mlp": 1e-9, "heads": 1e-9, "hidden": 1e-9}, head_mode, round_to))
+def smallest_shape(config: Any, layers: int, head_mode: str, round_to: int, min_ratio: float = 0.0) -> Shape:
+    """The smallest legal shape with ``layers`` layers: every width axis at its minimum (``min_ratio`` of it)."""
+    scale = max(min_ratio, 1e-9)
+    return Shape(layers, scaled_targets(config, {"mlp": scale, "heads": scale, "hidden": scale}, head_mode, round_to))
+
+
+def keeps_enough(config: Any, shape: Shape, min_ratio: float) -> bool:
+    """Whether every width axis of ``shape`` keeps at least ``min_ratio`` of ``config``'s (a degenerate
+    shape, such as an MLP of a few channels beside full attention, is not worth scoring)."""
+    w, full = shape.width, full_targets(config)
+    return all(new >= min_ratio * old - 1e-9 for new, old in (
+        (w.hidden_size, full.hidden_size), (w.intermediate_size, full.intermediate_size),
+        (w.num_attention_heads, full.num_attention_heads)))
 
 
 def _refine_mlp(config: Any, shape: Shape, target: float, round_to: int, axes: Sequence[ExtraAxis] = ()) -> Shape:
@@ -163,9 +173,10 @@ def solve_shape(config: Any, layers: int, mix: Sequence[str], target: float, hea
 
 def enumerate_shapes(config: Any, target: float, tolerance: float, depth_keep: Sequence[float],
                      mixes: Sequence[Sequence[str]], head_mode: str, round_to: int,
-                     max_candidates: int | None = None, axes: Sequence[ExtraAxis] = ()) -> list[Shape]:
+                     max_candidates: int | None = None, axes: Sequence[ExtraAxis] = (),
+                     min_ratio: float = 0.0) -> list[Shape]:
     """The candidate grid: depth levels x extra axes' levels x width mixes, each solved for ``target``,
-    kept within ``tolerance``.
+    kept within ``tolerance`` and when every width axis keeps at least ``min_ratio`` (:func:`keeps_enough`).
 
     Returns distinct shapes in grid order (deepest first, then the extra levels, then the mixes in
     order); with more than ``max_candidates``, an evenly spaced subset of them.
@@ -176,7 +187,8 @@ def enumerate_shapes(config: Any, target: float, tolerance: float, depth_keep: S
         for extra in extras:
             for mix in mixes:
                 shape = solve_shape(config, layers, mix, target, head_mode, round_to, extra, axes)
-                if abs(shape_param_count(config, shape, axes) - target) <= tolerance * target and shape not in out:
+                if abs(shape_param_count(config, shape, axes) - target) <= tolerance * target and shape not in out \
+                        and keeps_enough(config, shape, min_ratio):
                     out.append(shape)
     return spread(out, max_candidates)
 
@@ -192,10 +204,11 @@ def spread(items: list[Any], limit: int | None) -> list[Any]:
 
 
 def nearest_counts(config: Any, target: float, depth_keep: Sequence[float], mixes: Sequence[Sequence[str]],
-                   head_mode: str, round_to: int) -> tuple[int | None, int | None]:
+                   head_mode: str, round_to: int, min_ratio: float = 0.0) -> tuple[int | None, int | None]:
     """The grid's solved counts nearest ``target`` from below and from above (for an error message)."""
-    counts = [shape_param_count(config, solve_shape(config, d, mix, target, head_mode, round_to))
+    shapes = [solve_shape(config, d, mix, target, head_mode, round_to)
               for d in depth_levels(int(config.num_hidden_layers), depth_keep) for mix in mixes]
+    counts = [shape_param_count(config, s) for s in shapes if keeps_enough(config, s, min_ratio)]
     below = max((c for c in counts if c <= target), default=None)
     above = min((c for c in counts if c > target), default=None)
     return below, above

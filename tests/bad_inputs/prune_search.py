@@ -23,8 +23,8 @@ CASES = [
     BadInput("search-target-below-smallest-shape",
              lambda env: _search_run(env, "stages.search.target_params=1000"),
              r"stages\.search\.target_params='1000': the target is below the smallest shape this search reaches: "
-             r"[\d,]+ \([\d.]+K\) parameters at 3 layers and minimal widths; raise the target or add a smaller "
-             r"fraction to depth_keep",
+             r"[\d,]+ \([\d.]+K\) parameters at 3 layers and minimal widths; raise the target, or add a smaller "
+             r"fraction to depth_keep or lower min_width_ratio",
              after=_nothing_ran),
     BadInput("search-target-above-teacher",
              lambda env: _search_run(env, "stages.search.target_params=1M"),
