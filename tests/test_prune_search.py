@@ -241,3 +241,16 @@ def test_an_extra_axis_multiplies_the_grid_and_counts(tokenizer):
         counted = search.shape_param_count(config, shape, [axis])
         assert counted == dense - 1000 * (4 - dict(shape.extra)["experts"])
         assert abs(counted - target) <= 0.03 * target
+
+
+def test_stage_after_a_depth_prune_and_without_healing(teacher_dir, corpus_dir, tmp_path):
+    """Later in a pipeline the search is planned against its input's size (the depth prune's 3 layers);
+    with heal_steps 0 it ranks by the unhealed KL."""
+    assert _run(teacher_dir, corpus_dir, tmp_path / "run", "pipeline=[depth,search]", "stages.search.heal_steps=0",
+                "stages.search.target_params=30000", "stages.search.depth_keep=[1.0,0.7]") == 0
+    meta = json.loads((tmp_path / "run" / "stages" / "search" / "slimforge.json").read_text())
+    assert meta["dims_before"]["layers"] == 3 and meta["heal_steps"] == 0
+    assert all(r["kl_before"] == r["kl_after"] and r["heal_loss"] == [] for r in meta["candidates"])
+    assert {r["shape"]["layers"] for r in meta["candidates"]} <= {3, 2}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "stages" / "search")
+    assert arch.count_parameters(model) == meta["parameters_after"] == meta["candidates"][meta["chosen"]]["parameters"]

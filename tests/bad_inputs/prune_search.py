@@ -31,6 +31,12 @@ CASES = [
              r"stages\.search\.target_params='1M': the target is not below the model's 61,728 \(61\.73K\) parameters; "
              r"nothing to prune",
              after=_nothing_ran),
+    # After a depth prune the target is checked against that stage's planned output (3 of 4 layers), at plan time.
+    BadInput("search-target-above-depth-pruned-input",
+             lambda env: _search_run(env, "pipeline=[depth,search]", "stages.search.target_params=55000"),
+             r"stages\.search\.target_params='55000': the target is not below the model's 52,448 \(52\.45K\) "
+             r"parameters; nothing to prune",
+             after=_nothing_ran),
     # A byte budget that, at its bits, is more than the teacher holds.
     BadInput("search-target-bytes-above-teacher",
              lambda env: _search_run(env, "stages.search.target_params=null", "stages.search.target_bytes=1MB",
