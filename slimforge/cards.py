@@ -177,6 +177,13 @@ def stage_data(entry: dict[str, Any]) -> str | None:
     return config.card_data(meta, _data_source(entry.get("data"), meta.get("data")) or "the run's data")
 
 
+def stage_details(meta: dict[str, Any]) -> list[str]:
+    """What the artifact's own stage adds to its card (its schema's ``card_details``), ending with a blank line."""
+    config = stage_config_from_meta(meta)
+    lines = config.card_details(meta) if config is not None else []
+    return [*lines, ""] if lines else []
+
+
 def _teacher_name(base: dict[str, Any]) -> str:
     """The teacher in a sentence: its hub id or path in code style, and the asset it came from."""
     name = f"`{base.get('hub_id') or base.get('path') or 'unknown'}`"
@@ -447,6 +454,7 @@ def render_card(inp: CardInput) -> str:
         body += [f"Source: {source}.", ""]
     if inp.lineage:
         body += lineage_section(inp)
+    body += stage_details(meta)
     body += size_section(inp) + results_section(inp) + load_section(inp)
     files = ["`slimforge.json` (everything the stage recorded)"]
     if inp.files.get("has_recipe", True):

@@ -387,7 +387,7 @@ class StageConfig:
     no data and writes a plain Hugging Face folder:
 
     - :meth:`uses_data`: whether the stage reads the run's data;
-    - :meth:`card_settings` and :meth:`card_data`: how it describes itself on a model card;
+    - :meth:`card_settings`, :meth:`card_data` and :meth:`card_details`: how it describes itself on a model card;
     - :meth:`artifact_format`: the format of the folder it writes.
     """
 
@@ -414,6 +414,10 @@ class StageConfig:
             source: the run's data in a few words (its path or asset, and block size).
         """
         return None
+
+    def card_details(self, meta: dict[str, Any]) -> list[str]:
+        """Markdown lines the artifact's own card adds after its lineage (a section of its own), or none."""
+        return []
 
     def artifact_format(self, meta: dict[str, Any]) -> str | None:
         """The format of the folder the stage writes: ``hf``, ``bitsandbytes``, ``compressed-tensors``,

@@ -38,11 +38,13 @@ TINY_FIELDS = {
     "steps": 2, "warmup_steps": 0, "grad_accum": 1, "eval_every": 2, "eval_blocks": 2,
     "checkpoint_every": 100, "chunk_size": 16,  # distillation
     "round_to": 8, "verify_blocks": 1,  # width pruning, GGUF check
+    "heal_steps": 2, "score_blocks": 2,  # architecture search: the short heal of each candidate
 }
 # Sizes a stage sets explicitly (a fresh student, absolute width targets) -> sizes the tiny models allow.
 TINY_SIZES = {"hidden_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 32,
               "num_hidden_layers": 2, "head_dim": 8, "num_layers": 2, "num_remove": 1,
-              "vocab_size": 320}  # a student's own tokenizer (from_config tokenizer=domain_bpe): 256 bytes + merges
+              "vocab_size": 320,  # a student's own tokenizer (from_config tokenizer=domain_bpe): 256 bytes + merges
+              "target_params": 30000}  # architecture search: ~60% of the tiny SmolLM2 stand-in's 49,440
 TINY_TASKS = {
     "perplexity": {"max_blocks": 2},
     "word_perplexity": {"max_documents": 2},
@@ -266,6 +268,16 @@ def _minitron(run_dir, report, teacher):
     assert parameters(run_dir / "stages" / "heal") == width["parameters_after"] < parameters(teacher)
 
 
+def _minitron_search(run_dir, report, teacher):
+    search = meta_of(run_dir, "search")
+    chosen = search["candidates"][search["chosen"]]
+    assert len(search["candidates"]) >= 2 and search["pareto"]
+    assert chosen["kl_after"] == min(c["kl_after"] for c in search["candidates"])
+    assert parameters(run_dir / "stages" / "heal") == chosen["parameters"] == search["parameters_after"]
+    assert abs(chosen["parameters"] - 30000) <= 0.02 * 30000
+    assert report["models"]["heal"]["tasks"]["perplexity"]["perplexity"] > 0
+
+
 def _shortgpt_depth(run_dir, report, teacher):
     prune = meta_of(run_dir, "prune")
     assert len(prune["removed_layers"]) == 1 and len(prune["scores"]) == 4  # a quarter of 4 layers, by influence
@@ -335,7 +347,8 @@ def _moe_expert_prune(run_dir, report, teacher):
     assert report["models"]["prune"]["tasks"]["perplexity"]["perplexity"] > 0
 
 
-CHECKS = {"cross_tokenizer_kd": _cross_tokenizer_kd, "distill_kd": _distill_kd, "minitron": _minitron, "shortgpt_depth": _shortgpt_depth,
+CHECKS = {"cross_tokenizer_kd": _cross_tokenizer_kd, "distill_kd": _distill_kd, "minitron": _minitron,
+          "minitron_search": _minitron_search, "shortgpt_depth": _shortgpt_depth,
           "wanda_2of4_heal": _wanda_2of4_heal, "gptq_w4": _gptq_w4, "qlora_kd": _qlora_kd, "gguf_edge": _gguf_edge,
           "moe_expert_prune": _moe_expert_prune,
           "phi3_mini_minitron": _real_scale("phi35"), "llama32_3b_to_1b": _real_scale("llama32")}

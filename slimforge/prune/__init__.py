@@ -37,3 +37,8 @@ register(
     "slimforge.prune.experts:experts_stage", "slimforge.prune.expert_config:ExpertsConfig",
     "MoE expert pruning: drop or merge the least salient experts (REAP or frequency), lower top-k",
 )
+register(
+    "prune", "search",
+    "slimforge.prune.search:search_stage", "slimforge.prune.search_config:SearchConfig",
+    "search depth x width shapes to a parameter budget; keep the lowest KL after a short heal",
+)
