@@ -175,6 +175,10 @@ class SearchConfig(CalibrationConfig):
 
     def preflight(self, teacher: TeacherInfo) -> None:
         """The target must be reachable from the input's config (no weights loaded)."""
+        from slimforge.moe_layout import refuse_moe
+
+        refuse_moe(teacher.config, "the architecture search",
+                   "the experts method (REAP) for the expert count, then depth pruning, or search a dense model")
         _supported(teacher)
         self.shapes(teacher.config)
 

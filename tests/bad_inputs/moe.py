@@ -33,6 +33,8 @@ CASES = [
              after=nothing_ran),
     BadInput("qat", lambda env: moe_run(env, "distill=qat"), _refused(r"quantization-aware distillation \(qat\)"),
              after=nothing_ran),
+    BadInput("architecture-search", lambda env: moe_run(env, "prune=search", "stages.s.target_params=100000"),
+             _refused("the architecture search") + "the experts method", after=nothing_ran),
     BadInput("gptq-moe-calibration-unknown",
              lambda env: moe_run(env, "quantize=gptq", "stages.s.moe_calibration=some"),
              r"invalid value stages\.s\.moe_calibration='some': must be one of all, routed", after=nothing_ran),
