@@ -379,3 +379,27 @@ def test_the_cross_loss_of_a_batch_does_not_depend_on_how_its_blocks_are_split()
     (g1,) = torch.autograd.grad(got, values)
     (g2,) = torch.autograd.grad(ref, values)
     torch.testing.assert_close(g1, g2)
+
+
+def test_an_moe_student_across_tokenizers_keeps_its_router_loss(tokenizer, student_tok):
+    """Loss = the plain cross-tokenizer loss + coef x the family's own aux loss (what ``aux_loss`` holds)."""
+    from conftest import build_moe_model
+
+    student = build_moe_model("qwen3_moe", student_tok, layers=2).train()
+    student.config.router_aux_loss_coef = 0.5
+    objective = CrossTokenizerObjective(xtok_cfg(cross_tokenizer={"loss": "hybrid", "top_k": 4}), student_tok,
+                                        tokenizer, teacher=build_model("llama", tokenizer, layers=1))
+    torch.manual_seed(0)
+    ids = torch.randint(3, len(student_tok), (2, 10))
+    rows = 2 * 9
+    top_ids = torch.randint(0, len(tokenizer), (rows, 4))
+    top_logp = torch.log_softmax(torch.randn(rows, 5), dim=-1)
+    top_logp[::3] = float("-inf")  # some positions have no teacher counterpart
+    targets = {"top_ids": top_ids, "top_logp": top_logp}
+    loss, stats = objective(student, None, ids, torch.ones_like(ids), None, targets)
+    reference = student(input_ids=ids, output_router_logits=True).aux_loss.detach()
+    assert stats["router_aux"] == pytest.approx(float(reference), rel=1e-5) and float(reference) > 0
+    student.config.router_aux_loss_coef = 0.0
+    plain, plain_stats = objective(student, None, ids, torch.ones_like(ids), None, targets)
+    assert "router_aux" not in plain_stats
+    assert float(loss) == pytest.approx(float(plain) + 0.5 * float(reference), rel=1e-5)

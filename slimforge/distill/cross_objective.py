@@ -167,8 +167,15 @@ class CrossTokenizerObjective:
     def __call__(self, student: Any, projections: Any, input_ids: torch.Tensor, loss_mask: torch.Tensor,
                  attention_mask: torch.Tensor | None, targets_from_teacher: dict[str, Any]
                  ) -> tuple[torch.Tensor, dict[str, float]]:
+        from contextlib import nullcontext
+
+        from slimforge import moe
+
         targets, mask = flatten_batch(input_ids, loss_mask, attention_mask)
-        logits = student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+        # An MoE student keeps its router's load-balancing term, as in the same-tokenizer objective.
+        aux_coef = moe.router_aux_coef(student.config)
+        with moe.capture_router_logits(student) if aux_coef else nullcontext(None) as router_logits:
+            logits = student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
         logits = logits.reshape(-1, logits.shape[-1]).float()
         counted = mask.sum().clamp_min(1)
         ce = (F.cross_entropy(logits, targets, reduction="none") * mask).sum() / counted
@@ -181,7 +188,12 @@ class CrossTokenizerObjective:
         else:
             cross = logits.sum() * 0.0
         loss = self.spec.ce_weight * ce + self.spec.weight * cross
-        return loss, {"ce": ce.item(), "cross": cross.item(), "aligned": len(rows) / float(counted)}
+        stats = {"ce": ce.item(), "cross": cross.item(), "aligned": len(rows) / float(counted)}
+        if router_logits is not None and router_logits.logits:
+            aux = moe.load_balancing_loss(student, router_logits.logits, attention_mask)
+            stats["router_aux"] = aux.item()
+            loss = loss + aux_coef * aux
+        return loss, stats
 
     @torch.no_grad()
     def heldout_metrics(self, student: Any, heldout: Any, blocks: list[int], batch_size: int,
