@@ -74,7 +74,6 @@ def main() -> None:
             break
     counts = token_counts(torch.cat([tok(t, return_tensors="pt")["input_ids"][0] for t in train]), teacher.config.vocab_size)
     eos = tok.eos_token_id
-    torch.manual_seed(0)
     heads = {"full": None, **{str(n): DraftHead.frequent(draft, counts, n, (eos,)) for n in args.sizes}}
     greedy_decode(teacher, prompts[0], 4, eos)
     refs, alone = [], 0.0

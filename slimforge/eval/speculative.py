@@ -120,7 +120,8 @@ class DraftHead:
         head = model.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
             raise ValueError("a draft head over frequent tokens needs an output projection without bias")
-        order = torch.argsort(counts.double() + torch.rand(counts.shape, dtype=torch.float64) * 1e-3,
+        jitter = torch.rand(counts.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        order = torch.argsort(counts.double() + jitter * 1e-3,
                               descending=True)  # ties broken at random, not by id
         keep = order[:size].tolist()
         keep += [t for t in always if t is not None and t not in keep]
@@ -323,5 +324,4 @@ def _frequent_head(model: Any, size: int, ctx: Any, eos: int | None) -> DraftHea
 
     vocab = model.get_output_embeddings().weight.shape[0]
     counts = token_counts(blocks_tensor(data_split(ctx, "train")), vocab)
-    torch.manual_seed(0)
     return DraftHead.frequent(model, counts, min(size, vocab), (eos,))
