@@ -3,16 +3,25 @@ candidates built by slicing, the ranking by KL, and the stage's artifact and met
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import random
 
 import pytest
 import torch
-from conftest import REPO, build_model, sharpened, tiny_config
+from conftest import (
+    MOE_ARCHS,
+    REPO,
+    build_model,
+    build_moe_model,
+    sharpened,
+    tiny_config,
+    tiny_moe_config,
+)
 from transformers import AutoModelForCausalLM
 
-from slimforge import arch
+from slimforge import arch, moe
 from slimforge.config import FieldError
 from slimforge.prune import search
 from slimforge.prune.search_config import BYTE_UNITS, PARAM_UNITS, SearchConfig, parse_size
@@ -254,3 +263,118 @@ def test_stage_after_a_depth_prune_and_without_healing(teacher_dir, corpus_dir, 
     assert {r["shape"]["layers"] for r in meta["candidates"]} <= {3, 2}
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "stages" / "search")
     assert arch.count_parameters(model) == meta["parameters_after"] == meta["candidates"][meta["chosen"]]["parameters"]
+
+
+# --- mixture-of-experts inputs: depth x experts -----------------------------------------------
+
+
+def _moe_built_params(config, layers: int, experts: int) -> int:
+    """Parameters of a model of ``config`` really built with ``layers`` layers and ``experts`` experts (meta device)."""
+    cut = copy.deepcopy(config)
+    cut.num_hidden_layers = layers
+    moe.set_expert_count(cut, experts)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cut)
+    return arch.count_parameters(model)
+
+
+@pytest.mark.parametrize("arch_name", MOE_ARCHS)
+def test_moe_grid_is_depth_by_experts_and_counts_exactly(tokenizer, arch_name):
+    config = tiny_moe_config(arch_name, len(tokenizer), layers=6, experts=6, top_k=2)
+    full = _moe_built_params(config, 6, 6)
+    assert search.shape_param_count(config, search.full_shape(config)) == full
+    cfg = SearchConfig(target_params=str(int(0.72 * full)), tolerance=0.06, depth_keep=[1.0, 0.8, 0.6])
+    cfg.check()
+    shapes = cfg.shapes(config)
+    axes = cfg.axes(config)
+    assert [a.name for a in axes] == ["experts"]
+    for shape in shapes:
+        experts = dict(shape.extra)["experts"]
+        assert shape.width == search.full_shape(config).width  # widths stay whole
+        assert 2 <= experts <= 6  # never below the router's top-k
+        counted = search.shape_param_count(config, shape, axes)
+        assert counted == _moe_built_params(config, shape.layers, experts)
+        assert abs(counted - cfg.target_count()) <= 0.06 * cfg.target_count()
+    assert len({s.layers for s in shapes}) >= 2 and len({dict(s.extra)["experts"] for s in shapes}) >= 2
+
+
+@pytest.mark.parametrize("arch_name", ["mixtral", "qwen2_moe"])
+def test_moe_candidate_keeps_each_kept_layers_best_scored_experts(tokenizer, tmp_path, arch_name):
+    from slimforge.prune.expert_scores import choose_kept
+
+    model = build_moe_model(arch_name, tokenizer, layers=4, experts=4, top_k=2)
+    importance = search.measure_importance(model, _calibration(tokenizer), batch_size=2)
+    assert importance.width is None and len(importance.extra["experts"]) == 4
+    whole = search.Shape(4, search.full_shape(model.config).width, (("experts", 4),))
+    ids = _calibration(tokenizer, 2, 12)
+    with torch.no_grad():  # the full shape is the input itself
+        torch.testing.assert_close(search.build_candidate(model, importance, whole)(input_ids=ids).logits,
+                                   model(input_ids=ids).logits, rtol=0, atol=0)
+    shape = search.Shape(3, search.full_shape(model.config).width, (("experts", 3),))
+    candidate = search.build_candidate(model, importance, shape)
+    assert moe.num_experts(model.config) == 4 and arch.num_layers(model) == 4  # the input is left alone
+    kept_layers = search.kept_layers(importance.depth, 3)
+    for new, old in enumerate(kept_layers):
+        kept = choose_kept(torch.tensor(importance.extra["experts"][old]), 3)
+        router_before = moe.moe_blocks(model)[old].router.weight
+        router_after = moe.moe_blocks(candidate)[new].router.weight
+        torch.testing.assert_close(router_after, router_before[kept], rtol=0, atol=0)
+        for slot, expert in enumerate(kept):
+            for a, b in zip(moe.expert_weights(moe.moe_blocks(candidate)[new], slot),
+                            moe.expert_weights(moe.moe_blocks(model)[old], expert), strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert arch.count_parameters(candidate) == search.shape_param_count(model.config, shape,
+                                                                         [search.experts_axis(model.config)])
+    candidate.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, candidate(input_ids=ids).logits)
+
+
+def test_moe_experts_nobody_routes_to_go_first(tokenizer):
+    """Two experts of every layer are never routed to: the search's saliency scores them zero, and a
+    candidate keeping 2 of 4 experts keeps the other two, losslessly."""
+    from test_prune_experts import never_routed
+
+    model = build_moe_model("mixtral", tokenizer, layers=2, experts=4, top_k=2)
+    ids = _calibration(tokenizer, 2, 12)  # fewer tokens than the hidden size: never_routed solves exactly
+    never_routed(model, ids, [1, 3])
+    importance = search.measure_importance(model, ids, batch_size=2)
+    for layer in importance.extra["experts"]:
+        assert layer[1] == layer[3] == 0 and layer[0] > 0 and layer[2] > 0
+    shape = search.Shape(2, search.full_shape(model.config).width, (("experts", 2),))
+    candidate = search.build_candidate(model, importance, shape)
+    assert moe.num_experts(candidate.config) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(candidate(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("arch_name", MOE_ARCHS)
+def test_moe_search_through_the_cli(tokenizer, corpus_dir, tmp_path, arch_name):
+    """The stage on each MoE family: candidates over depth and experts, the chosen one written, reloaded
+    and generating; its card's table has the experts and active-parameter columns."""
+    teacher = tmp_path / "teacher"
+    build_moe_model(arch_name, tokenizer, layers=6, experts=4, top_k=2).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    config = AutoModelForCausalLM.from_pretrained(teacher).config
+    full = _moe_built_params(config, 6, 4)
+    target = int(0.72 * full)
+    run = tmp_path / "run"
+    assert _run(teacher, corpus_dir, run, f"stages.search.target_params={target}", "stages.search.tolerance=0.08",
+                "stages.search.depth_keep=[1.0,0.84,0.67]") == 0
+    folder = run / "stages" / "search"
+    meta = json.loads((folder / "slimforge.json").read_text())
+    records = meta["candidates"]
+    assert len(records) >= 2 and meta["axes"] == ["depth", "experts"]
+    assert len({r["shape"]["experts"] for r in records}) >= 2 and len({r["shape"]["layers"] for r in records}) >= 2
+    chosen = records[meta["chosen"]]
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert moe.num_experts(model.config) == chosen["shape"]["experts"] == meta["experts_after"]
+    assert model.config.num_hidden_layers == chosen["shape"]["layers"] == len(meta["kept_experts"])
+    assert arch.count_parameters(model) == chosen["parameters"] == meta["parameters_after"] < full
+    assert moe.active_parameters(model) == chosen["active_parameters"] == meta["active_parameters_after"]
+    ids = torch.tensor([tokenizer("Now is the winter of our discontent")["input_ids"]])
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, ids.shape[1] + 4)
+    assert all(0 <= r["kl_after"] < 1 for r in records)
+    card = (folder / "README.md").read_text()
+    assert "| experts | active |" in card and f"{chosen['shape']['experts']} experts per layer" in card

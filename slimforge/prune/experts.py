@@ -139,6 +139,22 @@ def prune_experts(model: torch.nn.Module, input_ids: torch.Tensor, keep: int, sc
     return done
 
 
+@torch.no_grad()
+def expert_saliency(model: torch.nn.Module, input_ids: torch.Tensor, score: str = "reap", batch_size: int = 8,
+                    device: torch.device | str | None = None) -> list[list[float] | None]:
+    """Per decoder layer, every expert's ``score`` on ``input_ids`` with the model unchanged (None for a
+    dense layer): what the architecture search measures once and slices every candidate by."""
+    moe.require_moe(model, "expert scoring")
+    out: list[list[float] | None] = []
+    for step in layerwise(model, input_ids, batch_size=batch_size, device=device, desc=f"experts: {score}"):
+        block = moe.moe_block(step.layer, step.index)
+        if block is None:  # a dense layer: the walk runs it unchanged
+            out.append(None)
+            continue
+        out.append([float(s) for s in es.expert_scores(score_layer(step, block, score), score)])
+    return out
+
+
 def experts_stage(ctx: StageContext) -> StageOutput:
     """Remove or merge the least salient experts of every MoE layer (REAP or frequency), and/or lower top-k."""
     from slimforge.calibration.windows import calibration_windows, load_for_calibration

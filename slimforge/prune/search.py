@@ -24,11 +24,16 @@ Given a target size, the search
 The stage writes the chosen shape, sliced from its input but *not* healed (the few healing
 steps only rank the shapes): the recipe's distillation stage heals it.
 
-The axes are pluggable. Depth and width are built in; a further axis (experts kept per layer
-on MoE models) is an :class:`~slimforge.prune.search_grid.ExtraAxis` (its levels and its effect
-on the parameter count), passed to :func:`enumerate_shapes` (``axes``), which multiplies the grid
-by its levels and records the size in each :class:`Shape`'s ``extra``, plus a slicer inserted
-into :data:`SLICERS` between depth and width. The dense search passes none.
+The axes are pluggable. Depth and width are built in; a further axis is an
+:class:`~slimforge.prune.search_grid.ExtraAxis` (its levels and its effect on the parameter
+count), passed to :func:`enumerate_shapes` (``axes``), which multiplies the grid by its levels and
+records the size in each :class:`Shape`'s ``extra``, plus a slicer in :data:`SLICERS`. The dense
+search passes none. On a mixture-of-experts input the grid is depth x ``experts``
+(:func:`~slimforge.prune.search_grid.experts_axis`: routed experts kept per layer, top-k at the
+least) with whole widths: the importance measured once is Block Influence and every expert's
+REAP (or frequency) score per layer (:func:`slimforge.prune.experts.expert_saliency`), and each
+kept layer keeps its highest-scoring experts (:func:`slice_experts`), as the experts method
+does, but from the input's scores rather than layer by layer.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from slimforge.prune.search_grid import (  # noqa: F401  (re-exported: the searc
     Shape,
     depth_levels,
     enumerate_shapes,
+    experts_axis,
     full_shape,
     nearest_counts,
     parse_mix,
@@ -96,17 +102,25 @@ class Importance:
     """What the search measures once on its input: Block Influence per layer, and width importance."""
 
     depth: list[float]
-    width: WidthImportance
-    extra: dict[str, Any] = field(default_factory=dict)
+    width: WidthImportance | None  # None on an MoE input (its widths stay whole)
+    extra: dict[str, Any] = field(default_factory=dict)  # per-layer lists, by axis (``experts``)
 
 
-def measure_importance(model: Any, input_ids: torch.Tensor, batch_size: int = 8, device: Any = None) -> Importance:
-    """Block Influence and Minitron's width importance of ``model`` on ``input_ids`` (two calibration passes)."""
+def measure_importance(model: Any, input_ids: torch.Tensor, batch_size: int = 8, device: Any = None,
+                       expert_score: str = "reap") -> Importance:
+    """Block Influence, and Minitron's width importance of a dense ``model`` or every expert's
+    ``expert_score`` per layer of an MoE one, on ``input_ids`` (two calibration passes)."""
+    from slimforge.moe_layout import is_moe_config
     from slimforge.prune.depth import block_influence_scores
+
+    depth = block_influence_scores(model, input_ids, batch_size, device)
+    if is_moe_config(model.config):
+        from slimforge.prune.experts import expert_saliency
+
+        return Importance(depth, None, {"experts": expert_saliency(model, input_ids, expert_score, batch_size, device)})
     from slimforge.prune.width import width_importance
 
-    return Importance(block_influence_scores(model, input_ids, batch_size, device),
-                      width_importance(model, input_ids, batch_size, device))
+    return Importance(depth, width_importance(model, input_ids, batch_size, device))
 
 
 def kept_layers(scores: Sequence[float], layers: int) -> list[int]:
@@ -144,15 +158,31 @@ def slice_depth(model: Any, importance: Importance, shape: Shape, options: dict[
     keep = kept_layers(importance.depth, shape.layers)
     if len(keep) < arch.num_layers(model):
         arch.keep_layers(model, keep)
-    return model, Importance([importance.depth[i] for i in keep], importance_of_layers(importance.width, keep),
-                             importance.extra)
+    width = importance_of_layers(importance.width, keep) if importance.width is not None else None
+    return model, Importance([importance.depth[i] for i in keep], width,
+                             {axis: [values[i] for i in keep] for axis, values in importance.extra.items()})
+
+
+def slice_experts(model: Any, importance: Importance, shape: Shape, options: dict[str, Any]) -> tuple[Any, Importance]:
+    """Keep ``shape``'s ``experts`` count in every MoE layer: each layer's highest-scoring experts, in place."""
+    from slimforge import moe
+    from slimforge.prune.expert_scores import choose_kept
+
+    count = dict(shape.extra).get("experts")
+    if count is None or count == moe.num_experts(model.config):
+        return model, importance
+    import torch
+
+    keep = [choose_kept(torch.tensor(scores), count) for scores in importance.extra["experts"] if scores is not None]
+    moe.keep_experts(model, keep)
+    return model, importance
 
 
 def slice_width(model: Any, importance: Importance, shape: Shape, options: dict[str, Any]) -> tuple[Any, Importance]:
     """Keep the most important channels and heads for ``shape.width`` (a new, smaller model)."""
     from slimforge.prune.width import build_pruned_model, select_channels
 
-    if shape.width == full_targets(model.config):
+    if importance.width is None or shape.width == full_targets(model.config):
         return model, importance
     kept = select_channels(importance.width, model.config, shape.width, options.get("head_mode", "query"))
     energy = importance.width.norm_energy if options.get("rescale_norms", True) else None
@@ -160,8 +190,8 @@ def slice_width(model: Any, importance: Importance, shape: Shape, options: dict[
 
 
 Slicer = Callable[[Any, Importance, Shape, dict[str, Any]], tuple[Any, Importance]]
-# The steps that cut an input model to a shape, in order; an experts axis slots in between.
-SLICERS: list[tuple[str, Slicer]] = [("depth", slice_depth), ("width", slice_width)]
+# The steps that cut an input model to a shape, in order (experts does nothing on a dense model).
+SLICERS: list[tuple[str, Slicer]] = [("depth", slice_depth), ("experts", slice_experts), ("width", slice_width)]
 
 
 def build_candidate(model: Any, importance: Importance, shape: Shape, head_mode: str = "query",
@@ -265,10 +295,14 @@ def run_search(model: Any, importance: Importance, shapes: Sequence[Shape], data
         start = time.perf_counter()
         torch.manual_seed(seed)
         student = build_candidate(model, importance, shape, head_mode, rescale_norms)
+        from slimforge.moe import active_parameters
+
         params = arch.count_parameters(student)
+        active = active_parameters(student, params)
         scores = score_candidate(student, model, data, heal_steps, heal_lr, device)
         del student
-        record = {"index": i, "shape": shape.as_dict(), "parameters": params, **scores,
+        record = {"index": i, "shape": shape.as_dict(), "parameters": params,
+                  **({"active_parameters": active} if active is not None else {}), **scores,
                   "seconds": round(time.perf_counter() - start, 2)}
         log.info("search: candidate %d/%d (%s): %d parameters, KL %.4f -> %.4f (%.1f s)", i + 1, len(shapes),
                  shape.describe(), params, scores["kl_before"], scores["kl_after"], record["seconds"])
@@ -284,14 +318,17 @@ def summarize(records: Sequence[dict[str, Any]]) -> tuple[list[int], int]:
 
 def candidates_table(records: Sequence[dict[str, Any]], front: Sequence[int], chosen: int) -> list[str]:
     """Markdown rows of every candidate: shape, parameters, KL before/after healing, seconds, Pareto, chosen."""
-    head = ["| # | layers | hidden | mlp | heads (kv) | parameters | KL before | KL after | seconds | |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    experts = any("experts" in r["shape"] for r in records)
+    head = ["| # | layers | hidden | mlp | heads (kv) |" + (" experts | active |" if experts else "")
+            + " parameters | KL before | KL after | seconds | |",
+            "|---:|---:|---:|---:|---:|" + ("---:|---:|" if experts else "") + "---:|---:|---:|---:|---|"]
     rows = []
     for r in records:
         s = r["shape"]
         mark = "chosen" if r["index"] == chosen else ("Pareto" if r["index"] in front else "")
+        moe_cells = f" {s.get('experts', '')} | {r.get('active_parameters') or 0:,} |" if experts else ""
         rows.append(f"| {r['index']} | {s['layers']} | {s['hidden_size']} | {s['intermediate_size']} | "
-                    f"{s['num_attention_heads']} ({s['num_key_value_heads']}) | {r['parameters']:,} | "
+                    f"{s['num_attention_heads']} ({s['num_key_value_heads']}) |{moe_cells} {r['parameters']:,} | "
                     f"{r['kl_before']:.4f} | {r['kl_after']:.4f} | {r['seconds']:.1f} | {mark} |")
     return head + rows
 
@@ -302,16 +339,20 @@ def candidates_table(records: Sequence[dict[str, Any]], front: Sequence[int], ch
 def search_stage(ctx: StageContext) -> StageOutput:
     """Search depth x width shapes to a parameter budget; write the one with the lowest KL after a short heal."""
     from slimforge.calibration.windows import calibration_windows, load_for_calibration
+    from slimforge.moe import active_parameters
+    from slimforge.moe_layout import is_moe_config
     from slimforge.stage import StageOutput
 
     cfg: SearchConfig = ctx.config
     model, tokenizer = load_for_calibration(ctx, cfg.offload_model)
-    arch.require_supported(model.config)
+    if not is_moe_config(model.config):
+        arch.require_supported(model.config)
     target = cfg.target_count()
     shapes = cfg.shapes(model.config)  # the input's real config: the plan checked the same
     data = ctx.data()
     cfg.check_data(len(data.train))
-    importance = measure_importance(model, calibration_windows(ctx, cfg), cfg.batch_size, ctx.device)
+    importance = measure_importance(model, calibration_windows(ctx, cfg), cfg.batch_size, ctx.device,
+                                    cfg.expert_score)
     if cfg.offload_model:
         model.to(ctx.device)
     scoring = score_data(data.train, cfg.score_blocks, cfg.heal_steps, cfg.heal_batch_size, cfg.batch_size,
@@ -329,6 +370,7 @@ def search_stage(ctx: StageContext) -> StageOutput:
             "parameters_before": params_before, "parameters_after": params_after,
             "parameter_ratio": round(params_after / params_before, 6),
             "dims_before": full_shape(model.config).as_dict(), "dims_after": best.as_dict(),
+            "axes": ["depth", *(name for name, _ in best.extra)] + ([] if importance.width is None else ["width"]),
             "kept_layers": keep,
             "depth_scores": [round(s, 6) for s in importance.depth],
             "candidates": records, "pareto": front, "chosen": chosen,
@@ -338,6 +380,18 @@ def search_stage(ctx: StageContext) -> StageOutput:
     removed = sorted(set(range(arch.num_layers(model))) - set(keep))
     if removed:  # the card's outcome names them
         meta["removed_layers"] = removed
+    if importance.width is None:  # MoE: the experts each kept layer keeps, by its score on the input
+        import torch
+
+        from slimforge.moe import num_experts
+        from slimforge.prune.expert_scores import choose_kept
+
+        count, scores = dict(best.extra)["experts"], importance.extra["experts"]
+        meta.update(expert_score=cfg.expert_score, experts_before=num_experts(model.config), experts_after=count,
+                    active_parameters_before=active_parameters(model, params_before),
+                    active_parameters_after=active_parameters(pruned, params_after),
+                    expert_scores=[[round(v, 6) for v in layer] for layer in scores],
+                    kept_experts={str(i): choose_kept(torch.tensor(scores[i]), count) for i in keep})
     log.info("search: chose candidate %d (%s): %d -> %d parameters, KL after %d steps %.4f; Pareto set %s",
              chosen, best.describe(), params_before, params_after, cfg.heal_steps, records[chosen]["kl_after"], front)
     del model

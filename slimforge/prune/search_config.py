@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from slimforge.config import FieldError, check_choice, check_fraction, check_int
-from slimforge.prune.choices import HEAD_MODES, WIDTH_AXES
+from slimforge.config import HASHED_WHEN_SET, FieldError, check_choice, check_fraction, check_int
+from slimforge.prune.choices import EXPERT_SCORES, HEAD_MODES, WIDTH_AXES
 from slimforge.prune.config import CalibrationConfig, _supported
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,6 +65,13 @@ class SearchConfig(CalibrationConfig):
     scored by KL to the stage's input on the last ``score_blocks`` training blocks (never healed
     on; the run's held-out split is left to the evaluation). ``heal_steps: 0`` scores the
     unhealed slices.
+
+    On a mixture-of-experts input the grid is depth x experts instead: each depth level times
+    every routed-expert count from all of them down to the router's top-k, with the widths kept
+    whole (width pruning does not cut MoE blocks; ``width_mixes``, ``head_mode``, ``round_to``
+    and ``min_width_ratio`` are not read). Each kept layer keeps its experts with the highest
+    ``expert_score`` (``reap`` or ``frequency``, as the experts method), measured once on the input.
+    Every layer must be an MoE layer.
     """
 
     kind: str = "prune"
@@ -86,6 +93,7 @@ class SearchConfig(CalibrationConfig):
     score_blocks: int = 8
     num_samples: int = 64
     seq_len: int = 256
+    expert_score: str = field(default="reap", metadata=HASHED_WHEN_SET)  # MoE inputs only
 
     def check(self) -> None:
         super().check()
@@ -120,6 +128,7 @@ class SearchConfig(CalibrationConfig):
         check_int("score_blocks", self.score_blocks, low=1)
         if not self.heal_lr > 0:
             raise FieldError("heal_lr", self.heal_lr, "must be > 0")
+        check_choice("expert_score", self.expert_score, EXPERT_SCORES)
 
     def target_count(self) -> float:
         """The target in parameters (from bytes: bytes x 8 / bits)."""
@@ -132,10 +141,34 @@ class SearchConfig(CalibrationConfig):
             return "target_params", str(self.target_params)
         return "target_bytes", f"{self.target_bytes}"
 
-    def mixes(self) -> list[tuple[str, ...]]:
+    def mixes(self, config: Any = None) -> list[tuple[str, ...]]:
+        """The width mixes; on an MoE ``config`` the one empty mix (widths stay whole)."""
+        from slimforge.moe_layout import is_moe_config
         from slimforge.prune.search_grid import parse_mix
 
+        if config is not None and is_moe_config(config):
+            return [()]
         return [parse_mix(m) for m in self.width_mixes]
+
+    def axes(self, config: Any) -> list[Any]:
+        """The axes beyond depth and width: ``experts`` on an MoE ``config``, none on a dense one.
+
+        Raises:
+            FieldError: an MoE model with dense layers among its MoE layers.
+        """
+        from slimforge.moe_layout import is_moe_config, sparse_layers
+        from slimforge.prune.search_grid import experts_axis
+
+        if not is_moe_config(config):
+            return []
+        layout = sparse_layers(config)
+        if not all(layout):
+            dense = [i for i, sparse in enumerate(layout) if not sparse]
+            raise FieldError("method", self.method,
+                             f"the search needs every layer to be an MoE layer; this {config.model_type} has dense "
+                             f"layers {dense} (mlp_only_layers / decoder_sparse_step); prune its experts with the "
+                             "experts method, then its depth with the depth method")
+        return [experts_axis(config)]
 
     def shapes(self, config: Any) -> list[Shape]:
         """The candidate grid for a model of ``config``.
@@ -149,36 +182,39 @@ class SearchConfig(CalibrationConfig):
         target = self.target_count()
         name, value = self._target_words()
         unit = f" (= {fmt_count(target)} parameters at {self.bits:g} bits)" if self.target_bytes is not None else ""
+        axes, mixes = self.axes(config), self.mixes(config)
         full = search.shape_param_count(config, search.full_shape(config))
         if target >= full:
             raise FieldError(name, value, f"the target{unit} is not below the model's {full:,} ({fmt_count(full)}) "
                                           "parameters; nothing to prune")
         shallowest = min(search.depth_levels(int(config.num_hidden_layers), self.depth_keep))
-        low = search.shape_param_count(config, search.smallest_shape(config, shallowest, self.head_mode, self.round_to,
-                                                                     self.min_width_ratio))
+        if axes:  # MoE: whole widths, fewest experts
+            fewest = tuple((a.name, min(a.levels(config))) for a in axes)
+            smallest = search.Shape(shallowest, search.full_targets(config), fewest)
+            what = f"{shallowest} layers and {', '.join(f'{v} {k}' for k, v in fewest)} per layer"
+        else:
+            smallest = search.smallest_shape(config, shallowest, self.head_mode, self.round_to, self.min_width_ratio)
+            what = f"{shallowest} layers and minimal widths"
+        low = search.shape_param_count(config, smallest, axes)
         if target < low * (1 - self.tolerance):
             raise FieldError(name, value, f"the target{unit} is below the smallest shape this search reaches: "
-                                          f"{low:,} ({fmt_count(low)}) parameters at {shallowest} layers and minimal "
-                                          "widths; raise the target, or add a smaller fraction to depth_keep or "
-                                          "lower min_width_ratio")
-        shapes = search.enumerate_shapes(config, target, self.tolerance, self.depth_keep, self.mixes(),
-                                         self.head_mode, self.round_to, self.max_candidates,
+                                          f"{low:,} ({fmt_count(low)}) parameters at {what}; raise the target, or add "
+                                          "a smaller fraction to depth_keep" + ("" if axes else " or lower min_width_ratio"))
+        shapes = search.enumerate_shapes(config, target, self.tolerance, self.depth_keep, mixes,
+                                         self.head_mode, self.round_to, self.max_candidates, axes=axes,
                                          min_ratio=self.min_width_ratio)
         if not shapes:
-            below, above = search.nearest_counts(config, target, self.depth_keep, self.mixes(), self.head_mode,
-                                                 self.round_to, self.min_width_ratio)
+            below, above = search.nearest_counts(config, target, self.depth_keep, mixes, self.head_mode,
+                                                 self.round_to, self.min_width_ratio, axes)
             near = " and ".join(f"{c:,}" for c in (below, above) if c is not None)
+            fixes = "add depth_keep levels" if axes else "lower round_to or min_width_ratio, or add depth_keep " \
+                                                          "levels or width_mixes"
             raise FieldError(name, value, f"no shape of the grid lands within {self.tolerance:g} of the target{unit} "
-                                          f"(nearest: {near or 'none'} parameters); raise tolerance, lower round_to or "
-                                          "min_width_ratio, or add depth_keep levels or width_mixes")
+                                          f"(nearest: {near or 'none'} parameters); raise tolerance, or {fixes}")
         return shapes
 
     def preflight(self, teacher: TeacherInfo) -> None:
         """The target must be reachable from the input's config (no weights loaded)."""
-        from slimforge.moe_layout import refuse_moe
-
-        refuse_moe(teacher.config, "the architecture search",
-                   "the experts method (REAP) for the expert count, then depth pruning, or search a dense model")
         _supported(teacher)
         self.shapes(teacher.config)
 
@@ -201,7 +237,8 @@ class SearchConfig(CalibrationConfig):
         if meta.get("dims_after"):
             d = meta["dims_after"]
             out.append(f"chose {d['layers']} layers, hidden {d['hidden_size']}, mlp {d['intermediate_size']}, "
-                       f"heads {d['num_attention_heads']}/{d['num_key_value_heads']}")
+                       f"heads {d['num_attention_heads']}/{d['num_key_value_heads']}"
+                       + (f", {d['experts']} experts per layer" if "experts" in d else ""))
         return out
 
     def card_details(self, meta: dict[str, Any]) -> list[str]:

@@ -8,13 +8,15 @@ so an unreachable target fails in one line. How the grid is built: :mod:`slimfor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from slimforge import arch
+from slimforge import arch, moe_layout
 from slimforge.prune.width_targets import (
     WidthTargets,
     _axis_sizes,
@@ -64,17 +66,26 @@ class ExtraAxis:
     count: Callable[[Any, Shape], int]
 
 
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
 def shape_param_count(config: Any, shape: Shape, axes: Sequence[ExtraAxis] = ()) -> int:
     """Parameters of ``config``'s model cut to ``shape`` (tied weights once), from the parameter shapes.
 
     Decoder layers are alike in size, so the count is that of the first ``shape.layers`` of them.
-    ``axes`` count the shape's extra axes.
+    ``axes`` count the shape's extra axes. At full width every tensor keeps its size, so tensors
+    width pruning does not know (an MoE block's router and fused experts) are counted as they are.
     """
     shapes = _param_shapes(config)
+    whole = shape.width == full_targets(config)
     sizes = _axis_sizes(config, shape.width)
     total = 0
     for name, dims in shapes.items():
-        layer, dim_axes = arch.param_axes(name, config.model_type)
+        if whole:
+            match = _LAYER.search(name)
+            layer, dim_axes = (int(match.group(1)) if match else None), {}
+        else:
+            layer, dim_axes = arch.param_axes(name, config.model_type)
         if layer is not None and layer >= shape.layers:
             continue
         total += math.prod(sizes[dim_axes[d]] if d in dim_axes else n for d, n in enumerate(dims))
@@ -82,6 +93,49 @@ def shape_param_count(config: Any, shape: Shape, axes: Sequence[ExtraAxis] = ())
     for name, _ in shape.extra:
         total += by_name[name].count(config, shape)
     return total
+
+
+# --- the experts axis (mixture-of-experts inputs) ----------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _expert_layer_params(config_json: str) -> int:
+    """Parameters one routed expert adds to one MoE layer (its gate, up and down, and its router row),
+    measured exactly: a one-layer model of the config with one expert fewer, on the meta device."""
+    import json
+
+    from transformers import AutoConfig
+
+    data = json.loads(config_json)
+    config = AutoConfig.for_model(**data)
+    config.num_hidden_layers = 1
+    key = "num_local_experts" if getattr(config, "num_local_experts", None) else "num_experts"
+    total = moe_layout.expert_count(config)
+    counts = []
+    for experts in (total, total - 1):
+        setattr(config, key, experts)
+        counts.append(sum(math.prod(d) for d in _param_shapes(config).values()))
+    return counts[0] - counts[1]
+
+
+def expert_layer_params(config: Any) -> int:
+    """Parameters one routed expert holds in one MoE layer of ``config``, router row included."""
+    return _expert_layer_params(config.to_json_string(use_diff=False))
+
+
+def experts_axis(config: Any) -> ExtraAxis:
+    """The search's ``experts`` axis on an MoE input: routed experts kept per layer, from all of them down to
+    the router's top-k (fewer would leave a token routed to experts that are gone).
+
+    Every layer must be sparse (the dense count treats layers as alike); the caller checks
+    :func:`slimforge.moe_layout.sparse_layers` first.
+    """
+    total, k = moe_layout.expert_count(config), int(config.num_experts_per_tok)
+
+    def count(c: Any, shape: Shape) -> int:
+        return -(total - dict(shape.extra)["experts"]) * expert_layer_params(c) * shape.layers
+
+    return ExtraAxis("experts", lambda c: list(range(total, max(k, 1) - 1, -1)), count)
 
 
 def full_shape(config: Any) -> Shape:
@@ -148,6 +202,9 @@ def solve_shape(config: Any, layers: int, mix: Sequence[str], target: float, hea
     def at(scale: float) -> Shape:
         return Shape(layers, scaled_targets(config, {a: scale for a in mix}, head_mode, round_to), extra)
 
+    if not mix:  # no width axis: the widths stay whole (the MoE search, depth x experts)
+        return Shape(layers, full_targets(config), extra)
+
     def count(s: Shape) -> int:
         return shape_param_count(config, s, axes)
 
@@ -204,11 +261,13 @@ def spread(items: list[Any], limit: int | None) -> list[Any]:
 
 
 def nearest_counts(config: Any, target: float, depth_keep: Sequence[float], mixes: Sequence[Sequence[str]],
-                   head_mode: str, round_to: int, min_ratio: float = 0.0) -> tuple[int | None, int | None]:
+                   head_mode: str, round_to: int, min_ratio: float = 0.0,
+                   axes: Sequence[ExtraAxis] = ()) -> tuple[int | None, int | None]:
     """The grid's solved counts nearest ``target`` from below and from above (for an error message)."""
-    shapes = [solve_shape(config, d, mix, target, head_mode, round_to)
-              for d in depth_levels(int(config.num_hidden_layers), depth_keep) for mix in mixes]
-    counts = [shape_param_count(config, s) for s in shapes if keeps_enough(config, s, min_ratio)]
+    extras = [tuple(zip([a.name for a in axes], sizes)) for sizes in itertools.product(*(a.levels(config) for a in axes))]
+    shapes = [solve_shape(config, d, mix, target, head_mode, round_to, extra, axes)
+              for d in depth_levels(int(config.num_hidden_layers), depth_keep) for extra in extras for mix in mixes]
+    counts = [shape_param_count(config, s, axes) for s in shapes if keeps_enough(config, s, min_ratio)]
     below = max((c for c in counts if c <= target), default=None)
     above = min((c for c in counts if c > target), default=None)
     return below, above
