@@ -85,7 +85,7 @@ def main() -> None:
     step = alone / emitted
     print(f"teacher alone: {emitted / alone:.1f} tok/s ({1000 * step:.1f} ms a token), {len(prompts)} prompts "
           f"(answers never trained on) from {entry}, draft {args.draft}")
-    print(f"{'head':>6} {'k':>2} {'accept':>7} {'tok/round':>9} {'draft cost':>10} {'speed-up':>8} {'identical':>9} "
+    print(f"{'head':>6} {'k':>2} {'accept':>7} {'a/pos':>6} {'tok/round':>9} {'draft cost':>10} {'speed-up':>8} {'identical':>9} "
           f"{'coverage':>8}")
     for name, head in heads.items():
         d_s = d_n = 0.0
@@ -95,13 +95,14 @@ def main() -> None:
         cost = d_s / d_n / step
         cover = 1.0 if head is None else sum(int(torch.isin(torch.tensor(r), head.token_ids).sum()) for r in refs) / emitted
         for k in args.k:
-            start, same, acc, drafted, rounds = time.perf_counter(), 0, 0, 0, 0
+            start, same, acc, drafted, rounds, cut = time.perf_counter(), 0, 0, 0, 0, 0
             for p, ref in zip(prompts, refs, strict=True):
                 tokens, stats = speculative_decode(teacher, draft, p, args.new_tokens, k, eos, head)
                 same += tokens == ref
                 acc, drafted, rounds = acc + stats.accepted, drafted + stats.drafted, rounds + stats.rounds
+                cut += stats.rejections
             spec = time.perf_counter() - start
-            print(f"{name:>6} {k:>2} {acc / max(drafted, 1):7.3f} {emitted / rounds:9.2f} {cost:10.3f} "
+            print(f"{name:>6} {k:>2} {acc / max(drafted, 1):7.3f} {acc / max(acc + cut, 1):6.3f} {emitted / rounds:9.2f} {cost:10.3f} "
                   f"{alone / spec:7.2f}x {same}/{len(prompts):<7} {cover:8.3f}")
     print("(baseline: the teacher alone, this run)")
 

@@ -84,10 +84,11 @@ def main() -> None:
             rows.extend(speculative_rows(report, variant))
     print(f"\nspeculative decoding, SmolLM2-135M teacher, k={args.k}, {args.prompts} prompts x "
           f"{args.new_tokens} new tokens, {args.steps} training steps per draft")
-    print(f"{'variant':<7} {'draft':<9} {'accept':>7} {'tok/round':>9} {'teacher tok/s':>13} {'with draft':>10} "
+    print(f"{'variant':<7} {'draft':<9} {'accept':>7} {'a/pos':>6} {'tok/round':>9} {'teacher tok/s':>13} {'with draft':>10} "
           f"{'speed-up':>8} {'predicted':>9} {'identical':>9}")
     for r in rows:
-        print(f"{r['variant']:<7} {r['model']:<9} {r['acceptance_rate']:7.3f} {r['tokens_per_round']:9.2f} "
+        print(f"{r['variant']:<7} {r['model']:<9} {r['acceptance_rate']:7.3f} {r.get('position_acceptance', 0):6.3f} "
+              f"{r['tokens_per_round']:9.2f} "
               f"{r['teacher_tokens_per_s']:13.1f} {r['speculative_tokens_per_s']:10.1f} {r['speedup']:7.2f}x "
               f"{r['predicted_speedup']:8.2f}x {r['identical_outputs']:9.2f}")
     print(f"(baseline: the teacher alone in the same run; total {time.perf_counter() - started:.0f} s)")

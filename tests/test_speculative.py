@@ -8,6 +8,7 @@ from conftest import build_model, save_sharp_teacher, sharpened
 
 from slimforge.eval.speculative import (
     DraftHead,
+    SpecStats,
     expected_tokens_per_round,
     greedy_decode,
     predicted_speedup,
@@ -182,3 +183,24 @@ def test_draft_recipe_at_tiny_scale(tokenizer, tmp_path):
     meta = json.loads((run_dir / "stages" / "draft" / "slimforge.json").read_text())
     assert meta["config"]["role"] == "draft"
     assert meta["distill"]["history"][-1]["eval_kl"] < 0.9 * meta["distill"]["before"]["eval_kl"]
+
+
+def test_per_position_acceptance_counts_only_the_judged_drafts():
+    """Rounds of 4 drafts accepting 2, 0 and all 4: 6 accepted, 2 rejections (the 4 drafts after them never
+    judged), so a = 6 / 8, where accepted over drafted is 6 / 12. With k = 1 the two agree."""
+    stats = SpecStats(rounds=3, drafted=12, accepted=6, rejections=2)
+    assert stats.position_acceptance == 0.75 and stats.acceptance_rate == 0.5
+    assert SpecStats(rounds=5, drafted=5, accepted=3, rejections=2).position_acceptance == 0.6
+    assert SpecStats().position_acceptance == 0.0
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_decode_counts_one_rejection_per_cut_round(tokenizer, k):
+    teacher = sharp("llama", tokenizer, layers=2, seed=1)
+    draft = sharp("llama", tokenizer, layers=1, seed=9)
+    _, stats = speculative_decode(teacher, draft, prompt(tokenizer), 30, k=k)
+    cut = sum(a < k for a in stats.accepted_per_round[:-1])  # every round but the last drafts k (no EOS here)
+    assert cut <= stats.rejections <= cut + 1 and cut > 0
+    if k == 1:
+        assert stats.position_acceptance == pytest.approx(stats.acceptance_rate)
+    assert stats.position_acceptance >= stats.acceptance_rate

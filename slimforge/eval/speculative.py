@@ -11,8 +11,8 @@ identical tokens); in bfloat16 a batched verification sums in another order, and
 between the two likeliest tokens (a logit gap below bfloat16's resolution, ~1e-2 relative) can
 flip. Both caches are cut back to the accepted tokens after each round (``DynamicCache.crop``).
 
-**Cost model** (Leviathan et al., 2023). With each drafted token accepted independently with
-probability ``a``, a round of ``k`` drafts emits ``E = (1 - a^(k+1)) / (1 - a)`` tokens on
+**Cost model** (Leviathan et al., 2023). With each drafted token accepted with probability ``a``
+given the ones before it (measured as :attr:`SpecStats.position_acceptance`), a round of ``k`` drafts emits ``E = (1 - a^(k+1)) / (1 - a)`` tokens on
 average and costs ``k`` draft steps plus one verification: ``k * c + v`` teacher steps, with
 ``c`` the draft step's cost and ``v`` the verification pass's, both relative to one teacher
 decode step. The speed-up over the teacher alone is ``E / (k * c + v)``. On a CPU ``v`` exceeds
@@ -44,6 +44,7 @@ class SpecStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    rejections: int = 0  # rounds whose drafts the teacher cut short (a drafted token it disagreed with)
     emitted: int = 0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
@@ -51,8 +52,19 @@ class SpecStats:
 
     @property
     def acceptance_rate(self) -> float:
-        """Accepted drafted tokens over drafted tokens."""
+        """Accepted drafted tokens over drafted tokens (the share of the draft's work kept)."""
         return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def position_acceptance(self) -> float:
+        """The probability a drafted token is accepted given the ones before it were: the cost model's ``a``.
+
+        Each round's drafts are trials up to the first rejection (later drafts are never judged), so
+        the estimate is accepted / (accepted + rejections), Leviathan et al.'s alpha; it does not
+        depend on ``k``, where :attr:`acceptance_rate` falls as ``k`` grows. With ``k = 1`` both agree.
+        """
+        judged = self.accepted + self.rejections
+        return self.accepted / judged if judged else 0.0
 
     @property
     def tokens_per_round(self) -> float:
@@ -225,6 +237,7 @@ def speculative_decode(teacher: Any, draft: Any, prompt: torch.Tensor, max_new_t
         stats.rounds += 1
         stats.drafted += len(drafted)
         stats.accepted += accepted
+        stats.rejections += accepted < len(drafted)
         stats.accepted_per_round.append(accepted)
         # Each cache must end just before the new last token: at last + drafted[:accepted].
         _drop(t_cache, len(drafted) - accepted)  # it holds last + drafted
@@ -290,27 +303,27 @@ def speculative_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str
             covered += int(torch.isin(torch.tensor(reference, device=head.token_ids.device), head.token_ids).sum())
         drafted, seconds = greedy_decode(model, prompt, cfg.new_tokens, eos, head)
         draft_alone_s += seconds / max(len(drafted), 1)
-        for name in ("rounds", "drafted", "accepted", "emitted", "draft_seconds", "verify_seconds"):
+        for name in ("rounds", "drafted", "accepted", "rejections", "emitted", "draft_seconds", "verify_seconds"):
             setattr(total, name, getattr(total, name) + getattr(stats, name))
     teacher_step = alone_s / max(alone_tokens, 1)
     draft_cost = draft_alone_s / len(prompts) / teacher_step
     verify_cost = total.verify_seconds / max(total.rounds, 1) / teacher_step
-    acceptance = total.acceptance_rate
     extra = {} if head is None else {"draft_vocab_coverage": covered / max(alone_tokens, 1)}
     return {
         **extra,
-        "acceptance_rate": acceptance,
+        "acceptance_rate": total.acceptance_rate,
+        "position_acceptance": total.position_acceptance,
         "tokens_per_round": total.tokens_per_round,
         "speedup": (spec_tokens / spec_s) / (alone_tokens / alone_s),
         "teacher_tokens_per_s": alone_tokens / alone_s,
         "speculative_tokens_per_s": spec_tokens / spec_s,
-        "predicted_speedup": predicted_speedup(acceptance, cfg.k, draft_cost, verify_cost),
+        "predicted_speedup": predicted_speedup(total.position_acceptance, cfg.k, draft_cost, verify_cost),
         "identical_outputs": identical / len(prompts),
         "info": {"k": cfg.k, "prompts": len(prompts), "prompt_tokens": cfg.prompt_tokens,
                  "new_tokens": cfg.new_tokens, "draft_cost": draft_cost, "verify_cost": verify_cost,
                  "draft_vocab": None if head is None else int(head.token_ids.numel()),
                  "dtype": str(next(teacher.parameters()).dtype).removeprefix("torch.")},
-        "higher_is_better": {"acceptance_rate": True, "tokens_per_round": True, "speedup": True,
+        "higher_is_better": {"acceptance_rate": True, "position_acceptance": True, "tokens_per_round": True, "speedup": True,
                              "teacher_tokens_per_s": True, "speculative_tokens_per_s": True,
                              "predicted_speedup": True, "identical_outputs": True,
                              **({"draft_vocab_coverage": True} if head is not None else {})},

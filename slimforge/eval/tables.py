@@ -250,7 +250,7 @@ SPECULATIVE_NOTE = ("Each student as a draft for its teacher's greedy decoding (
 
 def speculative_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Every model scored as a draft by a ``speculative`` task: acceptance, tokens a round, speed-up, verdict."""
-    header = ["task", "draft", "acceptance", "tokens / round", "teacher tok/s", "with draft tok/s", "speed-up",
+    header = ["task", "draft", "acceptance", "per position", "tokens / round", "teacher tok/s", "with draft tok/s", "speed-up",
               "cost model", "identical", "use it"]
     rows = []
     for task, summary in report.get("tasks", {}).items():
@@ -261,7 +261,9 @@ def speculative_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]
             if "acceptance_rate" not in r:
                 continue
             worth = r["speedup"] >= 1.0 and r.get("identical_outputs") == 1.0
-            rows.append([task, label, f"{100 * r['acceptance_rate']:.1f}%", fmt(r["tokens_per_round"], 2),
+            per_position = r.get("position_acceptance")
+            rows.append([task, label, f"{100 * r['acceptance_rate']:.1f}%",
+                         "" if per_position is None else f"{100 * per_position:.1f}%", fmt(r["tokens_per_round"], 2),
                          fmt(r["teacher_tokens_per_s"], 1), fmt(r["speculative_tokens_per_s"], 1),
                          f"{r['speedup']:.2f}x", f"{r['predicted_speedup']:.2f}x", fmt(r.get("identical_outputs"), 2),
                          "yes" if worth else "no: slower than the teacher alone" if r["speedup"] < 1 else "no"])
