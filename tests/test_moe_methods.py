@@ -366,3 +366,27 @@ def test_masked_kd_keeps_the_experts_2_of_4_pattern(moe_teacher, tmp_path):
             b, a = getattr(before.experts, name), getattr(after.experts, name)
             assert ((b == 0).reshape(*b.shape[:2], -1, 4).sum(-1) == 2).all()
             assert torch.equal(b == 0, a == 0) and not torch.equal(a, b), name
+
+
+def test_lora_kd_on_an_moe_student_adapts_attention_and_the_shared_expert_only(moe_teacher, tmp_path):
+    """LoRA's target_modules name linear layers: an MoE student's attention and Qwen2-MoE's shared expert get
+    adapters, merged at the end; the fused routed experts and the router are not linears and stay bit-identical."""
+    from transformers import AutoModelForCausalLM
+
+    from slimforge import cli
+
+    run = tmp_path / "run"
+    code = cli.main(["run", str(ASSETS / "recipes" / "student.yaml"), "teacher=local", f"teacher.path={moe_teacher}",
+                     "data=text", f"data.path={ASSETS / 'corpus'}", "data.block_size=32", f"run_dir={run}",
+                     "stages.student.num_layers=1", "+distill@stages.kd=kd", "pipeline=[student,kd]",
+                     "stages.kd.lora.enabled=true", "stages.kd.lora.r=4", "stages.kd.steps=3", "stages.kd.batch_size=2",
+                     "stages.kd.warmup_steps=0", "stages.kd.lr=1e-2", "eval.tasks.perplexity.max_blocks=2",
+                     "eval.batch_size=2", *NO_GATE])
+    assert code == 0
+    assert json.loads((run / "stages" / "kd" / "slimforge.json").read_text())["distill"]["lora"] == "merged"
+    before, after = (dict(AutoModelForCausalLM.from_pretrained(run / "stages" / s).named_parameters())
+                     for s in ("student", "kd"))
+    changed = {name for name, p in before.items() if not torch.equal(p, after[name])}
+    assert {n for n in changed if n.endswith("_proj.weight") and "self_attn" in n}
+    assert any("shared_expert." in n for n in changed)
+    assert not {n for n in changed if ".experts." in n or n.endswith("mlp.gate.weight") or "shared_expert_gate" in n}
