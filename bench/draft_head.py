@@ -37,6 +37,29 @@ def answers(entry: Path) -> dict[int, str]:
     return out
 
 
+def held_prompts(tok, texts: list[str], count: int, length: int) -> list[torch.Tensor]:
+    """The first ``length`` tokens [1, length] of the first ``count`` of ``texts`` that are that long."""
+    prompts = []
+    for text in texts:
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        if ids.shape[1] >= length:
+            prompts.append(ids[:, :length])
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def teacher_alone(teacher, prompts: list[torch.Tensor], new_tokens: int, eos: int | None) -> tuple[list[list[int]], float]:
+    """The teacher's own greedy continuations of ``prompts`` (after a warm-up) and their total seconds."""
+    greedy_decode(teacher, prompts[0], 4, eos)
+    refs, alone = [], 0.0
+    for p in prompts:
+        tokens, seconds = greedy_decode(teacher, p, new_tokens, eos)
+        refs.append(tokens)
+        alone += seconds
+    return refs, alone
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draft", type=Path, required=True)
@@ -65,22 +88,11 @@ def main() -> None:
     texts = answers(entry)
     train = [t for i, t in texts.items() if i < args.trained]
     held = [t for i, t in sorted(texts.items()) if i >= args.trained]
-    prompts = []
-    for text in held:
-        ids = tok(text, return_tensors="pt")["input_ids"]
-        if ids.shape[1] >= args.prompt_tokens:
-            prompts.append(ids[:, :args.prompt_tokens])
-        if len(prompts) == args.prompts:
-            break
+    prompts = held_prompts(tok, held, args.prompts, args.prompt_tokens)
     counts = token_counts(torch.cat([tok(t, return_tensors="pt")["input_ids"][0] for t in train]), teacher.config.vocab_size)
     eos = tok.eos_token_id
     heads = {"full": None, **{str(n): DraftHead.frequent(draft, counts, n, (eos,)) for n in args.sizes}}
-    greedy_decode(teacher, prompts[0], 4, eos)
-    refs, alone = [], 0.0
-    for p in prompts:
-        tokens, seconds = greedy_decode(teacher, p, args.new_tokens, eos)
-        refs.append(tokens)
-        alone += seconds
+    refs, alone = teacher_alone(teacher, prompts, args.new_tokens, eos)
     emitted = sum(len(r) for r in refs)
     step = alone / emitted
     print(f"teacher alone: {emitted / alone:.1f} tok/s ({1000 * step:.1f} ms a token), {len(prompts)} prompts "

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 import time
@@ -36,7 +35,9 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from slimforge.eval.speculative import DraftHead, greedy_decode, token_counts  # noqa: E402
+from draft_head import answers, held_prompts, teacher_alone  # noqa: E402  (bench/ is the script's own folder)
+
+from slimforge.eval.speculative import DraftHead, token_counts  # noqa: E402
 from slimforge.models import asset_model_folder  # noqa: E402
 
 
@@ -66,14 +67,6 @@ class FeatureDraft(nn.Module):
     def forward(self, features: torch.Tensor, tokens: torch.Tensor, cache=None) -> torch.Tensor:
         x = self.fc(torch.cat([self.embed[0](tokens), features], dim=-1))
         return self.body(inputs_embeds=x, past_key_values=cache, use_cache=cache is not None).last_hidden_state
-
-
-def answers(entry: Path) -> dict[int, str]:
-    out = {}
-    for batch in sorted(entry.glob("batch-*.json")):
-        for r in json.loads(batch.read_text())["records"]:
-            out[int(r["index"])] = r["prompt"] + "\n" + r["response"]
-    return out
 
 
 def pack(tok, texts: list[str], block: int) -> torch.Tensor:
@@ -245,13 +238,7 @@ def main() -> None:
         print(f"trained {args.steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
         if args.save:
             torch.save(draft.state_dict(), args.save)
-    prompts = []
-    for text in held:
-        ids = tok(text, return_tensors="pt")["input_ids"]
-        if ids.shape[1] >= args.prompt_tokens:
-            prompts.append(ids[:, : args.prompt_tokens])
-        if len(prompts) == args.prompts:
-            break
+    prompts = held_prompts(tok, held, args.prompts, args.prompt_tokens)
     if not prompts:
         print("no held-out answers to prompt with: generate more (a larger data.generate.num_samples), then --load")
         return
@@ -263,12 +250,7 @@ def main() -> None:
     counts = token_counts(blocks, teacher.config.vocab_size)
     eos = tok.eos_token_id
     sub = DraftHead.frequent(teacher, counts, args.vocab, (eos,)) if args.vocab else None
-    greedy_decode(teacher, prompts[0], 4, eos)
-    refs, alone = [], 0.0
-    for p in prompts:
-        t, s = greedy_decode(teacher, p, args.new_tokens, eos)
-        refs.append(t)
-        alone += s
+    refs, alone = teacher_alone(teacher, prompts, args.new_tokens, eos)
     emitted = sum(len(r) for r in refs)
     print(f"teacher alone: {emitted / alone:.1f} tok/s over {len(prompts)} prompts never trained on ({emitted} tokens)")
     print(f"{'k':>2} {'accept':>7} {'a/pos':>6} {'tok/round':>9} {'speed-up':>8} {'identical':>9}")
