@@ -7,10 +7,12 @@
 #   3. bench/sparse24_speed.py                   2:4 semi-structured matmul and prefill speed-up
 #   4. bench/decode_speed.py                     bf16 vs bitsandbytes int8 / NF4 decode tok/s
 #   5. bench/w8a8_gpu.py                         FP8/int8 GEMMs vs slimforge's W8A8 emulation: parity and speed
+#   6. bench/spec_cost_model.py                  the speculative cost model vs measured speed-up on a
+#                                                ~1.3B teacher, at acceptance rates set by an oracle
 #
 # The lent H100 has torch, transformers and accelerate but no bitsandbytes: put its wheel
 # (pip download bitsandbytes==0.50.2 --no-deps -d shared/wheels) where WHEELS points, or step 4
-# is skipped with a note. Expected wall time: about 8-10 minutes.
+# is skipped with a note. Expected wall time: about 10-12 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/gpu-out}"
@@ -48,3 +50,4 @@ else
 fi
 
 step w8a8 150 "$PY" bench/w8a8_gpu.py
+step spec_cost_model 240 "$PY" bench/spec_cost_model.py --new-tokens 96 --k 1 2 4 --accept 0.5 0.8
