@@ -49,7 +49,12 @@ def qlora_run(teacher_dir, corpus_dir, tmp_path_factory):
 
 
 def logits(folder) -> torch.Tensor:
+    """The folder's logits on IDS in fp32; a 4-bit base on bitsandbytes' plain path (dequantize, then an fp32
+    matmul), not the bf16 kernel it repacks for on AVX512-BF16 CPUs, so merges compare against exact math."""
+    from slimforge.quantize.bnb_cpu import keep_4bit_layers_off_cpu_packing
+
     model = load_model(str(folder), dtype=torch.float32, with_tokenizer=False)
+    keep_4bit_layers_off_cpu_packing(model, everywhere=True)
     with torch.no_grad():
         return model(input_ids=IDS).logits
 
@@ -72,7 +77,10 @@ def test_dequantized_weight_is_what_the_4bit_layer_multiplies_by(teacher_dir, qu
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=torch.float32,
                                bnb_4bit_use_double_quant=double_quant)
+    from slimforge.quantize.bnb_cpu import keep_4bit_layers_off_cpu_packing
+
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.bfloat16, quantization_config=quant)
+    keep_4bit_layers_off_cpu_packing(model, everywhere=True)  # the plain path on AVX512-BF16 CPUs too
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers
     for layer in layers[:4]:
@@ -255,6 +263,9 @@ def test_peft_reads_the_base_relative_to_the_current_directory(qlora_run, tmp_pa
     monkeypatch.chdir(heal)
     model = AutoPeftModelForCausalLM.from_pretrained(heal, dtype=torch.float32)
     from slimforge.models import _cast_unquantized
+    from slimforge.quantize.bnb_cpu import keep_4bit_layers_off_cpu_packing
+
+    keep_4bit_layers_off_cpu_packing(model, everywhere=True)  # what slimforge's loader does (cards say so too)
 
     _cast_unquantized(model, torch.float32)  # transformers leaves the NF4 base's bf16 norms in bf16
     with torch.no_grad():

@@ -102,7 +102,7 @@ def update_gap(a, b, start) -> float:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_chunked_and_naive_backends_train_identically(sharp_teacher, bundle, tmp_path, precision):
-    """Identical in fp32; in bf16 autocast (``auto`` on native-bf16 CPUs) equal up to bf16 rounding:
+    """Equal in fp32 up to summation order (the update gap below 1e-3); in bf16 autocast (``auto`` on native-bf16 CPUs) equal up to bf16 rounding:
     losses within one bf16 step (2**-8 relative; measured 2.7e-4), weights per :func:`update_gap`."""
     start = _pair(sharp_teacher)[1]
     for loss in ("forward_kl", "jsd"):
@@ -115,8 +115,10 @@ def test_chunked_and_naive_backends_train_identically(sharp_teacher, bundle, tmp
             assert update_gap(chunked.model, naive.model, start) < 0.1, loss
             continue
         np.testing.assert_allclose(chunked.losses, naive.losses, rtol=1e-4)
-        for a, b in zip(chunked.model.parameters(), naive.model.parameters()):
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+        # fp32 sums in another order: AdamW normalises each update, so a gradient that is rounding noise
+        # can move one weight by up to lr. Measured: 2.2e-6 (forward KL) and 1.1e-4 (JSD, one weight
+        # moved 1.1e-4) on an AVX512 CPU, ~1e-6 on AVX2; a real difference is ~0.4 (see update_gap).
+        assert update_gap(chunked.model, naive.model, start) < 1e-3, loss
 
 
 def test_sequence_level_kd_trains_on_the_data_alone_and_never_runs_the_teacher_while_training(
@@ -600,8 +602,8 @@ def test_fsdp_trains_a_sparse_student_from_the_teacher_cache_like_one_process(sh
                                                                            tokenizer):
     """No teacher at all: only the student is sharded; two micro-batches per step, each reduce-scattered;
     the pruned weights stay exactly zero (the masks are split like the weights they mask). Measured:
-    losses equal to 6 digits, weights within 9.1e-7 of one process; asserted: losses rtol 1e-5, weights
-    atol 1e-5, the same zeros."""
+    losses equal to 6 digits, weights within 9.1e-7 of one process; asserted: losses rtol 1e-5, the
+    weights' update gap below 1e-3, the same zeros."""
     sparse = _sparse_student(sharp_teacher, tokenizer, tmp_path / "sparse")
     common = distill_args(sharp_teacher, corpus_dir, tmp_path / "fsdp", "student@stages.student=checkpoint",
                           f"stages.student.path={sparse}", "stages.heal.keep_sparsity=true",
@@ -623,8 +625,10 @@ def test_fsdp_trains_a_sparse_student_from_the_teacher_cache_like_one_process(sh
     assert _zeros(sharded) == _zeros(reference) == _zeros(start)
     moved = max((x - y).abs().max().item() for x, y in zip(reference.state_dict().values(), start.state_dict().values()))
     assert moved > 1e-3
-    for (name, x), (_, y) in zip(sharded.state_dict().items(), reference.state_dict().items()):
-        torch.testing.assert_close(x, y, rtol=0, atol=1e-5, msg=name)
+    # Ranks sum gradients in another order than one process, and AdamW can turn a rounding-noise gradient
+    # on a rare token's embedding row into an lr-sized step: measured update gap 1.2e-6 (largest weight
+    # difference 1.5e-6) here, but above 1e-5 on one weight in another run. A real difference is ~0.4.
+    assert update_gap(sharded, reference, start) < 1e-3
 
 
 def test_fsdp_trains_lora_adapters_and_merges_them_like_one_process(sharp_teacher, corpus_dir, tmp_path):

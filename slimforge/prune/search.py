@@ -290,13 +290,13 @@ def run_search(model: Any, importance: Importance, shapes: Sequence[Shape], data
     """Build, heal and score every shape against ``model``; one record per shape (shape, parameters, KL, seconds)."""
     import torch
 
+    from slimforge.moe import active_parameters
+
     records = []
     for i, shape in enumerate(shapes):
         start = time.perf_counter()
         torch.manual_seed(seed)
         student = build_candidate(model, importance, shape, head_mode, rescale_norms)
-        from slimforge.moe import active_parameters
-
         params = arch.count_parameters(student)
         active = active_parameters(student, params)
         scores = score_candidate(student, model, data, heal_steps, heal_lr, device)
