@@ -37,6 +37,7 @@ from slimforge.pipeline import run_recipe  # noqa: E402
 VARIANTS = [
     ("kd", []),
     ("seqkd", ["distill@stages.draft=seqkd", "stages.draft.role=draft", "stages.draft.lr=1.0e-3",
+               "stages.draft.teacher_cache=false",
                "stages.draft.warmup_steps=20"]),
 ]
 
