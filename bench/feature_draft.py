@@ -169,7 +169,8 @@ def feature_speculative(teacher, draft: FeatureDraft, prompt: torch.Tensor, max_
         while a < len(drafted) and int(head(hv[a:a + 1]).argmax()) == drafted[a]:
             a += 1
         choice = int(head(hv[a:a + 1]).argmax())
-        t_cache.crop(-(len(drafted) - a)) if len(drafted) > a else None
+        if len(drafted) > a:
+            t_cache.crop(-(len(drafted) - a))
         stats["rounds"] += 1
         stats["drafted"] += len(drafted)
         stats["accepted"] += a
