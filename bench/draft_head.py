@@ -72,7 +72,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument("--k", type=int, nargs="+", default=[2, 3, 4])
+    parser.add_argument("--width", type=int, nargs="+", default=[1], help="the draft's candidates for the first "
+                        "position (1: a plain chain; more: a draft tree with its runner-ups)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="time each setting this many times; the median "
+                        "speed-up is printed, with the range")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -97,7 +101,7 @@ def main() -> None:
     step = alone / emitted
     print(f"teacher alone: {emitted / alone:.1f} tok/s ({1000 * step:.1f} ms a token), {len(prompts)} prompts "
           f"(answers never trained on) from {entry}, draft {args.draft}")
-    print(f"{'head':>6} {'k':>2} {'accept':>7} {'a/pos':>6} {'tok/round':>9} {'draft cost':>10} {'speed-up':>8} {'identical':>9} "
+    print(f"{'head':>6} {'k':>2} {'w':>2} {'accept':>7} {'a/pos':>6} {'tok/round':>9} {'draft cost':>10} {'speed-up':>8} {'identical':>9} "
           f"{'coverage':>8}")
     for name, head in heads.items():
         d_s = d_n = 0.0
@@ -106,17 +110,28 @@ def main() -> None:
             d_s, d_n = d_s + seconds, d_n + len(tokens)
         cost = d_s / d_n / step
         cover = 1.0 if head is None else sum(int(torch.isin(torch.tensor(r), head.token_ids).sum()) for r in refs) / emitted
-        for k in args.k:
-            start, same, acc, drafted, rounds, cut = time.perf_counter(), 0, 0, 0, 0, 0
-            for p, ref in zip(prompts, refs, strict=True):
-                tokens, stats = speculative_decode(teacher, draft, p, args.new_tokens, k, eos, head)
-                same += tokens == ref
-                acc, drafted, rounds = acc + stats.accepted, drafted + stats.drafted, rounds + stats.rounds
-                cut += stats.rejections
-            spec = time.perf_counter() - start
-            print(f"{name:>6} {k:>2} {acc / max(drafted, 1):7.3f} {acc / max(acc + cut, 1):6.3f} {emitted / rounds:9.2f} {cost:10.3f} "
-                  f"{alone / spec:7.2f}x {same}/{len(prompts):<7} {cover:8.3f}")
-    print("(baseline: the teacher alone, this run)")
+        for k, width in [(k, w) for k in args.k for w in args.width]:
+            same, acc, drafted, rounds, cut = 0, 0, 0, 0, 0
+            ratios = []
+            for _ in range(args.repeats):
+                spec = paired_alone = 0.0
+                for p, ref in zip(prompts, refs, strict=True):
+                    # The baseline again right before each speculative decode of the same prompt: the
+                    # ratio pairs them in time, so a drift in the machine's speed cancels.
+                    paired_alone += greedy_decode(teacher, p, args.new_tokens, eos)[1]
+                    start = time.perf_counter()
+                    tokens, stats = speculative_decode(teacher, draft, p, args.new_tokens, k, eos, head, width)
+                    spec += time.perf_counter() - start
+                    same += tokens == ref
+                    acc, drafted, rounds = acc + stats.accepted, drafted + stats.drafted, rounds + stats.rounds
+                    cut += stats.rejections
+                ratios.append(paired_alone / spec)
+            ratios.sort()
+            spread = f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
+            print(f"{name:>6} {k:>2} {width:>2} {acc / max(drafted, 1):7.3f} {acc / max(acc + cut, 1):6.3f} "
+                  f"{args.repeats * emitted / rounds:9.2f} {cost:10.3f} {ratios[len(ratios) // 2]:7.2f}x{spread} "
+                  f"{same}/{args.repeats * len(prompts):<7} {cover:8.3f}")
+    print("(baseline: the teacher alone, this run, timed right before each speculative decode of the same prompt)")
 
 
 if __name__ == "__main__":

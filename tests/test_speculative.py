@@ -177,6 +177,13 @@ def test_draft_recipe_at_tiny_scale(tokenizer, tmp_path):
     assert draft["identical_outputs"] == undistilled["identical_outputs"] == 1.0
     for result in (draft, undistilled):
         assert 0 <= result["acceptance_rate"] <= 1 and result["speedup"] > 0 and result["predicted_speedup"] > 0
+    # The recipe drafts one token and its runner-up, verified as a tree.
+    assert report["tasks"]["speculative"]["drafting"] == {"k": 1, "width": 2}
+    record = json.loads((run_dir / "eval" / "draft.json").read_text())["tasks"]["speculative"]
+    assert record["info"]["width"] == 2 and record["info"]["candidates_per_round"] > 1
+    assert 0 <= draft["runner_up_share"] <= draft["position_acceptance"]
+    row = next(line for line in (run_dir / "report.md").read_text().splitlines() if line.startswith("| speculative | draft |"))
+    assert "| k=1, 1 runner-up |" in row
     # What the distillation optimises, on held-out teacher text: the draft moved toward the teacher. (On
     # random tiny teachers greedy continuations are too chaotic for a stable acceptance gain at this size;
     # the acceptance target is the benchmark's, on the real teacher.)
@@ -204,3 +211,110 @@ def test_decode_counts_one_rejection_per_cut_round(tokenizer, k):
     if k == 1:
         assert stats.position_acceptance == pytest.approx(stats.acceptance_rate)
     assert stats.position_acceptance >= stats.acceptance_rate
+
+
+# A draft tree: the draft's runner-ups for the first position, verified with the chain in one pass.
+
+
+@pytest.mark.parametrize(("arch", "k", "width"), [("llama", 1, 2), ("llama", 3, 3), ("qwen3", 1, 3), ("phi3", 2, 2),
+                                                  ("gemma", 1, 4)])
+def noisy(model, scale: float, seed: int):
+    """A copy of ``model`` with Gaussian noise of ``scale`` times each weight's std: a draft that agrees with it
+    often, and often only with its second or third choice."""
+    import copy
+
+    out = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * scale * p.float().std().clamp_min(1e-3))
+    return out
+
+
+@pytest.mark.parametrize(("arch", "k", "width", "noise"), [("llama", 1, 2, 0.1), ("llama", 3, 3, 0.1), ("qwen3", 1, 3, 0.1),
+                                                           ("phi3", 2, 2, 0.1), ("gemma", 1, 4, 2.0)])
+def test_a_draft_tree_keeps_the_output_the_teachers_greedy_output_in_float32(tokenizer, arch, k, width, noise):
+    """The draft is the teacher with noise (gemma's scaled norms shrug off less): right often, often only second."""
+    teacher = sharp(arch, tokenizer, layers=4, seed=1)
+    draft = noisy(teacher, noise, seed=3)
+    ids = prompt(tokenizer)
+    reference = greedy_decode(teacher, ids, 40)[0]
+    tokens, stats = speculative_decode(teacher, draft, ids, 40, k=k, width=width)
+    assert tokens == reference
+    assert stats.emitted == 40 and stats.rounds == 40 - stats.accepted
+    assert stats.drafted < stats.candidates <= stats.drafted + (width - 1) * stats.rounds
+    assert stats.runner_up_accepts > 0  # some rounds went down a runner-up, and the output is still the teacher's
+    plain = speculative_decode(teacher, draft, ids, 40, k=k)[1]
+    assert plain.runner_up_accepts == 0 and plain.candidates == plain.drafted
+
+
+def test_tree_verification_of_a_runner_up_equals_reading_it_alone(tokenizer):
+    """The teacher's next token is the tree's sibling, not its chain: the verdict takes the sibling, the bonus
+    token is the one the teacher gives after it alone, and the cut cache equals the cache of reading
+    [last, sibling] alone (the chain's rows gathered out)."""
+    from transformers import DynamicCache
+
+    from slimforge.eval.speculative import DraftTree, _feed, _keep_path, _verify_tree
+
+    teacher = sharp("llama", tokenizer, layers=3, seed=1)
+    ids = prompt(tokenizer)
+    greedy = greedy_decode(teacher, ids, 3)[0]
+    wrong = (greedy[0] + 1) % len(tokenizer)
+    with torch.no_grad():
+        tree_cache, alone = DynamicCache(), DynamicCache()
+        _feed(teacher, ids[:, :-1], tree_cache)
+        _feed(teacher, ids[:, :-1], alone)
+        tree = DraftTree(int(ids[0, -1]), [wrong, greedy[1]], [(greedy[0] + 2) % len(tokenizer), greedy[0]])
+        path, choice = _verify_tree(teacher, tree, tree_cache)
+        assert path == [4] and choice == greedy[1]
+        _keep_path(tree_cache, len(tree.tokens), path)
+        _feed(teacher, torch.tensor([[int(ids[0, -1]), greedy[0]]]), alone)
+        assert tree_cache.get_seq_length() == alone.get_seq_length() == ids.shape[1] + 1
+        for mine, theirs in zip(tree_cache.layers, alone.layers, strict=True):
+            torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-5)
+        # And down the chain: the tree's greedy chain accepted to its end is a crop, as without siblings.
+        chain_cache = DynamicCache()
+        _feed(teacher, ids[:, :-1], chain_cache)
+        tree = DraftTree(int(ids[0, -1]), greedy[:2], [wrong])
+        path, choice = _verify_tree(teacher, tree, chain_cache)
+        assert path == [1, 2] and choice == greedy[2]
+        _keep_path(chain_cache, len(tree.tokens), path)
+        assert chain_cache.get_seq_length() == ids.shape[1] + 2
+
+
+def test_the_tree_mask_lets_each_node_see_the_cache_itself_and_its_ancestors():
+    from slimforge.eval.speculative import DraftTree
+
+    tree = DraftTree(7, [1, 2], [3, 4])  # nodes: 0 last; 1 -> 2 the chain; 3, 4 siblings of 1
+    assert tree.parents == [-1, 0, 1, 0, 0] and tree.depths() == [0, 1, 2, 1, 1]
+    assert tree.children(0) == {1: 1, 3: 3, 4: 4} and tree.children(1) == {2: 2} and tree.children(3) == {}
+    allowed = tree.attention_mask(2, torch.float32, "cpu")[0, 0] == 0
+    assert allowed.tolist() == [
+        [True, True, True, False, False, False, False],
+        [True, True, True, True, False, False, False],
+        [True, True, True, True, True, False, False],
+        [True, True, True, False, False, True, False],
+        [True, True, True, False, False, False, True],
+    ]
+
+
+def test_a_draft_that_is_the_teacher_is_accepted_down_its_chain_with_a_tree_too(tokenizer):
+    teacher = sharp("llama", tokenizer, layers=2, seed=1)
+    tokens, stats = speculative_decode(teacher, teacher, prompt(tokenizer), 30, k=4, width=3)
+    assert tokens == greedy_decode(teacher, prompt(tokenizer), 30)[0]
+    assert stats.acceptance_rate == 1.0 and stats.runner_up_accepts == 0 and stats.rounds == 6
+
+
+def test_a_tree_is_refused_where_a_sliding_window_is_shorter_than_the_decode_and_allowed_where_it_is_not(tokenizer):
+    """gemma2 (window 16, eager attention with softcapping) reads the additive mask as given."""
+    teacher = sharp("gemma2", tokenizer, layers=2, seed=1)
+    draft = sharp("gemma2", tokenizer, layers=1, seed=2)
+    ids = prompt(tokenizer)[:, :6]
+    with pytest.raises(ValueError, match=r"sliding window \(16 tokens\) is shorter than prompt \+ new tokens \(38\); "
+                                         r"set width: 1"):
+        speculative_decode(teacher, draft, ids, 30, k=2, width=2)
+    tokens, _ = speculative_decode(teacher, draft, ids, 8, k=2, width=2)
+    assert tokens == greedy_decode(teacher, ids, 8)[0]
+    with pytest.raises(ValueError, match=r"width, the draft's candidates for the first drafted position, must be >= 1"):
+        speculative_decode(teacher, draft, ids, 8, k=2, width=0)

@@ -429,14 +429,25 @@ class SpeculativeTaskConfig(TaskConfig):
     k: int = 4
     # The draft proposes only the N tokens most frequent in the training text (FR-Spec); null: all.
     draft_vocab: int | None = None
+    # Candidates for the first drafted position: 1 drafts a plain chain; w > 1 adds the draft's w - 1
+    # runner-ups as a tree the teacher verifies in the same pass (slimforge.eval.speculative.DraftTree).
+    width: int = 1
 
     def check(self) -> None:
         check_int("prompts", self.prompts, low=1, high=1000)
         check_int("prompt_tokens", self.prompt_tokens, low=1, high=32768)
         check_int("new_tokens", self.new_tokens, low=1, high=4096)
         check_int("k", self.k, low=1, high=64)
+        check_int("width", self.width, low=1, high=64)
         if self.draft_vocab is not None:
             check_int("draft_vocab", self.draft_vocab, low=16, high=10_000_000)
+
+    def key_settings(self) -> dict[str, Any]:
+        """``width`` keys results only when set above 1 (results from before it existed keep their keys)."""
+        settings = super().key_settings()
+        if settings.get("width") == 1:
+            del settings["width"]
+        return settings
 
     def check_data(self, data: DataConfig) -> None:
         if self.prompt_tokens >= data.block_size:

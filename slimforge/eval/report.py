@@ -187,7 +187,7 @@ def task_summary(result: dict[str, Any]) -> dict[str, Any]:
     shots = result.get("num_fewshot")
     summary = {"type": result.get("type"), "metric": result.get("metric"), "items": items,
                "num_fewshot": max(shots.values()) if isinstance(shots, dict) and shots else shots}
-    summary.update({key: result[key] for key in ("corpus", "split", "domain") if key in result})
+    summary.update({key: result[key] for key in ("corpus", "split", "domain", "drafting") if key in result})
     return summary
 
 

@@ -30,6 +30,7 @@ report gives that share as ``draft_vocab_coverage``).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,8 @@ class SpecStats:
     drafted: int = 0
     accepted: int = 0
     rejections: int = 0  # rounds whose drafts the teacher cut short (a drafted token it disagreed with)
+    candidates: int = 0  # tree nodes proposed: the chain plus the first position's runner-ups (width > 1)
+    runner_up_accepts: int = 0  # rounds whose first accepted token was a runner-up, not the draft's greedy choice
     emitted: int = 0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
@@ -92,11 +95,16 @@ def predicted_speedup(acceptance: float, k: int, draft_cost: float, verify_cost:
     return expected_tokens_per_round(acceptance, k) / (k * draft_cost + verify_cost)
 
 
-def _cache_argument(model: Any) -> str:
-    """The name a model's forward takes its KV cache by: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+@functools.cache
+def _cache_argument_of(cls: type) -> str:
     import inspect
 
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def _cache_argument(model: Any) -> str:
+    """The name a model's forward takes its KV cache by: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    return _cache_argument_of(type(model))
 
 
 def _step(model: Any, ids: torch.Tensor, cache: Any) -> torch.Tensor:
@@ -110,13 +118,25 @@ def _feed(model: Any, ids: torch.Tensor, cache: Any) -> None:
     decoder(input_ids=ids, use_cache=True, **{_cache_argument(decoder): cache})
 
 
-def _draft_step(model: Any, ids: torch.Tensor, cache: Any, head: DraftHead | None) -> int:
-    """The draft's greedy next token after ``ids`` [1, n] appended to ``cache``, over ``head``'s tokens if given."""
+def _draft_top(model: Any, ids: torch.Tensor, cache: Any, head: DraftHead | None, width: int = 1) -> list[int]:
+    """The draft's ``width`` likeliest next tokens, best first, after ``ids`` [1, n] appended to ``cache``.
+
+    Over ``head``'s tokens if given. ``width = 1`` is the argmax (the draft's own greedy token).
+    """
     if head is None:
-        return int(_step(model, ids, cache)[-1].argmax())
+        logits = _step(model, ids, cache)[-1]
+        return [int(logits.argmax())] if width == 1 else logits.topk(width).indices.tolist()
     decoder = model.get_decoder()
     hidden = decoder(input_ids=ids, use_cache=True, **{_cache_argument(decoder): cache}).last_hidden_state[0, -1]
-    return int(head.token_ids[int((head.weight @ hidden).argmax())])
+    scores = head.weight @ hidden
+    if width == 1:
+        return [int(head.token_ids[int(scores.argmax())])]
+    return head.token_ids[scores.topk(min(width, scores.numel())).indices].tolist()
+
+
+def _draft_step(model: Any, ids: torch.Tensor, cache: Any, head: DraftHead | None) -> int:
+    """The draft's greedy next token after ``ids`` [1, n] appended to ``cache``, over ``head``'s tokens if given."""
+    return _draft_top(model, ids, cache, head)[0]
 
 
 @dataclass
@@ -146,28 +166,131 @@ def token_counts(blocks: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return torch.bincount(blocks.reshape(-1).long(), minlength=vocab_size)[:vocab_size]
 
 
-def _verify(teacher: Any, ids: torch.Tensor, drafted: list[int], cache: Any) -> tuple[int, int]:
-    """The teacher's verdict on ``drafted``: ``(accepted, its own next token)`` after ``ids`` = [last, *drafted].
+@dataclass
+class DraftTree:
+    """A round's proposals as a tree under the last emitted token (node 0).
 
-    One decoder pass over all the positions; the output projection only at the positions the verdict
-    reads, one at a time up to the first disagreement (a rejected draft's later positions are never
-    scored: the projection is a fifth of a small model's compute per position).
+    Nodes ``1..len(chain)`` are the draft's greedy chain (each the child of the one before); the
+    ``siblings`` that follow are its runner-up candidates for the first position (children of node 0),
+    so with no siblings the tree is the plain chain of Leviathan et al. Each node attends to the
+    cache and its own ancestors only (:meth:`attention_mask`), so the teacher scores every path in
+    one pass as if it had read that path alone.
+    """
+
+    last: int
+    chain: list[int]
+    siblings: list[int] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> list[int]:
+        return [self.last, *self.chain, *self.siblings]
+
+    @property
+    def parents(self) -> list[int]:
+        return [-1, *range(len(self.chain)), *([0] * len(self.siblings))]
+
+    def depths(self) -> list[int]:
+        return [0, *range(1, len(self.chain) + 1), *([1] * len(self.siblings))]
+
+    def children(self, node: int) -> dict[int, int]:
+        """``{token: node}`` of ``node``'s children."""
+        tokens = self.tokens
+        return {tokens[n]: n for n, parent in enumerate(self.parents) if parent == node}
+
+    def attention_mask(self, past: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
+        """An additive mask [1, 1, nodes, past + nodes]: 0 where a node may attend (the cache, itself and
+        its ancestors), the dtype's minimum elsewhere (eager and SDPA attention both read it as given)."""
+        n = len(self.tokens)
+        allowed = torch.zeros(n, past + n, dtype=torch.bool, device=device)
+        allowed[:, :past] = True
+        for node, _ in enumerate(self.tokens):
+            up = node
+            while up >= 0:
+                allowed[node, past + up] = True
+                up = self.parents[up]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def _verify(teacher: Any, ids: torch.Tensor, drafted: list[int], cache: Any) -> tuple[int, int]:
+    """The teacher's verdict on the chain ``drafted``: ``(accepted, its own next token)`` after ``ids`` = [last, *drafted]."""
+    path, choice = _verify_tree(teacher, DraftTree(int(ids[0, 0]), list(drafted)), cache)
+    return len(path), choice
+
+
+def _verify_tree(teacher: Any, tree: DraftTree, cache: Any) -> tuple[list[int], int]:
+    """The teacher's verdict on ``tree``: ``(accepted path as node indices, its own next token)``.
+
+    One decoder pass over all the nodes; the output projection at node 0 and its children together,
+    then one node at a time down the accepted path (a rejected node's descendants are never scored:
+    the projection is a fifth of a small model's compute per position). A plain chain runs with the
+    model's own causal mask; a tree with siblings passes its ancestor mask and each node's depth as
+    its position.
     """
     decoder = teacher.get_decoder()
-    hidden = decoder(input_ids=ids, use_cache=True, **{_cache_argument(decoder): cache}).last_hidden_state[0]
+    ids = torch.tensor([tree.tokens], device=teacher.device)
+    extra: dict[str, Any] = {}
+    if tree.siblings:
+        past = cache.get_seq_length()
+        weight = teacher.get_output_embeddings().weight
+        extra = {"attention_mask": tree.attention_mask(past, weight.dtype, weight.device),
+                 "position_ids": torch.tensor([[past + d for d in tree.depths()]], device=weight.device)}
+    hidden = decoder(input_ids=ids, use_cache=True, **extra, **{_cache_argument(decoder): cache}).last_hidden_state[0]
     head = teacher.get_output_embeddings()
-    accepted = 0
+    # Node 0 and its children in one projection: the head's weights are read once for the verdict on the
+    # first position and the one after it, which every accepted round needs.
+    first = [0, *tree.children(0).values()]
+    choices = dict(zip(first, head(hidden[first]).argmax(-1).tolist(), strict=True))
+    path: list[int] = []
+    node = 0
     while True:
-        choice = int(head(hidden[accepted:accepted + 1]).argmax())
-        if accepted == len(drafted) or drafted[accepted] != choice:
-            return accepted, choice
-        accepted += 1
+        choice = choices[node] if node in choices else int(head(hidden[node:node + 1]).argmax())
+        child = tree.children(node).get(choice)
+        if child is None:
+            return path, choice
+        path.append(child)
+        node = child
 
 
 def _drop(cache: Any, tokens: int) -> None:
     """Remove the last ``tokens`` positions from ``cache`` (transformers 5 takes a negative count)."""
     if tokens > 0:
         cache.crop(-tokens)
+
+
+def _keep_path(cache: Any, nodes: int, path: list[int]) -> None:
+    """Cut ``cache``, which ends with a tree's ``nodes`` positions, to its node 0 and the accepted ``path``.
+
+    A path down the chain (nodes 1, 2, ..., a) is a crop; a path through a sibling gathers its rows.
+    """
+    if path == list(range(1, len(path) + 1)):
+        _drop(cache, nodes - 1 - len(path))
+        return
+    base = cache.get_seq_length() - nodes
+    keep = torch.tensor([*range(base + 1), *(base + n for n in path)])
+    for layer in cache.layers:
+        index = keep.to(layer.keys.device)
+        layer.keys = layer.keys.index_select(-2, index)
+        layer.values = layer.values.index_select(-2, index)
+
+
+def check_tree_attention(model: Any, length: int) -> None:
+    """Raise ``ValueError`` unless ``model`` can verify a draft tree of sequences up to ``length`` tokens.
+
+    The tree's ancestor mask is read as given by eager and SDPA attention; a sliding window shorter
+    than the sequence would need that window in the mask as well, so it is refused.
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    if implementation not in ("eager", "sdpa"):
+        raise ValueError(f"verifying a draft tree needs eager or sdpa attention, the teacher runs {implementation!r}; "
+                         "load it with attn_implementation='sdpa' or set width: 1")
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or ()
+    slides = window is not None and (not layer_types or "sliding_attention" in layer_types)
+    if slides and window < length:
+        raise ValueError(f"verifying a draft tree needs full attention, and the teacher's sliding window ({window} tokens) "
+                         f"is shorter than prompt + new tokens ({length}); set width: 1 or shorten the decode")
 
 
 @torch.no_grad()
@@ -195,11 +318,13 @@ def greedy_decode(model: Any, prompt: torch.Tensor, max_new_tokens: int, eos_tok
 
 @torch.no_grad()
 def speculative_decode(teacher: Any, draft: Any, prompt: torch.Tensor, max_new_tokens: int, k: int = 4,
-                       eos_token_id: int | None = None, draft_head: DraftHead | None = None
+                       eos_token_id: int | None = None, draft_head: DraftHead | None = None, width: int = 1
                        ) -> tuple[list[int], SpecStats]:
     """The teacher's greedy continuation of ``prompt`` [1, n], drafted ``k`` tokens at a time (module docstring).
 
     ``draft_head`` restricts the draft's proposals to a subset of the vocabulary (module docstring).
+    ``width > 1`` also proposes the draft's ``width - 1`` runner-up tokens for the first position, as
+    siblings in a :class:`DraftTree` that the teacher verifies in the same pass (module docstring).
 
     Returns:
         ``(tokens, stats)``: at most ``max_new_tokens`` tokens, stopping after ``eos_token_id``.
@@ -208,46 +333,57 @@ def speculative_decode(teacher: Any, draft: Any, prompt: torch.Tensor, max_new_t
 
     if k < 1:
         raise ValueError(f"k, the tokens drafted per round, must be >= 1, got {k}")
+    if width < 1:
+        raise ValueError(f"width, the draft's candidates for the first drafted position, must be >= 1, got {width}")
+    if width > 1:
+        check_tree_attention(teacher, prompt.shape[1] + max_new_tokens + width)
     device = prompt.device
     stats = SpecStats()
     t_cache, d_cache = DynamicCache(), DynamicCache()
-    # Both caches hold the prompt but its last token, which every round feeds first.
+    # The teacher's cache holds the prompt but its last token, which every round feeds first. The
+    # draft's holds all but its `pending` tokens, which its next step reads in one pass: the last
+    # token, after the accepted drafts it has not seen yet.
     if prompt.shape[1] > 1:
         _feed(teacher, prompt[:, :-1], t_cache)
         _feed(draft, prompt[:, :-1], d_cache)
     last = int(prompt[0, -1])
+    pending = [last]
     out: list[int] = []
     while len(out) < max_new_tokens:
         room = max_new_tokens - len(out)
-        steps = min(k, room - 1) if room > 1 else 0
+        depth = min(k, room - 1) if room > 1 else 0
         start = time.perf_counter()
-        drafted: list[int] = []
-        token = last
-        for _ in range(steps):
-            token = _draft_step(draft, torch.tensor([[token]], device=device), d_cache, draft_head)
-            drafted.append(token)
-            if token == eos_token_id:
-                break
+        chain: list[int] = []
+        siblings: list[int] = []
+        fed = 0  # chain tokens the draft's cache holds
+        if depth:
+            first = _draft_top(draft, torch.tensor([pending], device=device), d_cache, draft_head, width)
+            chain, siblings, pending = first[:1], first[1:], []
+            while len(chain) < depth and chain[-1] != eos_token_id:
+                chain += _draft_top(draft, torch.tensor([chain[-1:]], device=device), d_cache, draft_head)
+                fed += 1
         middle = time.perf_counter()
-        accepted, choice = _verify(teacher, torch.tensor([[last, *drafted]], device=device), drafted, t_cache)
-        emitted = [*drafted[:accepted], choice]
+        tree = DraftTree(last, chain, siblings)
+        path, choice = _verify_tree(teacher, tree, t_cache)
+        # The teacher's cache keeps node 0 (the old last token) and the accepted path.
+        _keep_path(t_cache, len(tree.tokens), path)
+        tokens = tree.tokens
+        emitted = [*(tokens[n] for n in path), choice]
         stats.verify_seconds += time.perf_counter() - middle
-        stats.draft_seconds += middle - start
-        start = time.perf_counter()
+        start_after = time.perf_counter()
         stats.rounds += 1
-        stats.drafted += len(drafted)
-        stats.accepted += accepted
-        stats.rejections += accepted < len(drafted)
-        stats.accepted_per_round.append(accepted)
-        # Each cache must end just before the new last token: at last + drafted[:accepted].
-        _drop(t_cache, len(drafted) - accepted)  # it holds last + drafted
-        if accepted < len(drafted):
-            _drop(d_cache, len(drafted) - 1 - accepted)  # it holds last + drafted[:-1]
-        elif drafted:  # all accepted: the draft has not seen its own last token yet
-            _feed(draft, torch.tensor([[drafted[-1]]], device=device), d_cache)
-        else:  # nothing drafted (one token left to emit): the draft has not seen last
-            _feed(draft, torch.tensor([[last]], device=device), d_cache)
-        stats.draft_seconds += time.perf_counter() - start
+        stats.drafted += len(chain)
+        stats.candidates += len(chain) + len(siblings)
+        stats.accepted += len(path)
+        stats.rejections += len(path) < len(chain)
+        stats.accepted_per_round.append(len(path))
+        stats.runner_up_accepts += bool(path) and path[0] > len(chain)
+        # The draft's cache keeps the chain tokens on the accepted path; the rest become pending.
+        on_chain = len(path) if path == list(range(1, len(path) + 1)) else 0
+        kept = min(on_chain, fed)
+        _drop(d_cache, fed - kept)
+        pending = [*pending, *emitted[kept:]]
+        stats.draft_seconds += (middle - start) + (time.perf_counter() - start_after)
         for token in emitted:
             out.append(token)
             if token == eos_token_id or len(out) == max_new_tokens:
@@ -281,12 +417,20 @@ def speculative_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str
         runs = [greedy_decode(model, p, cfg.new_tokens, eos) for p in prompts]
         tokens = sum(len(t) for t, _ in runs)
         return {"greedy_tokens_per_s": tokens / sum(s for _, s in runs),
+                "drafting": {"k": cfg.k, "width": cfg.width},  # how the task's drafts run (the report's table)
                 "info": {"prompts": len(prompts), "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens},
                 "higher_is_better": {"greedy_tokens_per_s": True}}
     teacher = pair[0]
+    if cfg.width > 1:
+        try:
+            check_tree_attention(teacher, max(p.shape[1] for p in prompts) + cfg.new_tokens + cfg.width)
+        except ValueError as error:
+            from slimforge.errors import ConfigError
+
+            raise ConfigError(f"eval.tasks speculative width={cfg.width}: {error}") from None
     head = _frequent_head(model, cfg.draft_vocab, ctx, eos) if cfg.draft_vocab else None
     greedy_decode(teacher, prompts[0], 2, eos)  # warm-ups
-    speculative_decode(teacher, model, prompts[0], 2, cfg.k, eos, head)
+    speculative_decode(teacher, model, prompts[0], 2, cfg.k, eos, head, cfg.width)
     covered = 0
     alone_s = spec_s = draft_alone_s = 0.0
     identical, alone_tokens, spec_tokens = 0, 0, 0
@@ -295,7 +439,7 @@ def speculative_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str
         reference, seconds = greedy_decode(teacher, prompt, cfg.new_tokens, eos)
         alone_s, alone_tokens = alone_s + seconds, alone_tokens + len(reference)
         start = time.perf_counter()
-        tokens, stats = speculative_decode(teacher, model, prompt, cfg.new_tokens, cfg.k, eos, head)
+        tokens, stats = speculative_decode(teacher, model, prompt, cfg.new_tokens, cfg.k, eos, head, cfg.width)
         spec_s += time.perf_counter() - start
         spec_tokens += len(tokens)
         identical += tokens == reference
@@ -303,7 +447,8 @@ def speculative_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str
             covered += int(torch.isin(torch.tensor(reference, device=head.token_ids.device), head.token_ids).sum())
         drafted, seconds = greedy_decode(model, prompt, cfg.new_tokens, eos, head)
         draft_alone_s += seconds / max(len(drafted), 1)
-        for name in ("rounds", "drafted", "accepted", "rejections", "emitted", "draft_seconds", "verify_seconds"):
+        for name in ("rounds", "drafted", "accepted", "rejections", "emitted", "draft_seconds", "verify_seconds",
+                     "candidates", "runner_up_accepts"):
             setattr(total, name, getattr(total, name) + getattr(stats, name))
     teacher_step = alone_s / max(alone_tokens, 1)
     draft_cost = draft_alone_s / len(prompts) / teacher_step
@@ -319,7 +464,9 @@ def speculative_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str
         "speculative_tokens_per_s": spec_tokens / spec_s,
         "predicted_speedup": predicted_speedup(total.position_acceptance, cfg.k, draft_cost, verify_cost),
         "identical_outputs": identical / len(prompts),
-        "info": {"k": cfg.k, "prompts": len(prompts), "prompt_tokens": cfg.prompt_tokens,
+        "runner_up_share": total.runner_up_accepts / max(total.rounds, 1),
+        "info": {"k": cfg.k, "width": cfg.width, "runner_up_accepts": total.runner_up_accepts,
+                 "candidates_per_round": total.candidates / max(total.rounds, 1), "prompts": len(prompts), "prompt_tokens": cfg.prompt_tokens,
                  "new_tokens": cfg.new_tokens, "draft_cost": draft_cost, "verify_cost": verify_cost,
                  "draft_vocab": None if head is None else int(head.token_ids.numel()),
                  "dtype": str(next(teacher.parameters()).dtype).removeprefix("torch.")},

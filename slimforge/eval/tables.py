@@ -245,12 +245,14 @@ def efficiency_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]
 SPECULATIVE_NOTE = ("Each student as a draft for its teacher's greedy decoding (the output is the teacher's: "
                     "`identical` checks it per prompt). Speed-up = the teacher's tokens/s with the draft over "
                     "the teacher alone, measured in the same run; the cost model predicts it from the measured "
-                    "draft and verification costs. A draft is worth using only above 1.00x.")
+                    "draft and verification costs. A draft is worth using only above 1.00x. `drafts a round`: k "
+                    "tokens in a chain, plus the draft's runner-ups for the first one, verified as a tree in the same "
+                    "pass (a position counts as accepted when any of its candidates is the teacher's token).")
 
 
 def speculative_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Every model scored as a draft by a ``speculative`` task: acceptance, tokens a round, speed-up, verdict."""
-    header = ["task", "draft", "acceptance", "per position", "tokens / round", "teacher tok/s", "with draft tok/s", "speed-up",
+    header = ["task", "draft", "drafts a round", "acceptance", "per position", "tokens / round", "teacher tok/s", "with draft tok/s", "speed-up",
               "cost model", "identical", "use it"]
     rows = []
     for task, summary in report.get("tasks", {}).items():
@@ -262,7 +264,10 @@ def speculative_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]
                 continue
             worth = r["speedup"] >= 1.0 and r.get("identical_outputs") == 1.0
             per_position = r.get("position_acceptance")
-            rows.append([task, label, f"{100 * r['acceptance_rate']:.1f}%",
+            drafting = summary.get("drafting") or {}
+            width = int(drafting.get("width", 1))
+            shape = f"k={drafting.get('k', '?')}" + (f", {width - 1} runner-up{'s' if width > 2 else ''}" if width > 1 else "")
+            rows.append([task, label, shape, f"{100 * r['acceptance_rate']:.1f}%",
                          "" if per_position is None else f"{100 * per_position:.1f}%", fmt(r["tokens_per_round"], 2),
                          fmt(r["teacher_tokens_per_s"], 1), fmt(r["speculative_tokens_per_s"], 1),
                          f"{r['speedup']:.2f}x", f"{r['predicted_speedup']:.2f}x", fmt(r.get("identical_outputs"), 2),

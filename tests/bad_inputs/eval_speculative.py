@@ -21,4 +21,6 @@ CASES = [
              r"invalid value eval\.tasks\.spec\.prompt_tokens=64: a prompt is cut from one held-out block, and "
              r"data\.block_size is 32; lower prompt_tokens or raise data\.block_size$", after=_nothing_ran),
     BadInput("no-drafts", _spec("k=0"), r"invalid value eval\.tasks\.spec\.k=0: must be between 1 and 64$", after=_nothing_ran),
+    BadInput("no-candidates", _spec("width=0"), r"invalid value eval\.tasks\.spec\.width=0: must be between 1 and 64$",
+             after=_nothing_ran),
 ]
