@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--width", type=int, nargs="+", default=[1], help="the draft's candidates for the first "
                         "position (1: a plain chain; more: a draft tree with its runner-ups)")
+    parser.add_argument("--lookup", type=int, nargs="+", default=[0], help="the longest n-gram a context lookup "
+                        "matches (0: no lookup)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="time each setting this many times; the median "
                         "speed-up is printed, with the range")
@@ -101,8 +103,8 @@ def main() -> None:
     step = alone / emitted
     print(f"teacher alone: {emitted / alone:.1f} tok/s ({1000 * step:.1f} ms a token), {len(prompts)} prompts "
           f"(answers never trained on) from {entry}, draft {args.draft}")
-    print(f"{'head':>6} {'k':>2} {'w':>2} {'accept':>7} {'a/pos':>6} {'tok/round':>9} {'draft cost':>10} {'speed-up':>8} {'identical':>9} "
-          f"{'coverage':>8}")
+    print(f"{'head':>6} {'k':>2} {'w':>2} {'n':>2} {'accept':>7} {'a/pos':>6} {'tok/round':>9} {'draft cost':>10} {'speed-up':>8} {'identical':>9} "
+          f"{'coverage':>8} {'lookup':>7}")
     for name, head in heads.items():
         d_s = d_n = 0.0
         for p in prompts:
@@ -110,8 +112,8 @@ def main() -> None:
             d_s, d_n = d_s + seconds, d_n + len(tokens)
         cost = d_s / d_n / step
         cover = 1.0 if head is None else sum(int(torch.isin(torch.tensor(r), head.token_ids).sum()) for r in refs) / emitted
-        for k, width in [(k, w) for k in args.k for w in args.width]:
-            same, acc, drafted, rounds, cut = 0, 0, 0, 0, 0
+        for k, width, lookup in [(k, w, n) for k in args.k for w in args.width for n in args.lookup]:
+            same, acc, drafted, rounds, cut, looked = 0, 0, 0, 0, 0, 0
             ratios = []
             for _ in range(args.repeats):
                 spec = paired_alone = 0.0
@@ -120,17 +122,18 @@ def main() -> None:
                     # ratio pairs them in time, so a drift in the machine's speed cancels.
                     paired_alone += greedy_decode(teacher, p, args.new_tokens, eos)[1]
                     start = time.perf_counter()
-                    tokens, stats = speculative_decode(teacher, draft, p, args.new_tokens, k, eos, head, width)
+                    tokens, stats = speculative_decode(teacher, draft, p, args.new_tokens, k, eos, head, width, lookup)
                     spec += time.perf_counter() - start
                     same += tokens == ref
                     acc, drafted, rounds = acc + stats.accepted, drafted + stats.drafted, rounds + stats.rounds
                     cut += stats.rejections
+                    looked += stats.lookup_accepts
                 ratios.append(paired_alone / spec)
             ratios.sort()
             spread = f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
-            print(f"{name:>6} {k:>2} {width:>2} {acc / max(drafted, 1):7.3f} {acc / max(acc + cut, 1):6.3f} "
+            print(f"{name:>6} {k:>2} {width:>2} {lookup:>2} {acc / max(drafted, 1):7.3f} {acc / max(acc + cut, 1):6.3f} "
                   f"{args.repeats * emitted / rounds:9.2f} {cost:10.3f} {ratios[len(ratios) // 2]:7.2f}x{spread} "
-                  f"{same}/{args.repeats * len(prompts):<7} {cover:8.3f}")
+                  f"{same}/{args.repeats * len(prompts):<7} {cover:8.3f} {looked / rounds:7.3f}")
     print("(baseline: the teacher alone, this run, timed right before each speculative decode of the same prompt)")
 
 

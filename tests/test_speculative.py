@@ -177,13 +177,13 @@ def test_draft_recipe_at_tiny_scale(tokenizer, tmp_path):
     assert draft["identical_outputs"] == undistilled["identical_outputs"] == 1.0
     for result in (draft, undistilled):
         assert 0 <= result["acceptance_rate"] <= 1 and result["speedup"] > 0 and result["predicted_speedup"] > 0
-    # The recipe drafts one token and its runner-up, verified as a tree.
-    assert report["tasks"]["speculative"]["drafting"] == {"k": 1, "width": 2}
+    # The recipe drafts one token and adds the context lookup's branch, verified as a tree.
+    assert report["tasks"]["speculative"]["drafting"] == {"k": 1, "width": 1, "lookup": 3}
     record = json.loads((run_dir / "eval" / "draft.json").read_text())["tasks"]["speculative"]
-    assert record["info"]["width"] == 2 and record["info"]["candidates_per_round"] > 1
-    assert 0 <= draft["runner_up_share"] <= draft["position_acceptance"]
+    assert record["info"]["lookup"] == 3 and record["info"]["candidates_per_round"] >= 1
+    assert draft["runner_up_share"] == 0 and 0 <= draft["lookup_share"] <= 1
     row = next(line for line in (run_dir / "report.md").read_text().splitlines() if line.startswith("| speculative | draft |"))
-    assert "| k=1, 1 runner-up |" in row
+    assert "| k=1, 3-gram lookup |" in row
     # What the distillation optimises, on held-out teacher text: the draft moved toward the teacher. (On
     # random tiny teachers greedy continuations are too chaotic for a stable acceptance gain at this size;
     # the acceptance target is the benchmark's, on the real teacher.)
@@ -311,10 +311,97 @@ def test_a_tree_is_refused_where_a_sliding_window_is_shorter_than_the_decode_and
     teacher = sharp("gemma2", tokenizer, layers=2, seed=1)
     draft = sharp("gemma2", tokenizer, layers=1, seed=2)
     ids = prompt(tokenizer)[:, :6]
-    with pytest.raises(ValueError, match=r"sliding window \(16 tokens\) is shorter than prompt \+ new tokens \(38\); "
-                                         r"set width: 1"):
+    with pytest.raises(ValueError, match=r"sliding window \(16 tokens\) is shorter than the decode's 40 positions "
+                                         r"\(prompt, new tokens, one round's drafts\); set width: 1 and lookup: 0"):
         speculative_decode(teacher, draft, ids, 30, k=2, width=2)
-    tokens, _ = speculative_decode(teacher, draft, ids, 8, k=2, width=2)
-    assert tokens == greedy_decode(teacher, ids, 8)[0]
+    tokens, _ = speculative_decode(teacher, draft, ids, 6, k=2, width=2)  # 6 + 6 + 2 + 2 positions: within 16
+    assert tokens == greedy_decode(teacher, ids, 6)[0]
     with pytest.raises(ValueError, match=r"width, the draft's candidates for the first drafted position, must be >= 1"):
         speculative_decode(teacher, draft, ids, 8, k=2, width=0)
+
+
+# A context lookup (prompt lookup): one more candidate a round, from the context's own n-grams.
+
+
+def test_context_lookup_proposes_what_followed_the_latest_earlier_occurrence_of_the_longest_suffix():
+    from slimforge.eval.speculative import ContextLookup
+
+    lookup = ContextLookup([5, 6, 7, 8, 5, 6, 9, 1, 6], max_n=3)
+    assert lookup.propose(3) == [9, 1, 6]  # suffix (6,): latest earlier 6 is at index 5, followed by 9, 1, 6
+    lookup.extend([9])  # suffix (6, 9) was seen: followed by 1, 6, 9
+    assert lookup.propose(2) == [1, 6]
+    assert lookup.propose(5) == [1, 6, 9, 1, 6]  # past the context's end: the pattern (1, 6, 9) continued
+    assert ContextLookup([4, 2, 2, 2], max_n=3).propose(3) == [2, 2, 2]  # one token over and over
+    lookup = ContextLookup([5, 6, 7, 5, 6, 8, 4, 6], max_n=2)
+    assert lookup.propose(1) == [8]  # (4, 6) never seen; (6,) latest at index 4, followed by 8
+    lookup.extend([3, 5, 6])
+    assert lookup.propose(2) == [8, 4]  # (5, 6) latest earlier at 3-4 (not the suffix itself), followed by 8, 4
+    assert ContextLookup([1, 2, 3], max_n=3).propose(2) == []  # nothing repeats
+    assert ContextLookup([7], max_n=2).propose(2) == []
+
+
+def test_attaching_a_continuation_follows_the_tree_then_adds_one_branch():
+    from slimforge.eval.speculative import DraftTree
+
+    tree = DraftTree(0, [1, 2], [3])
+    assert tree.attach([1, 2]) == [] and tree.attach([]) == [] and tree.is_chain is False  # already in the tree
+    assert tree.attach([1, 4, 5]) == [4, 5]  # agrees on 1, then branches: 4 under 1, 5 under 4
+    assert tree.parents == [-1, 0, 1, 0, 1, 4] and tree.depths() == [0, 1, 2, 1, 2, 3]
+    assert tree.children(1) == {2: 2, 4: 4} and tree.children(4) == {5: 5}
+    chain = DraftTree(0, [1])
+    assert chain.is_chain and chain.attach([1, 9]) == [2] and chain.depths() == [0, 1, 2]  # past the draft's chain
+
+
+def test_tree_verification_down_a_lookup_branch_equals_reading_it_alone(tokenizer):
+    """Chain [greedy0, wrong], lookup node greedy1 under greedy0 (node 3): the path 1 -> 3 skips node 2, so the
+    cache gathers rows; they equal reading [last, greedy0, greedy1] alone."""
+    from transformers import DynamicCache
+
+    from slimforge.eval.speculative import DraftTree, _feed, _keep_path, _verify_tree
+
+    teacher = sharp("qwen3", tokenizer, layers=3, seed=1)
+    ids = prompt(tokenizer)
+    greedy = greedy_decode(teacher, ids, 3)[0]
+    wrong = (greedy[1] + 1) % len(tokenizer)
+    with torch.no_grad():
+        tree_cache, alone = DynamicCache(), DynamicCache()
+        _feed(teacher, ids[:, :-1], tree_cache)
+        _feed(teacher, ids[:, :-1], alone)
+        tree = DraftTree(int(ids[0, -1]), [greedy[0], wrong])
+        assert tree.attach(greedy[:2]) == [3]
+        path, choice = _verify_tree(teacher, tree, tree_cache)
+        assert path == [1, 3] and choice == greedy[2]
+        _keep_path(tree_cache, len(tree.tokens), path)
+        _feed(teacher, torch.tensor([[int(ids[0, -1]), *greedy[:2]]]), alone)
+        for mine, theirs in zip(tree_cache.layers, alone.layers, strict=True):
+            torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("arch", "k", "width"), [("llama", 1, 1), ("llama", 3, 2), ("qwen3", 2, 1), ("phi3", 1, 2)])
+def test_a_context_lookup_keeps_the_output_the_teachers_and_is_taken_where_the_output_repeats(tokenizer, arch, k, width):
+    """An unrelated draft is never right, so every accepted token here is the lookup's: the tiny teacher's greedy
+    output falls into loops, which the lookup follows."""
+    teacher = sharp(arch, tokenizer, layers=4, seed=1)
+    stranger = sharp(arch, tokenizer, layers=1, seed=9)
+    ids = prompt(tokenizer)
+    reference = greedy_decode(teacher, ids, 60)[0]
+    tokens, stats = speculative_decode(teacher, stranger, ids, 60, k=k, width=width, lookup=3)
+    assert tokens == reference
+    plain = speculative_decode(teacher, stranger, ids, 60, k=k, width=width)[1]
+    assert stats.lookup_accepts > 0 and plain.lookup_accepts == 0
+    assert stats.lookup_tokens >= stats.lookup_accepts and stats.lookup_tokens <= stats.accepted
+    assert stats.accepted > plain.accepted and stats.rounds < plain.rounds
+    assert stats.rounds == 60 - stats.accepted
+
+
+def test_a_perfect_draft_keeps_its_whole_chain_with_a_lookup_branch_beside_it(tokenizer):
+    """The draft is the teacher: every round accepts its whole chain (so the draft's cache was kept right after
+    rounds that went one deeper down the lookup's branch)."""
+    teacher = sharp("llama", tokenizer, layers=4, seed=1)
+    tokens, stats = speculative_decode(teacher, teacher, prompt(tokenizer), 60, k=3, lookup=3)
+    assert tokens == greedy_decode(teacher, prompt(tokenizer), 60)[0]
+    full = [a for a in stats.accepted_per_round[:-1]]
+    assert all(a >= 3 for a in full) and stats.lookup_accepts > 0  # some rounds took a 4th token from the lookup
+    with pytest.raises(ValueError, match=r"lookup, the longest n-gram a context lookup matches, must be >= 0"):
+        speculative_decode(teacher, teacher, prompt(tokenizer), 4, lookup=-1)

@@ -432,6 +432,9 @@ class SpeculativeTaskConfig(TaskConfig):
     # Candidates for the first drafted position: 1 drafts a plain chain; w > 1 adds the draft's w - 1
     # runner-ups as a tree the teacher verifies in the same pass (slimforge.eval.speculative.DraftTree).
     width: int = 1
+    # n > 0 adds one candidate a round from the context itself: what followed the latest earlier occurrence
+    # of its last n-gram (n down to 1; prompt lookup). 0: off.
+    lookup: int = 0
 
     def check(self) -> None:
         check_int("prompts", self.prompts, low=1, high=1000)
@@ -439,14 +442,16 @@ class SpeculativeTaskConfig(TaskConfig):
         check_int("new_tokens", self.new_tokens, low=1, high=4096)
         check_int("k", self.k, low=1, high=64)
         check_int("width", self.width, low=1, high=64)
+        check_int("lookup", self.lookup, low=0, high=64)
         if self.draft_vocab is not None:
             check_int("draft_vocab", self.draft_vocab, low=16, high=10_000_000)
 
     def key_settings(self) -> dict[str, Any]:
-        """``width`` keys results only when set above 1 (results from before it existed keep their keys)."""
+        """``width`` and ``lookup`` key results only when set (results from before they existed keep their keys)."""
         settings = super().key_settings()
-        if settings.get("width") == 1:
-            del settings["width"]
+        for name, off in (("width", 1), ("lookup", 0)):
+            if settings.get(name) == off:
+                del settings[name]
         return settings
 
     def check_data(self, data: DataConfig) -> None:

@@ -48,6 +48,8 @@ class SpecStats:
     rejections: int = 0  # rounds whose drafts the teacher cut short (a drafted token it disagreed with)
     candidates: int = 0  # tree nodes proposed: the chain plus the first position's runner-ups (width > 1)
     runner_up_accepts: int = 0  # rounds whose first accepted token was a runner-up, not the draft's greedy choice
+    lookup_accepts: int = 0  # rounds whose accepted path took the context lookup's branch
+    lookup_tokens: int = 0  # accepted tokens that only the context lookup had proposed
     emitted: int = 0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
@@ -171,51 +173,109 @@ class DraftTree:
     """A round's proposals as a tree under the last emitted token (node 0).
 
     Nodes ``1..len(chain)`` are the draft's greedy chain (each the child of the one before); the
-    ``siblings`` that follow are its runner-up candidates for the first position (children of node 0),
-    so with no siblings the tree is the plain chain of Leviathan et al. Each node attends to the
-    cache and its own ancestors only (:meth:`attention_mask`), so the teacher scores every path in
-    one pass as if it had read that path alone.
+    ``siblings`` that follow are its runner-up candidates for the first position (children of node 0);
+    ``extra`` nodes, ``(parent, token)``, come last (a context lookup's branch, :meth:`attach`). With
+    neither, the tree is the plain chain of Leviathan et al. Each node attends to the cache and its
+    own ancestors only (:meth:`attention_mask`), at its depth's position, so the teacher scores every
+    path in one pass as if it had read that path alone.
     """
 
     last: int
     chain: list[int]
     siblings: list[int] = field(default_factory=list)
+    extra: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def tokens(self) -> list[int]:
-        return [self.last, *self.chain, *self.siblings]
+        return [self.last, *self.chain, *self.siblings, *(token for _, token in self.extra)]
 
     @property
     def parents(self) -> list[int]:
-        return [-1, *range(len(self.chain)), *([0] * len(self.siblings))]
+        return [-1, *range(len(self.chain)), *([0] * len(self.siblings)), *(parent for parent, _ in self.extra)]
+
+    @property
+    def is_chain(self) -> bool:
+        return not self.siblings and not self.extra
 
     def depths(self) -> list[int]:
-        return [0, *range(1, len(self.chain) + 1), *([1] * len(self.siblings))]
+        depths: list[int] = []
+        for parent in self.parents:  # a parent always comes before its children
+            depths.append(0 if parent < 0 else depths[parent] + 1)
+        return depths
 
     def children(self, node: int) -> dict[int, int]:
         """``{token: node}`` of ``node``'s children."""
         tokens = self.tokens
         return {tokens[n]: n for n, parent in enumerate(self.parents) if parent == node}
 
+    def attach(self, continuation: list[int]) -> list[int]:
+        """Add ``continuation`` (tokens after node 0) where it leaves the tree: down the nodes it agrees
+        with, then the rest of it as a new branch. Returns the new nodes ([] when the tree already holds
+        the whole continuation)."""
+        node = 0
+        for at, token in enumerate(continuation):
+            child = self.children(node).get(token)
+            if child is None:
+                added = []
+                for rest in continuation[at:]:
+                    self.extra.append((node, rest))
+                    node = len(self.tokens) - 1
+                    added.append(node)
+                return added
+            node = child
+        return []
+
     def attention_mask(self, past: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
         """An additive mask [1, 1, nodes, past + nodes]: 0 where a node may attend (the cache, itself and
         its ancestors), the dtype's minimum elsewhere (eager and SDPA attention both read it as given)."""
-        n = len(self.tokens)
+        parents = self.parents
+        n = len(parents)
         allowed = torch.zeros(n, past + n, dtype=torch.bool, device=device)
         allowed[:, :past] = True
-        for node, _ in enumerate(self.tokens):
+        for node in range(n):
             up = node
             while up >= 0:
                 allowed[node, past + up] = True
-                up = self.parents[up]
+                up = parents[up]
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
         return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
 
-def _verify(teacher: Any, ids: torch.Tensor, drafted: list[int], cache: Any) -> tuple[int, int]:
-    """The teacher's verdict on the chain ``drafted``: ``(accepted, its own next token)`` after ``ids`` = [last, *drafted]."""
-    path, choice = _verify_tree(teacher, DraftTree(int(ids[0, 0]), list(drafted)), cache)
-    return len(path), choice
+class ContextLookup:
+    """Prompt lookup (Saxena 2023): what followed the latest earlier occurrence of the context's last n-gram.
+
+    Every n-gram of the context up to ``max_n`` tokens is indexed by where its continuation starts, as
+    tokens arrive; :meth:`propose` tries the longest suffix first. It costs no model at all, and pays
+    where the output repeats its prompt or itself.
+    """
+
+    def __init__(self, tokens: list[int], max_n: int) -> None:
+        self.tokens: list[int] = []
+        self.max_n = max_n
+        self.latest: dict[tuple[int, ...], int] = {}
+        self.extend(tokens)
+
+    def extend(self, tokens: list[int]) -> None:
+        for token in tokens:
+            self.tokens.append(token)
+            at = len(self.tokens) - 1  # the continuation of the n-grams that end just before it
+            for n in range(1, min(self.max_n, at) + 1):
+                self.latest[tuple(self.tokens[at - n:at])] = at
+
+    def propose(self, length: int) -> list[int]:
+        """``length`` tokens that followed the longest suffix seen before; [] when none was.
+
+        Where that continuation runs into the suffix itself (a repeating pattern, e.g. one token over and
+        over), it goes on with its own tokens: the pattern, continued.
+        """
+        for n in range(min(self.max_n, len(self.tokens)), 0, -1):
+            at = self.latest.get(tuple(self.tokens[-n:]))
+            if at is not None:
+                out = self.tokens[at:at + length]
+                while len(out) < length:
+                    out.append(out[len(out) - (len(self.tokens) - at)])
+                return out
+        return []
 
 
 def _verify_tree(teacher: Any, tree: DraftTree, cache: Any) -> tuple[list[int], int]:
@@ -230,7 +290,7 @@ def _verify_tree(teacher: Any, tree: DraftTree, cache: Any) -> tuple[list[int], 
     decoder = teacher.get_decoder()
     ids = torch.tensor([tree.tokens], device=teacher.device)
     extra: dict[str, Any] = {}
-    if tree.siblings:
+    if not tree.is_chain:
         past = cache.get_seq_length()
         weight = teacher.get_output_embeddings().weight
         extra = {"attention_mask": tree.attention_mask(past, weight.dtype, weight.device),
@@ -250,6 +310,10 @@ def _verify_tree(teacher: Any, tree: DraftTree, cache: Any) -> tuple[list[int], 
             return path, choice
         path.append(child)
         node = child
+
+
+# How many tokens a context lookup's proposal may grow past the draft's chain while it keeps being taken.
+LOOKUP_STREAK_MAX = 6
 
 
 def _drop(cache: Any, tokens: int) -> None:
@@ -284,13 +348,14 @@ def check_tree_attention(model: Any, length: int) -> None:
     implementation = getattr(config, "_attn_implementation", None) or "eager"
     if implementation not in ("eager", "sdpa"):
         raise ValueError(f"verifying a draft tree needs eager or sdpa attention, the teacher runs {implementation!r}; "
-                         "load it with attn_implementation='sdpa' or set width: 1")
+                         "load it with attn_implementation='sdpa' or set width: 1 and lookup: 0")
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None) or ()
     slides = window is not None and (not layer_types or "sliding_attention" in layer_types)
     if slides and window < length:
         raise ValueError(f"verifying a draft tree needs full attention, and the teacher's sliding window ({window} tokens) "
-                         f"is shorter than prompt + new tokens ({length}); set width: 1 or shorten the decode")
+                         f"is shorter than the decode's {length} positions (prompt, new tokens, one round's drafts); set width: 1 "
+                         "and lookup: 0, or shorten the decode")
 
 
 @torch.no_grad()
@@ -318,13 +383,18 @@ def greedy_decode(model: Any, prompt: torch.Tensor, max_new_tokens: int, eos_tok
 
 @torch.no_grad()
 def speculative_decode(teacher: Any, draft: Any, prompt: torch.Tensor, max_new_tokens: int, k: int = 4,
-                       eos_token_id: int | None = None, draft_head: DraftHead | None = None, width: int = 1
-                       ) -> tuple[list[int], SpecStats]:
+                       eos_token_id: int | None = None, draft_head: DraftHead | None = None, width: int = 1,
+                       lookup: int = 0) -> tuple[list[int], SpecStats]:
     """The teacher's greedy continuation of ``prompt`` [1, n], drafted ``k`` tokens at a time (module docstring).
 
     ``draft_head`` restricts the draft's proposals to a subset of the vocabulary (module docstring).
     ``width > 1`` also proposes the draft's ``width - 1`` runner-up tokens for the first position, as
-    siblings in a :class:`DraftTree` that the teacher verifies in the same pass (module docstring).
+    siblings in a :class:`DraftTree` that the teacher verifies in the same pass. ``lookup = n > 0``
+    adds a branch from a :class:`ContextLookup` over n-grams of up to n tokens: its continuation
+    follows the tree while they agree and branches off where they part. It reaches one token past
+    the draft's chain, plus one for each round in a row whose accepted path ended at the end of the
+    lookup's branch (up to :data:`LOOKUP_STREAK_MAX`), so it runs ahead where the output repeats
+    itself and costs one position otherwise (module docstring).
 
     Returns:
         ``(tokens, stats)``: at most ``max_new_tokens`` tokens, stopping after ``eos_token_id``.
@@ -335,8 +405,10 @@ def speculative_decode(teacher: Any, draft: Any, prompt: torch.Tensor, max_new_t
         raise ValueError(f"k, the tokens drafted per round, must be >= 1, got {k}")
     if width < 1:
         raise ValueError(f"width, the draft's candidates for the first drafted position, must be >= 1, got {width}")
-    if width > 1:
-        check_tree_attention(teacher, prompt.shape[1] + max_new_tokens + width)
+    if lookup < 0:
+        raise ValueError(f"lookup, the longest n-gram a context lookup matches, must be >= 0 (0: off), got {lookup}")
+    if width > 1 or lookup:
+        check_tree_attention(teacher, prompt.shape[1] + max_new_tokens + k + width)
     device = prompt.device
     stats = SpecStats()
     t_cache, d_cache = DynamicCache(), DynamicCache()
@@ -346,6 +418,8 @@ def speculative_decode(teacher: Any, draft: Any, prompt: torch.Tensor, max_new_t
     if prompt.shape[1] > 1:
         _feed(teacher, prompt[:, :-1], t_cache)
         _feed(draft, prompt[:, :-1], d_cache)
+    context = ContextLookup(prompt[0].tolist(), lookup) if lookup else None
+    streak = 0
     last = int(prompt[0, -1])
     pending = [last]
     out: list[int] = []
@@ -362,8 +436,16 @@ def speculative_decode(teacher: Any, draft: Any, prompt: torch.Tensor, max_new_t
             while len(chain) < depth and chain[-1] != eos_token_id:
                 chain += _draft_top(draft, torch.tensor([chain[-1:]], device=device), d_cache, draft_head)
                 fed += 1
-        middle = time.perf_counter()
         tree = DraftTree(last, chain, siblings)
+        looked: list[int] = []
+        if context is not None and depth:
+            # One token past the draft's chain, and one more for each round in a row the lookup's branch
+            # was taken to its end (the output is repeating itself).
+            proposal = context.propose(min(depth + 1 + min(streak, LOOKUP_STREAK_MAX), room - 1))
+            if eos_token_id in proposal:
+                proposal = proposal[:proposal.index(eos_token_id) + 1]
+            looked = tree.attach(proposal)
+        middle = time.perf_counter()
         path, choice = _verify_tree(teacher, tree, t_cache)
         # The teacher's cache keeps node 0 (the old last token) and the accepted path.
         _keep_path(t_cache, len(tree.tokens), path)
@@ -372,17 +454,26 @@ def speculative_decode(teacher: Any, draft: Any, prompt: torch.Tensor, max_new_t
         stats.verify_seconds += time.perf_counter() - middle
         start_after = time.perf_counter()
         stats.rounds += 1
-        stats.drafted += len(chain)
-        stats.candidates += len(chain) + len(siblings)
+        stats.drafted += max(tree.depths())
+        stats.candidates += len(tokens) - 1
         stats.accepted += len(path)
-        stats.rejections += len(path) < len(chain)
+        # A rejection: the teacher's token was none of the proposals where the accepted path stopped.
+        stats.rejections += bool(tree.children(path[-1] if path else 0))
         stats.accepted_per_round.append(len(path))
-        stats.runner_up_accepts += bool(path) and path[0] > len(chain)
+        stats.runner_up_accepts += bool(path) and len(chain) < path[0] <= len(chain) + len(siblings)
+        taken = sum(node in looked for node in path)
+        stats.lookup_accepts += taken > 0
+        stats.lookup_tokens += taken
+        streak = streak + 1 if looked and path and path[-1] == looked[-1] else 0
         # The draft's cache keeps the chain tokens on the accepted path; the rest become pending.
-        on_chain = len(path) if path == list(range(1, len(path) + 1)) else 0
+        on_chain = 0
+        while on_chain < len(path) and path[on_chain] == on_chain + 1:
+            on_chain += 1
         kept = min(on_chain, fed)
         _drop(d_cache, fed - kept)
         pending = [*pending, *emitted[kept:]]
+        if context is not None:
+            context.extend(emitted)
         stats.draft_seconds += (middle - start) + (time.perf_counter() - start_after)
         for token in emitted:
             out.append(token)
@@ -417,20 +508,20 @@ def speculative_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str
         runs = [greedy_decode(model, p, cfg.new_tokens, eos) for p in prompts]
         tokens = sum(len(t) for t, _ in runs)
         return {"greedy_tokens_per_s": tokens / sum(s for _, s in runs),
-                "drafting": {"k": cfg.k, "width": cfg.width},  # how the task's drafts run (the report's table)
+                "drafting": {"k": cfg.k, "width": cfg.width, "lookup": cfg.lookup},  # how the task's drafts run (the report's table)
                 "info": {"prompts": len(prompts), "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens},
                 "higher_is_better": {"greedy_tokens_per_s": True}}
     teacher = pair[0]
-    if cfg.width > 1:
+    if cfg.width > 1 or cfg.lookup:
         try:
-            check_tree_attention(teacher, max(p.shape[1] for p in prompts) + cfg.new_tokens + cfg.width)
+            check_tree_attention(teacher, max(p.shape[1] for p in prompts) + cfg.new_tokens + cfg.k + cfg.width)
         except ValueError as error:
             from slimforge.errors import ConfigError
 
-            raise ConfigError(f"eval.tasks speculative width={cfg.width}: {error}") from None
+            raise ConfigError(f"eval.tasks speculative width={cfg.width} lookup={cfg.lookup}: {error}") from None
     head = _frequent_head(model, cfg.draft_vocab, ctx, eos) if cfg.draft_vocab else None
     greedy_decode(teacher, prompts[0], 2, eos)  # warm-ups
-    speculative_decode(teacher, model, prompts[0], 2, cfg.k, eos, head, cfg.width)
+    speculative_decode(teacher, model, prompts[0], 2, cfg.k, eos, head, cfg.width, cfg.lookup)
     covered = 0
     alone_s = spec_s = draft_alone_s = 0.0
     identical, alone_tokens, spec_tokens = 0, 0, 0
@@ -439,7 +530,8 @@ def speculative_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str
         reference, seconds = greedy_decode(teacher, prompt, cfg.new_tokens, eos)
         alone_s, alone_tokens = alone_s + seconds, alone_tokens + len(reference)
         start = time.perf_counter()
-        tokens, stats = speculative_decode(teacher, model, prompt, cfg.new_tokens, cfg.k, eos, head, cfg.width)
+        tokens, stats = speculative_decode(teacher, model, prompt, cfg.new_tokens, cfg.k, eos, head, cfg.width,
+                                           cfg.lookup)
         spec_s += time.perf_counter() - start
         spec_tokens += len(tokens)
         identical += tokens == reference
@@ -448,7 +540,7 @@ def speculative_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str
         drafted, seconds = greedy_decode(model, prompt, cfg.new_tokens, eos, head)
         draft_alone_s += seconds / max(len(drafted), 1)
         for name in ("rounds", "drafted", "accepted", "rejections", "emitted", "draft_seconds", "verify_seconds",
-                     "candidates", "runner_up_accepts"):
+                     "candidates", "runner_up_accepts", "lookup_accepts"):
             setattr(total, name, getattr(total, name) + getattr(stats, name))
     teacher_step = alone_s / max(alone_tokens, 1)
     draft_cost = draft_alone_s / len(prompts) / teacher_step
@@ -465,7 +557,9 @@ def speculative_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str
         "predicted_speedup": predicted_speedup(total.position_acceptance, cfg.k, draft_cost, verify_cost),
         "identical_outputs": identical / len(prompts),
         "runner_up_share": total.runner_up_accepts / max(total.rounds, 1),
-        "info": {"k": cfg.k, "width": cfg.width, "runner_up_accepts": total.runner_up_accepts,
+        "lookup_share": total.lookup_accepts / max(total.rounds, 1),
+        "info": {"k": cfg.k, "width": cfg.width, "lookup": cfg.lookup, "runner_up_accepts": total.runner_up_accepts,
+                 "lookup_accepts": total.lookup_accepts,
                  "candidates_per_round": total.candidates / max(total.rounds, 1), "prompts": len(prompts), "prompt_tokens": cfg.prompt_tokens,
                  "new_tokens": cfg.new_tokens, "draft_cost": draft_cost, "verify_cost": verify_cost,
                  "draft_vocab": None if head is None else int(head.token_ids.numel()),
