@@ -26,6 +26,18 @@ tokens that is most of a 2-layer draft's cost. With ``draft_vocab`` set, the dra
 of its head), so it can only propose those. Verification is untouched, so the output is still the
 teacher's; the acceptance can only fall where the teacher's choice lies outside the subset (the
 report gives that share as ``draft_vocab_coverage``).
+
+**Draft trees** (SpecInfer, Miao et al. 2024; EAGLE-2's dynamic trees are the same idea). A round's
+proposals need not be one chain: :class:`DraftTree` holds the draft's chain, its runner-up tokens for
+the first position (``width``) and a branch from a **context lookup** (``lookup``: what followed the
+latest earlier occurrence of the context's last n-gram, Saxena's prompt lookup, which costs no model).
+The teacher reads every node in one pass, each under a mask that shows it the cache and its own
+ancestors only, at its depth's position, so each node's scores are the ones the teacher would give
+that path read alone; the verdict walks down from the root taking whichever child is the teacher's
+own token, and the teacher's cache keeps that path's rows. The output is still the teacher's greedy
+output. On a CPU, where each verified position costs (the teacher's cost jumps from 3 to 4 positions
+on the 2-core machine measured), one extra node in the right place is worth more than many; on a GPU
+a wider tree is nearly free.
 """
 
 from __future__ import annotations
