@@ -446,6 +446,19 @@ class SpeculativeTaskConfig(TaskConfig):
         if self.draft_vocab is not None:
             check_int("draft_vocab", self.draft_vocab, low=16, high=10_000_000)
 
+    def check_model(self, label: str, ref: Any) -> None:
+        """A draft tree (``width`` > 1 or ``lookup``) needs a teacher that can verify one: checked on its config."""
+        if label != "teacher" or (self.width == 1 and not self.lookup):
+            return
+        from slimforge.errors import ConfigError
+        from slimforge.eval.speculative import check_tree_attention, tree_positions
+
+        try:
+            check_tree_attention(ref.load_config(), tree_positions(self.prompt_tokens, self.new_tokens, self.k,
+                                                                   self.width, self.lookup))
+        except ValueError as error:
+            raise ConfigError(f"the speculative task (width={self.width}, lookup={self.lookup}): {error}") from None
+
     def key_settings(self) -> dict[str, Any]:
         """``width`` and ``lookup`` key results only when set (results from before they existed keep their keys)."""
         settings = super().key_settings()

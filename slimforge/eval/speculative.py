@@ -57,8 +57,8 @@ class SpecStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
-    rejections: int = 0  # rounds whose drafts the teacher cut short (a drafted token it disagreed with)
-    candidates: int = 0  # tree nodes proposed: the chain plus the first position's runner-ups (width > 1)
+    rejections: int = 0  # rounds the teacher cut short: its token was none of the proposals where the path stopped
+    candidates: int = 0  # tree nodes proposed: the chain, the first position's runner-ups and the lookup's branch
     runner_up_accepts: int = 0  # rounds whose first accepted token was a runner-up, not the draft's greedy choice
     lookup_accepts: int = 0  # rounds whose accepted path took the context lookup's branch
     lookup_tokens: int = 0  # accepted tokens that only the context lookup had proposed
@@ -296,8 +296,8 @@ def _verify_tree(teacher: Any, tree: DraftTree, cache: Any) -> tuple[list[int], 
     One decoder pass over all the nodes; the output projection at node 0 and its children together,
     then one node at a time down the accepted path (a rejected node's descendants are never scored:
     the projection is a fifth of a small model's compute per position). A plain chain runs with the
-    model's own causal mask; a tree with siblings passes its ancestor mask and each node's depth as
-    its position.
+    model's own causal mask; any other tree passes its ancestor mask and each node's depth as its
+    position.
     """
     decoder = teacher.get_decoder()
     ids = torch.tensor([tree.tokens], device=teacher.device)
@@ -337,7 +337,7 @@ def _drop(cache: Any, tokens: int) -> None:
 def _keep_path(cache: Any, nodes: int, path: list[int]) -> None:
     """Cut ``cache``, which ends with a tree's ``nodes`` positions, to its node 0 and the accepted ``path``.
 
-    A path down the chain (nodes 1, 2, ..., a) is a crop; a path through a sibling gathers its rows.
+    A path down the chain (nodes 1, 2, ..., a) is a crop; any other path gathers its rows.
     """
     if path == list(range(1, len(path) + 1)):
         _drop(cache, nodes - 1 - len(path))
@@ -350,13 +350,19 @@ def _keep_path(cache: Any, nodes: int, path: list[int]) -> None:
         layer.values = layer.values.index_select(-2, index)
 
 
-def check_tree_attention(model: Any, length: int) -> None:
-    """Raise ``ValueError`` unless ``model`` can verify a draft tree of sequences up to ``length`` tokens.
+def tree_positions(prompt_tokens: int, new_tokens: int, k: int, width: int, lookup: int) -> int:
+    """An upper bound on the positions a decode's KV cache holds: the prompt, the new tokens and one
+    round's tree (the chain, the runner-ups, and a lookup branch at its longest)."""
+    return prompt_tokens + new_tokens + k + width + (1 + LOOKUP_STREAK_MAX if lookup else 0)
+
+
+def check_tree_attention(config: Any, length: int) -> None:
+    """Raise ``ValueError`` unless a teacher of ``config`` can verify a draft tree over ``length`` positions.
 
     The tree's ancestor mask is read as given by eager and SDPA attention; a sliding window shorter
     than the sequence would need that window in the mask as well, so it is refused.
     """
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     implementation = getattr(config, "_attn_implementation", None) or "eager"
     if implementation not in ("eager", "sdpa"):
         raise ValueError(f"verifying a draft tree needs eager or sdpa attention, the teacher runs {implementation!r}; "
@@ -420,7 +426,7 @@ def speculative_decode(teacher: Any, draft: Any, prompt: torch.Tensor, max_new_t
     if lookup < 0:
         raise ValueError(f"lookup, the longest n-gram a context lookup matches, must be >= 0 (0: off), got {lookup}")
     if width > 1 or lookup:
-        check_tree_attention(teacher, prompt.shape[1] + max_new_tokens + k + width)
+        check_tree_attention(teacher.config, tree_positions(prompt.shape[1], max_new_tokens, k, width, lookup))
     device = prompt.device
     stats = SpecStats()
     t_cache, d_cache = DynamicCache(), DynamicCache()
@@ -524,13 +530,6 @@ def speculative_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str
                 "info": {"prompts": len(prompts), "prompt_tokens": cfg.prompt_tokens, "new_tokens": cfg.new_tokens},
                 "higher_is_better": {"greedy_tokens_per_s": True}}
     teacher = pair[0]
-    if cfg.width > 1 or cfg.lookup:
-        try:
-            check_tree_attention(teacher, max(p.shape[1] for p in prompts) + cfg.new_tokens + cfg.k + cfg.width)
-        except ValueError as error:
-            from slimforge.errors import ConfigError
-
-            raise ConfigError(f"eval.tasks speculative width={cfg.width} lookup={cfg.lookup}: {error}") from None
     head = _frequent_head(model, cfg.draft_vocab, ctx, eos) if cfg.draft_vocab else None
     greedy_decode(teacher, prompts[0], 2, eos)  # warm-ups
     speculative_decode(teacher, model, prompts[0], 2, cfg.k, eos, head, cfg.width, cfg.lookup)
