@@ -4,11 +4,13 @@ Loads the embedded SmolLM2-135M teacher and a draft folder (e.g. a ``draft_specu
 ``stages/draft``), takes prompts from teacher-generated answers the draft never trained on (the
 last ones of the cached ``teacher_generated`` corpus), and decodes each greedily with the teacher
 alone (the baseline), then speculatively with the draft's full head and with heads over the
-``--sizes`` most frequent tokens of the other answers, for each ``--k``. Prints acceptance, the
-draft's cost per step and the speed-up over the teacher alone from this run; every output is
+``--sizes`` most frequent tokens of the other answers, for each ``--k``, draft-tree ``--width``
+and context ``--lookup``. Prints acceptance, the draft's cost per step and the speed-up over the
+teacher alone (timed right before each speculative decode of the same prompt); every output is
 checked against the teacher's own.
 
-    .venv/bin/python bench/draft_head.py --draft RUN/stages/draft [--sizes 4096 8192] [--k 2 3 4]
+    .venv/bin/python bench/draft_head.py --draft RUN/stages/draft [--sizes 4096 8192] [--k 2 3 4] \
+        [--width 1 2] [--lookup 0 3] [--repeats 3] [--new-tokens 128]
 """
 
 from __future__ import annotations
