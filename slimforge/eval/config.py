@@ -451,7 +451,7 @@ class SpeculativeTaskConfig(TaskConfig):
         if label != "teacher" or (self.width == 1 and not self.lookup):
             return
         from slimforge.errors import ConfigError
-        from slimforge.eval.speculative import check_tree_attention, tree_positions
+        from slimforge.eval.draft_tree import check_tree_attention, tree_positions
 
         try:
             check_tree_attention(ref.load_config(), tree_positions(self.prompt_tokens, self.new_tokens, self.k,
