@@ -53,7 +53,7 @@ def matmul_table(args) -> None:
     from torch.sparse import to_sparse_semi_structured
 
     print(f"{'shape':<22}{'dtype':>6}{'tokens':>8}{'dense ms':>10}{'2:4 ms':>9}{'speed-up':>10}")
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in (getattr(torch, name) for name in args.dtypes):
         for name, (out, inp) in SHAPES.items():
             weight = two_four(torch.randn(out, inp, device="cuda", dtype=dtype))
             sparse = to_sparse_semi_structured(weight)
@@ -105,16 +105,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
+    parser.add_argument("--backend", choices=["auto", "cutlass"], default="auto",
+                        help="auto: torch's choice (cuSPARSELt where it is built in); cutlass: force CUTLASS kernels")
+    parser.add_argument("--no-model", action="store_true", help="the matmul table only")
     args = parser.parse_args()
     import torch
+    from torch.sparse import SparseSemiStructuredTensor
 
     if not torch.cuda.is_available():
         print("sparse24_speed: 2:4 semi-structured kernels need a CUDA GPU (Ampere or newer); "
               "run this on one", file=sys.stderr)
         raise SystemExit(2)
-    print(f"2:4 sparse matmul on {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.backend == "cutlass" and torch.cuda.get_device_capability()[0] != 8:
+        print("sparse24_speed: torch's CUTLASS 2:4 kernels run only on compute capability 8.x (Ampere, Ada); "
+              "use --backend auto on this GPU", file=sys.stderr)
+        raise SystemExit(2)
+    SparseSemiStructuredTensor._FORCE_CUTLASS = args.backend == "cutlass"
+
+    print(f"2:4 sparse matmul on {torch.cuda.get_device_name()}, torch {torch.__version__}, backend {args.backend}")
     matmul_table(args)
-    model_prefill(args)
+    if not args.no_model:
+        model_prefill(args)
 
 
 if __name__ == "__main__":
