@@ -5,12 +5,13 @@ Loads the embedded SmolLM2-135M teacher and a draft folder (e.g. a ``draft_specu
 last ones of the cached ``teacher_generated`` corpus), and decodes each greedily with the teacher
 alone (the baseline), then speculatively with the draft's full head and with heads over the
 ``--sizes`` most frequent tokens of the other answers, for each ``--k``, draft-tree ``--width``
-and context ``--lookup``. Prints acceptance, the draft's cost per step and the speed-up over the
-teacher alone (timed right before each speculative decode of the same prompt); every output is
-checked against the teacher's own.
+and context ``--lookup``, with the tree cut to ``--budget`` positions outside lookup streaks (0: no
+cap). Prints acceptance, the draft's cost per step and the speed-up over the teacher alone (timed
+right before each speculative decode of the same prompt); every output is checked against the
+teacher's own.
 
     .venv/bin/python bench/draft_head.py --draft RUN/stages/draft [--sizes 4096 8192] [--k 2 3 4] \
-        [--width 1 2] [--lookup 0 3] [--repeats 3] [--new-tokens 128]
+        [--width 1 2] [--lookup 0 3] [--budget 0 3] [--repeats 3] [--new-tokens 128]
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def main() -> None:
                         "position (1: a plain chain; more: a draft tree with its runner-ups)")
     parser.add_argument("--lookup", type=int, nargs="+", default=[0], help="the longest n-gram a context lookup "
                         "matches (0: no lookup)")
+    parser.add_argument("--budget", type=int, nargs="+", default=[0], help="cap a round's tree at this many "
+                        "positions by cutting the lookup's branch, except after a lookup streak (0: no cap)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="time each setting this many times; the median "
                         "speed-up is printed, with the range")
@@ -105,7 +108,7 @@ def main() -> None:
     step = alone / emitted
     print(f"teacher alone: {emitted / alone:.1f} tok/s ({1000 * step:.1f} ms a token), {len(prompts)} prompts "
           f"(answers never trained on) from {entry}, draft {args.draft}")
-    print(f"{'head':>6} {'k':>2} {'w':>2} {'n':>2} {'accept':>7} {'a/pos':>6} {'tok/round':>9} {'draft cost':>10} {'speed-up':>8} {'identical':>9} "
+    print(f"{'head':>6} {'k':>2} {'w':>2} {'n':>2} {'b':>2} {'accept':>7} {'a/pos':>6} {'tok/round':>9} {'draft cost':>10} {'speed-up':>8} {'identical':>9} "
           f"{'coverage':>8} {'lookup':>7}")
     for name, head in heads.items():
         d_s = d_n = 0.0
@@ -114,7 +117,8 @@ def main() -> None:
             d_s, d_n = d_s + seconds, d_n + len(tokens)
         cost = d_s / d_n / step
         cover = 1.0 if head is None else sum(int(torch.isin(torch.tensor(r), head.token_ids).sum()) for r in refs) / emitted
-        for k, width, lookup in [(k, w, n) for k in args.k for w in args.width for n in args.lookup]:
+        for k, width, lookup, budget in [(k, w, n, b) for k in args.k for w in args.width for n in args.lookup
+                                         for b in args.budget]:
             same, acc, drafted, rounds, cut, looked = 0, 0, 0, 0, 0, 0
             ratios = []
             for _ in range(args.repeats):
@@ -124,7 +128,8 @@ def main() -> None:
                     # ratio pairs them in time, so a drift in the machine's speed cancels.
                     paired_alone += greedy_decode(teacher, p, args.new_tokens, eos)[1]
                     start = time.perf_counter()
-                    tokens, stats = speculative_decode(teacher, draft, p, args.new_tokens, k, eos, head, width, lookup)
+                    tokens, stats = speculative_decode(teacher, draft, p, args.new_tokens, k, eos, head, width, lookup,
+                                                       budget or None)
                     spec += time.perf_counter() - start
                     same += tokens == ref
                     acc, drafted, rounds = acc + stats.accepted, drafted + stats.drafted, rounds + stats.rounds
@@ -133,7 +138,7 @@ def main() -> None:
                 ratios.append(paired_alone / spec)
             ratios.sort()
             spread = f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
-            print(f"{name:>6} {k:>2} {width:>2} {lookup:>2} {acc / max(drafted, 1):7.3f} {acc / max(acc + cut, 1):6.3f} "
+            print(f"{name:>6} {k:>2} {width:>2} {lookup:>2} {budget:>2} {acc / max(drafted, 1):7.3f} {acc / max(acc + cut, 1):6.3f} "
                   f"{args.repeats * emitted / rounds:9.2f} {cost:10.3f} {ratios[len(ratios) // 2]:7.2f}x{spread} "
                   f"{same}/{args.repeats * len(prompts):<7} {cover:8.3f} {looked / rounds:7.3f}")
     print("(baseline: the teacher alone, this run, timed right before each speculative decode of the same prompt)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import build_model, save_sharp_teacher, sharpened
@@ -183,7 +185,9 @@ def test_draft_recipe_at_tiny_scale(tokenizer, tmp_path):
     assert record["info"]["lookup"] == 3 and record["info"]["candidates_per_round"] >= 1
     assert draft["runner_up_share"] == 0 and 0 <= draft["lookup_share"] <= 1
     row = next(line for line in (run_dir / "report.md").read_text().splitlines() if line.startswith("| speculative | draft |"))
-    assert "| k=1, 3-gram lookup |" in row
+    # The position budget is measured on this machine (auto): none where the tiny teacher's pass is flat.
+    assert re.search(r"\| k=1, 3-gram lookup(, up to \d+ positions)? \|", row)
+    assert draft["positions_per_round"] >= 1
     # What the distillation optimises, on held-out teacher text: the draft moved toward the teacher. (On
     # random tiny teachers greedy continuations are too chaotic for a stable acceptance gain at this size;
     # the acceptance target is the benchmark's, on the real teacher.)
@@ -405,3 +409,68 @@ def test_a_perfect_draft_keeps_its_whole_chain_with_a_lookup_branch_beside_it(to
     assert all(a >= 3 for a in full) and stats.lookup_accepts > 0  # some rounds took a 4th token from the lookup
     with pytest.raises(ValueError, match=r"lookup, the longest n-gram a context lookup matches, must be >= 0"):
         speculative_decode(teacher, teacher, prompt(tokenizer), 4, lookup=-1)
+
+
+# A position budget: the lookup's branch cut to the positions the teacher's pass reads cheaply.
+
+
+def test_position_budget_is_the_knee_of_the_teachers_pass_cost():
+    from slimforge.eval.speculative import position_budget
+
+    # SmolLM2-135M on 2 CPU cores, ms for 1..8 positions: the pass jumps at 4.
+    assert position_budget([27.3, 29.8, 32.7, 38.9, 41.2, 42.7, 44.6, 44.9]) == 3
+    assert position_budget([10.0, 10.1, 10.3, 10.2, 10.4, 10.6]) is None  # nearly free throughout (a GPU): no cap
+    assert position_budget([10.0, 10.0, 12.0, 12.0]) == 2  # the third position already costs 20% more
+    assert position_budget([10.0, 10.0, 11.4, 11.45], tolerance=0.15) is None
+    assert position_budget([10.0, 10.0, 11.4, 11.45], tolerance=0.1) == 2
+    with pytest.raises(ValueError, match="at 1 and 2 positions"):
+        position_budget([10.0])
+
+
+def test_pass_costs_times_each_size_and_leaves_no_trace(tokenizer):
+    from slimforge.eval.speculative import pass_costs
+
+    teacher = sharp("llama", tokenizer, layers=2, seed=1)
+    ids = prompt(tokenizer)
+    before = greedy_decode(teacher, ids, 8)[0]
+    costs = pass_costs(teacher, ids, max_positions=5, repeats=2)
+    assert len(costs) == 5 and all(c > 0 for c in costs)
+    assert greedy_decode(teacher, ids, 8)[0] == before
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_budget_of_the_chain_alone_is_decoding_without_the_lookup(tokenizer, k):
+    """With room for node 0 and the chain only, the lookup's branch is cut whole every round, so no streak
+    ever starts and the decode is round for round the one without a lookup."""
+    teacher = sharp("llama", tokenizer, layers=4, seed=1)
+    stranger = sharp("llama", tokenizer, layers=1, seed=9)
+    ids = prompt(tokenizer)
+    tokens, stats = speculative_decode(teacher, stranger, ids, 60, k=k, lookup=3, budget=k + 1)
+    plain_tokens, plain = speculative_decode(teacher, stranger, ids, 60, k=k)
+    assert tokens == plain_tokens == greedy_decode(teacher, ids, 60)[0]
+    assert stats.lookup_accepts == 0 and stats.accepted_per_round == plain.accepted_per_round
+    assert max(stats.positions_per_round) == k + 1
+    with pytest.raises(ValueError, match=r"budget, the most positions a round's verification may hold, must be >= 2"):
+        speculative_decode(teacher, stranger, ids, 4, lookup=3, budget=1)
+
+
+def test_a_budget_caps_rounds_outside_a_streak_and_keeps_the_output(tokenizer):
+    """Budget 3 with k = 1: a round reads at most 3 positions unless the round before it took the lookup's
+    branch to its end (a streak), which this repeating output does; the output stays the teacher's."""
+    teacher = sharp("llama", tokenizer, layers=4, seed=1)
+    stranger = sharp("llama", tokenizer, layers=1, seed=9)
+    ids = prompt(tokenizer)
+    reference = greedy_decode(teacher, ids, 60)[0]
+    tokens, stats = speculative_decode(teacher, stranger, ids, 60, k=1, lookup=3, budget=3)
+    free = speculative_decode(teacher, stranger, ids, 60, k=1, lookup=3)[1]
+    assert tokens == reference
+    assert stats.lookup_accepts > 0
+    # Over 3 positions only right after a round whose path ended at the end of the lookup's branch (a streak),
+    # which took at least one token.
+    for before, positions in zip(stats.accepted_per_round, stats.positions_per_round[1:]):
+        if positions > 3:
+            assert before >= 1
+    assert max(stats.positions_per_round) > 3  # streaks happen here, and the budget lets them run
+    assert any(b <= 3 < f for b, f in zip(stats.positions_per_round, free.positions_per_round))  # and cut elsewhere
+    assert sum(stats.positions_per_round) < sum(free.positions_per_round)
+

@@ -435,6 +435,10 @@ class SpeculativeTaskConfig(TaskConfig):
     # n > 0 adds one candidate a round from the context itself: what followed the latest earlier occurrence
     # of its last n-gram (n down to 1; prompt lookup). 0: off.
     lookup: int = 0
+    # The most positions a round's tree may give the teacher's pass, by cutting the lookup's branch short
+    # (except after a lookup streak): an integer >= 2, null for no cap, or auto, the knee of the
+    # teacher's measured pass cost (slimforge.eval.speculative.pass_costs / position_budget).
+    budget: str | None = "auto"
 
     def check(self) -> None:
         check_int("prompts", self.prompts, low=1, high=1000)
@@ -443,6 +447,9 @@ class SpeculativeTaskConfig(TaskConfig):
         check_int("k", self.k, low=1, high=64)
         check_int("width", self.width, low=1, high=64)
         check_int("lookup", self.lookup, low=0, high=64)
+        if self.budget is not None and self.budget != "auto" and not (self.budget.isdigit() and int(self.budget) >= 2):
+            raise FieldError("budget", self.budget, "must be auto (from the teacher's measured pass cost), an integer "
+                             ">= 2 (positions a round's verification may hold) or null (no cap)")
         if self.draft_vocab is not None:
             check_int("draft_vocab", self.draft_vocab, low=16, high=10_000_000)
 
@@ -459,10 +466,15 @@ class SpeculativeTaskConfig(TaskConfig):
         except ValueError as error:
             raise ConfigError(f"the speculative task (width={self.width}, lookup={self.lookup}): {error}") from None
 
+    def position_budget(self) -> int | str | None:
+        """``budget`` as the decode takes it: ``"auto"``, a number of positions, or None (no cap)."""
+        return self.budget if self.budget in (None, "auto") else int(self.budget)
+
     def key_settings(self) -> dict[str, Any]:
-        """``width`` and ``lookup`` key results only when set (results from before they existed keep their keys)."""
+        """``width``, ``lookup`` and ``budget`` key results only when set (results from before they existed
+        keep their keys)."""
         settings = super().key_settings()
-        for name, off in (("width", 1), ("lookup", 0)):
+        for name, off in (("width", 1), ("lookup", 0), ("budget", "auto")):
             if settings.get(name) == off:
                 del settings[name]
         return settings

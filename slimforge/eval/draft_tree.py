@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
-# How many tokens a context lookup's proposal may grow past the draft's chain while it keeps being taken.
-LOOKUP_STREAK_MAX = 6
+# How many tokens a context lookup's proposal may grow past the draft's chain while it keeps being taken,
+# and by how many it grows for each round in a row whose accepted path ran to the end of its branch.
+LOOKUP_STREAK_MAX = 8
+LOOKUP_STREAK_STEP = 2
 
 
 
@@ -74,6 +76,12 @@ class DraftTree:
             node = child
         return []
 
+    def cut(self, count: int) -> None:
+        """Remove the last ``count`` extra nodes (the end of the branch :meth:`attach` added last: nothing
+        hangs from them)."""
+        if count > 0:
+            del self.extra[-count:]
+
     def attention_mask(self, past: int, dtype: torch.dtype, device: Any) -> torch.Tensor:
         """An additive mask [1, 1, nodes, past + nodes]: 0 where a node may attend (the cache, itself and
         its ancestors), the dtype's minimum elsewhere (eager and SDPA attention both read it as given)."""
@@ -125,6 +133,24 @@ class ContextLookup:
                     out.append(out[len(out) - (len(self.tokens) - at)])
                 return out
         return []
+
+
+def position_budget(costs: list[float], tolerance: float = 0.15) -> int | None:
+    """How many positions a round's verification may hold before the pass gets expensive.
+
+    ``costs[i]`` is the teacher's decoder pass over ``i + 1`` new positions (any unit; at least two).
+    Every round reads two (the last token and a draft), so the budget is the largest ``n`` for which
+    the passes over 2..n positions all cost within ``1 + tolerance`` of the 2-position pass. ``None``
+    when every measured size is (no cap is needed where positions are nearly free, as on a GPU).
+    On a 2-core CPU the pass jumps at 4 positions (33 -> 40 ms for SmolLM2-135M), so the budget is 3.
+    """
+    if len(costs) < 2:
+        raise ValueError("a position budget needs the pass's cost at 1 and 2 positions at least")
+    limit = costs[1] * (1 + tolerance)
+    for n in range(3, len(costs) + 1):
+        if costs[n - 1] > limit:
+            return n - 1
+    return None
 
 
 def tree_positions(prompt_tokens: int, new_tokens: int, k: int, width: int, lookup: int) -> int:

@@ -38,6 +38,13 @@ own token, and the teacher's cache keeps that path's rows. The output is still t
 output. On a CPU, where each verified position costs (the teacher's cost jumps from 3 to 4 positions
 on the 2-core machine measured), one extra node in the right place is worth more than many; on a GPU
 a wider tree is nearly free.
+
+**A position budget** (the hardware-aware tree size of Sequoia, Chen et al. 2024, reduced to one
+number). :func:`pass_costs` times the teacher's pass over 1..8 positions and :func:`position_budget`
+takes the knee: the most positions whose pass costs within 15% of the 2-position one (3 on that
+CPU, none on a GPU, where positions are nearly free). A round's lookup branch is cut to fit it,
+except right after a round that took the branch to its end: then the output is repeating itself and
+the branch's tail is likely to be taken, so it may run past the budget.
 """
 
 from __future__ import annotations
@@ -51,14 +58,17 @@ import torch
 
 from slimforge.eval.draft_tree import (
     LOOKUP_STREAK_MAX,
+    LOOKUP_STREAK_STEP,
     ContextLookup,
     DraftTree,
     check_tree_attention,
+    position_budget,
     tree_positions,
 )
 
-__all__ = ["LOOKUP_STREAK_MAX", "ContextLookup", "DraftHead", "DraftTree", "SpecStats", "check_tree_attention",
-           "expected_tokens_per_round", "greedy_decode", "predicted_speedup", "speculative_decode",
+__all__ = ["LOOKUP_STREAK_MAX", "LOOKUP_STREAK_STEP", "ContextLookup", "DraftHead", "DraftTree", "SpecStats", "check_tree_attention",
+           "expected_tokens_per_round", "greedy_decode", "pass_costs", "position_budget", "predicted_speedup",
+           "speculative_decode",
            "speculative_task", "token_counts", "tree_positions"]
 
 
@@ -78,6 +88,7 @@ class SpecStats:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     accepted_per_round: list[int] = field(default_factory=list)
+    positions_per_round: list[int] = field(default_factory=list)  # the tree's nodes, node 0 included
 
     @property
     def acceptance_rate(self) -> float:
@@ -249,6 +260,30 @@ def _keep_path(cache: Any, nodes: int, path: list[int]) -> None:
 
 
 @torch.no_grad()
+def pass_costs(teacher: Any, prompt: torch.Tensor, max_positions: int = 8, repeats: int = 3) -> list[float]:
+    """The teacher's decoder pass over 1..``max_positions`` new positions after ``prompt`` [1, n], in seconds.
+
+    Each the median of ``repeats`` timed passes after one untimed one, on a cache holding the prompt,
+    cut back after every pass. What :func:`position_budget` reads to size a round's tree.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    _feed(teacher, prompt, cache)
+    tokens = prompt[:, -1:].expand(1, max_positions).contiguous()
+    costs = []
+    for n in range(1, max_positions + 1):
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            _feed(teacher, tokens[:, :n], cache)
+            times.append(time.perf_counter() - start)
+            _drop(cache, n)
+        costs.append(sorted(times[1:])[len(times[1:]) // 2])
+    return costs
+
+
+@torch.no_grad()
 def greedy_decode(model: Any, prompt: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
                   head: DraftHead | None = None) -> tuple[list[int], float]:
     """The model's own greedy continuation of ``prompt`` [1, n] with its KV cache; ``(tokens, seconds)``.
@@ -274,7 +309,7 @@ def greedy_decode(model: Any, prompt: torch.Tensor, max_new_tokens: int, eos_tok
 @torch.no_grad()
 def speculative_decode(teacher: Any, draft: Any, prompt: torch.Tensor, max_new_tokens: int, k: int = 4,
                        eos_token_id: int | None = None, draft_head: DraftHead | None = None, width: int = 1,
-                       lookup: int = 0) -> tuple[list[int], SpecStats]:
+                       lookup: int = 0, budget: int | None = None) -> tuple[list[int], SpecStats]:
     """The teacher's greedy continuation of ``prompt`` [1, n], drafted ``k`` tokens at a time (module docstring).
 
     ``draft_head`` restricts the draft's proposals to a subset of the vocabulary (module docstring).
@@ -282,9 +317,15 @@ def speculative_decode(teacher: Any, draft: Any, prompt: torch.Tensor, max_new_t
     siblings in a :class:`DraftTree` that the teacher verifies in the same pass. ``lookup = n > 0``
     adds a branch from a :class:`ContextLookup` over n-grams of up to n tokens: its continuation
     follows the tree while they agree and branches off where they part. It reaches one token past
-    the draft's chain, plus one for each round in a row whose accepted path ended at the end of the
-    lookup's branch (up to :data:`LOOKUP_STREAK_MAX`), so it runs ahead where the output repeats
+    the draft's chain, plus :data:`LOOKUP_STREAK_STEP` for each round in a row whose accepted path ended
+    at the end of the lookup's branch (up to :data:`LOOKUP_STREAK_MAX`), so it runs ahead where the output repeats
     itself and costs one position otherwise (module docstring).
+
+    ``budget`` caps a round's tree at that many positions (node 0 included) by cutting the lookup's
+    branch short, except in a round that follows a lookup streak, where the output is repeating itself
+    and the branch's tail is likely to be taken. Pick it where the teacher's pass gets expensive
+    (:func:`pass_costs`, :func:`position_budget`); ``None``: no cap. The draft's own chain and
+    runner-ups are never cut.
 
     Returns:
         ``(tokens, stats)``: at most ``max_new_tokens`` tokens, stopping after ``eos_token_id``.
@@ -297,6 +338,8 @@ def speculative_decode(teacher: Any, draft: Any, prompt: torch.Tensor, max_new_t
         raise ValueError(f"width, the draft's candidates for the first drafted position, must be >= 1, got {width}")
     if lookup < 0:
         raise ValueError(f"lookup, the longest n-gram a context lookup matches, must be >= 0 (0: off), got {lookup}")
+    if budget is not None and budget < 2:
+        raise ValueError(f"budget, the most positions a round's verification may hold, must be >= 2 or None, got {budget}")
     if width > 1 or lookup:
         check_tree_attention(teacher.config, tree_positions(prompt.shape[1], max_new_tokens, k, width, lookup))
     device = prompt.device
@@ -329,12 +372,16 @@ def speculative_decode(teacher: Any, draft: Any, prompt: torch.Tensor, max_new_t
         tree = DraftTree(last, chain, siblings)
         looked: list[int] = []
         if context is not None and depth:
-            # One token past the draft's chain, and one more for each round in a row the lookup's branch
+            # One token past the draft's chain, and two more for each round in a row the lookup's branch
             # was taken to its end (the output is repeating itself).
-            proposal = context.propose(min(depth + 1 + min(streak, LOOKUP_STREAK_MAX), room - 1))
+            proposal = context.propose(min(depth + 1 + min(LOOKUP_STREAK_STEP * streak, LOOKUP_STREAK_MAX), room - 1))
             if eos_token_id in proposal:
                 proposal = proposal[:proposal.index(eos_token_id) + 1]
             looked = tree.attach(proposal)
+            over = min(len(tree.tokens) - budget, len(looked)) if budget and not streak else 0
+            if over > 0:  # the positions past the budget come off the lookup's branch, from its end
+                tree.cut(over)
+                looked = looked[:-over]
         middle = time.perf_counter()
         path, choice = _verify_tree(teacher, tree, t_cache)
         # The teacher's cache keeps node 0 (the old last token) and the accepted path.
@@ -350,6 +397,7 @@ def speculative_decode(teacher: Any, draft: Any, prompt: torch.Tensor, max_new_t
         # A rejection: the teacher's token was none of the proposals where the accepted path stopped.
         stats.rejections += bool(tree.children(path[-1] if path else 0))
         stats.accepted_per_round.append(len(path))
+        stats.positions_per_round.append(len(tokens))
         stats.runner_up_accepts += bool(path) and len(chain) < path[0] <= len(chain) + len(siblings)
         taken = sum(node in looked for node in path)
         stats.lookup_accepts += taken > 0
@@ -404,7 +452,8 @@ def speculative_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str
     teacher = pair[0]
     head = _frequent_head(model, cfg.draft_vocab, ctx, eos) if cfg.draft_vocab else None
     greedy_decode(teacher, prompts[0], 2, eos)  # warm-ups
-    speculative_decode(teacher, model, prompts[0], 2, cfg.k, eos, head, cfg.width, cfg.lookup)
+    budget, costs = _budget(teacher, prompts[0], cfg) if cfg.lookup else (None, None)
+    speculative_decode(teacher, model, prompts[0], 2, cfg.k, eos, head, cfg.width, cfg.lookup, budget)
     covered = 0
     alone_s = spec_s = draft_alone_s = 0.0
     identical, alone_tokens, spec_tokens = 0, 0, 0
@@ -414,7 +463,7 @@ def speculative_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str
         alone_s, alone_tokens = alone_s + seconds, alone_tokens + len(reference)
         start = time.perf_counter()
         tokens, stats = speculative_decode(teacher, model, prompt, cfg.new_tokens, cfg.k, eos, head, cfg.width,
-                                           cfg.lookup)
+                                           cfg.lookup, budget)
         spec_s += time.perf_counter() - start
         spec_tokens += len(tokens)
         identical += tokens == reference
@@ -425,15 +474,19 @@ def speculative_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str
         for name in ("rounds", "drafted", "accepted", "rejections", "emitted", "draft_seconds", "verify_seconds",
                      "candidates", "runner_up_accepts", "lookup_accepts"):
             setattr(total, name, getattr(total, name) + getattr(stats, name))
+        total.positions_per_round += stats.positions_per_round
     teacher_step = alone_s / max(alone_tokens, 1)
     draft_cost = draft_alone_s / len(prompts) / teacher_step
     verify_cost = total.verify_seconds / max(total.rounds, 1) / teacher_step
     extra = {} if head is None else {"draft_vocab_coverage": covered / max(alone_tokens, 1)}
+    if budget:
+        extra["position_budget"] = budget
     return {
         **extra,
         "acceptance_rate": total.acceptance_rate,
         "position_acceptance": total.position_acceptance,
         "tokens_per_round": total.tokens_per_round,
+        "positions_per_round": sum(total.positions_per_round) / max(total.rounds, 1),  # what a verify pass read
         "speedup": (spec_tokens / spec_s) / (alone_tokens / alone_s),
         "teacher_tokens_per_s": alone_tokens / alone_s,
         "speculative_tokens_per_s": spec_tokens / spec_s,
@@ -441,7 +494,9 @@ def speculative_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str
         "identical_outputs": identical / len(prompts),
         "runner_up_share": total.runner_up_accepts / max(total.rounds, 1),
         "lookup_share": total.lookup_accepts / max(total.rounds, 1),
-        "info": {"k": cfg.k, "width": cfg.width, "lookup": cfg.lookup, "runner_up_accepts": total.runner_up_accepts,
+        "info": {"k": cfg.k, "width": cfg.width, "lookup": cfg.lookup, "budget": budget,
+                 "pass_costs": costs,  # the teacher's pass over 1, 2, ... positions, in one-position passes
+                 "runner_up_accepts": total.runner_up_accepts,
                  "lookup_accepts": total.lookup_accepts,
                  "candidates_per_round": total.candidates / max(total.rounds, 1), "prompts": len(prompts), "prompt_tokens": cfg.prompt_tokens,
                  "new_tokens": cfg.new_tokens, "draft_cost": draft_cost, "verify_cost": verify_cost,
@@ -452,6 +507,16 @@ def speculative_task(model: Any, tokenizer: Any, cfg: Any, ctx: Any) -> dict[str
                              "predicted_speedup": True, "identical_outputs": True,
                              **({"draft_vocab_coverage": True} if head is not None else {})},
     }
+
+
+def _budget(teacher: Any, prompt: torch.Tensor, cfg: Any) -> tuple[int | None, list[float] | None]:
+    """The task's position budget and, where it was measured (``budget: auto``), the teacher's pass costs
+    over 1..8 positions relative to one position."""
+    budget = cfg.position_budget()
+    if budget != "auto":
+        return budget, None
+    costs = pass_costs(teacher, prompt)
+    return position_budget(costs), [round(c / costs[0], 3) for c in costs]
 
 
 def _frequent_head(model: Any, size: int, ctx: Any, eos: int | None) -> DraftHead:

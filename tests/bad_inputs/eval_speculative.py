@@ -42,11 +42,16 @@ CASES = [
              r"invalid value eval\.tasks\.spec\.prompt_tokens=64: a prompt is cut from one held-out block, and "
              r"data\.block_size is 32; lower prompt_tokens or raise data\.block_size$", after=_nothing_ran),
     BadInput("no-drafts", _spec("k=0"), r"invalid value eval\.tasks\.spec\.k=0: must be between 1 and 64$", after=_nothing_ran),
-    # 8 + 16 + k 4 (the default) + width 1 + a lookup branch of up to 7: 36 positions, past the teacher's window.
+    # 8 + 16 + k 4 (the default) + width 1 + a lookup branch of up to 9: 38 positions, past the teacher's window.
     BadInput("tree-on-a-short-sliding-window", _tree_on_a_short_window,
              r"the speculative task \(width=1, lookup=3\): verifying a draft tree needs full attention, and the teacher's "
-             r"sliding window \(16 tokens\) is shorter than the decode's 36 positions \(prompt, new tokens, one round's "
+             r"sliding window \(16 tokens\) is shorter than the decode's 38 positions \(prompt, new tokens, one round's "
              r"drafts\); set width: 1 and lookup: 0, or shorten the decode$", after=_nothing_ran),
     BadInput("no-candidates", _spec("width=0"), r"invalid value eval\.tasks\.spec\.width=0: must be between 1 and 64$",
              after=_nothing_ran),
+    BadInput("budget-of-one-position", _spec("lookup=3", "budget=1"),
+             r"invalid value eval\.tasks\.spec\.budget='1': must be auto \(from the teacher's measured pass cost\), an "
+             r"integer >= 2 \(positions a round's verification may hold\) or null \(no cap\)$", after=_nothing_ran),
+    BadInput("budget-not-a-number", _spec("budget=fast"),
+             r"invalid value eval\.tasks\.spec\.budget='fast': must be auto", after=_nothing_ran),
 ]
