@@ -103,6 +103,18 @@ def data_record(bundle: Any) -> dict[str, Any]:
 # --- the run -----------------------------------------------------------------------------
 
 
+def dtype_name(dtype: Any) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: the name a recipe's ``dtype`` takes."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _other_dtype(meta: dict[str, Any], stage: PlannedStage) -> bool:
+    """Whether a finished artifact was made in another dtype than this run's. Artifacts from before
+    slimforge recorded it have none, and count as this run's (as they always did)."""
+    made = meta.get("dtype")
+    return bool(made and stage.dtype and made != stage.dtype)
+
+
 @dataclass
 class PlannedStage:
     index: int
@@ -113,6 +125,7 @@ class PlannedStage:
     config_hash: str
     parent: ModelRef | None  # None until the previous stage has an artifact
     parent_fingerprint: str
+    dtype: str = ""  # the run's resolved dtype: an artifact made in another is neither reused nor replaced unasked
 
 
 @dataclass
@@ -242,7 +255,7 @@ class Run:
                 parts.append(data_fp)
             fingerprint = stable_hash(parts)
             planned.append(PlannedStage(index, name, stage_cfg, entry, fingerprint, chash,
-                                        first if index == 0 else None, parent_fp))
+                                        first if index == 0 else None, parent_fp, dtype_name(session.dtype)))
             parent_fp = fingerprint
         return planned
 
@@ -259,6 +272,11 @@ class Run:
                 raise RunDirError(
                     f"{folder} holds stage {stage.name!r} made from a different config or input; "
                     "re-run with overwrite=true to replace it, or use a new run_name"
+                )
+            if _other_dtype(meta, stage):
+                raise RunDirError(
+                    f"{folder} holds stage {stage.name!r} made in {meta['dtype']}, and this run is in {stage.dtype}; "
+                    f"re-run with dtype={meta['dtype']} to reuse it, overwrite=true to replace it, or use a new run_name"
                 )
 
     def stage_dir(self, name: str) -> Path:
@@ -374,7 +392,7 @@ class Run:
         if not (folder / META_FILE).is_file():
             return False
         meta = read_json_or_none(folder / META_FILE, instead=None)
-        if meta is not None and meta.get("fingerprint") != stage.fingerprint:
+        if meta is not None and (meta.get("fingerprint") != stage.fingerprint or _other_dtype(meta, stage)):
             return False
         damage = f"{META_FILE} is unreadable" if meta is None else artifact_damage(folder)
         if damage:
@@ -447,7 +465,7 @@ class Run:
             "teacher": {"path": self.manifest.data["teacher"]["path"],
                         "fingerprint": self.manifest.data["teacher"]["fingerprint"]},
             "config": asdict(stage.config), "config_hash": stage.config_hash,
-            "fingerprint": stage.fingerprint, "seed": self.cfg.seed,
+            "fingerprint": stage.fingerprint, "seed": self.cfg.seed, "dtype": stage.dtype,
             **output.meta, "metrics": output.metrics,
         }
 

@@ -547,3 +547,22 @@ def test_refused_writes_are_one_line(teacher_dir, corpus_dir, tmp_path, monkeypa
     lines = _error_lines(err)
     assert len(lines) == 1 and re.search(r"permission denied writing .*/eval/results/\w+\.json; choose a writable "
                                          r"location .*SLIMFORGE_CACHE for the cache", lines[0]), err
+
+
+def test_a_stage_made_in_another_dtype_is_refused_then_overwritten(finished_run, teacher_dir, corpus_dir, capsys):
+    """The stage fingerprint leaves the run's dtype out (a recipe's dtype: auto resolves per machine), so the
+    artifact records it: a resume in another dtype must not take bf16 weights for fp32 ones unasked."""
+    meta_file = finished_run / "stages" / "student" / "slimforge.json"
+    made = json.loads(meta_file.read_text())["dtype"]
+    assert made in ("float32", "bfloat16")  # what dtype: auto resolved to on this machine
+    other = "bfloat16" if made == "float32" else "float32"
+    before = snapshot(finished_run)
+    code = main(*tiny_args(teacher_dir, corpus_dir, finished_run, f"dtype={other}"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert err.endswith(f"holds stage 'student' made in {made}, and this run is in {other}; re-run with "
+                        f"dtype={made} to reuse it, overwrite=true to replace it, or use a new run_name")
+    assert snapshot(finished_run) == before
+    assert main(*tiny_args(teacher_dir, corpus_dir, finished_run, f"dtype={made}")) == 0  # the same dtype reuses it
+    assert main(*tiny_args(teacher_dir, corpus_dir, finished_run, f"dtype={other}", "overwrite=true")) == 0
+    assert json.loads(meta_file.read_text())["dtype"] == other
