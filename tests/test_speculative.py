@@ -474,3 +474,19 @@ def test_a_budget_caps_rounds_outside_a_streak_and_keeps_the_output(tokenizer):
     assert any(b <= 3 < f for b, f in zip(stats.positions_per_round, free.positions_per_round))  # and cut elsewhere
     assert sum(stats.positions_per_round) < sum(free.positions_per_round)
 
+
+
+def test_the_report_table_names_the_budget_each_draft_ran_with():
+    from slimforge.eval.config import SpeculativeTaskConfig
+    from slimforge.eval.tables import speculative_table
+
+    assert SpeculativeTaskConfig(budget="3").position_budget() == 3
+    assert SpeculativeTaskConfig().position_budget() == "auto" and SpeculativeTaskConfig(budget=None).position_budget() is None
+    result = {"acceptance_rate": 0.5, "position_acceptance": 0.6, "tokens_per_round": 1.8, "teacher_tokens_per_s": 30.0,
+              "speculative_tokens_per_s": 39.0, "speedup": 1.3, "predicted_speedup": 1.28, "identical_outputs": 1.0}
+    report = {"tasks": {"spec": {"type": "speculative", "drafting": {"k": 1, "width": 1, "lookup": 3}}},
+              "models": {"capped": {"tasks": {"spec": {**result, "position_budget": 3.0}}},
+                         "free": {"tasks": {"spec": result}}}}
+    rows = {row[1]: row for row in speculative_table(report)[1]}
+    assert rows["capped"][2] == "k=1, 3-gram lookup, up to 3 positions"
+    assert rows["free"][2] == "k=1, 3-gram lookup"
